@@ -1,0 +1,83 @@
+"""Blockwise softmax attention: one dispatcher over the reference (torch) and Triton backends.
+
+Every function works on one device and knows nothing about ranks. Conventions are those of
+:mod:`seqpar.kernels.softmax_reference`: q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D], o and grads in
+the compute dtype (float32, or float64 for float64 inputs), lse [B, Hq, Tq],
+``diagonal_offset`` None (no mask) or m (key j visible to query i iff j <= i + m).
+"""
+from __future__ import annotations
+
+import torch
+
+from seqpar.kernels.softmax_reference import (
+    attention_block_backward_reference,
+    attention_block_forward_reference,
+)
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto' -> 'triton' on CUDA, 'torch' elsewhere; validates explicit choices."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
+
+
+def _triton():
+    from seqpar.kernels import softmax_triton
+
+    return softmax_triton
+
+
+def attention_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                            diagonal_offset: int | None = None, backend: str = "auto"
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse) of one block of softmax attention."""
+    if resolve_backend(backend, q.device) == "triton":
+        return _triton().attention_block_forward_triton(q, k, v, scale=scale, diagonal_offset=diagonal_offset)
+    return attention_block_forward_reference(q, k, v, scale=scale, diagonal_offset=diagonal_offset)
+
+
+def attention_block_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             lse: torch.Tensor, delta: torch.Tensor, *, scale: float,
+                             diagonal_offset: int | None = None, backend: str = "auto"
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of one block given the row-global ``lse`` and ``delta = rowsum(o * do)``."""
+    if resolve_backend(backend, q.device) == "triton":
+        return _triton().attention_block_backward_triton(do, q, k, v, lse, delta, scale=scale,
+                                                         diagonal_offset=diagonal_offset)
+    return attention_block_backward_reference(do, q, k, v, lse, delta, scale=scale, diagonal_offset=diagonal_offset)
+
+
+def merge_partials_(o_acc: torch.Tensor, lse_acc: torch.Tensor, o_blk: torch.Tensor, lse_blk: torch.Tensor) -> None:
+    """Merge a block result into a running one, in place (both in fp32/fp64):
+
+        lse = logaddexp(lse_acc, lse_blk);  o = exp(lse_acc - lse) o_acc + exp(lse_blk - lse) o_blk
+
+    o [B, T, H, D], lse [B, H, T]. Rows with lse = -inf on both sides stay (0, -inf), no NaN.
+    """
+    lse_new = torch.logaddexp(lse_acc, lse_blk)
+    safe = torch.where(torch.isinf(lse_new), torch.zeros_like(lse_new), lse_new)
+    w_acc = torch.exp(lse_acc - safe).transpose(1, 2).unsqueeze(-1)
+    w_blk = torch.exp(lse_blk - safe).transpose(1, 2).unsqueeze(-1)
+    o_acc.mul_(w_acc).add_(w_blk * o_blk.to(o_acc.dtype))
+    lse_acc.copy_(lse_new)
+
+
+def attention_block_accumulate_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_acc: torch.Tensor,
+                                lse_acc: torch.Tensor, *, scale: float, diagonal_offset: int | None = None,
+                                backend: str = "auto") -> None:
+    """Compute one block and merge it into the running (o_acc, lse_acc) in place.
+
+    The Triton backend fuses the merge into the kernel's epilogue (no extra pass over o)."""
+    if resolve_backend(backend, q.device) == "triton":
+        triton_mod = _triton()
+        fused = getattr(triton_mod, "attention_block_accumulate_triton_", None)
+        if fused is not None:
+            fused(q, k, v, o_acc, lse_acc, scale=scale, diagonal_offset=diagonal_offset)
+            return
+    o_blk, lse_blk = attention_block_forward(q, k, v, scale=scale, diagonal_offset=diagonal_offset, backend=backend)
+    merge_partials_(o_acc, lse_acc, o_blk, lse_blk)

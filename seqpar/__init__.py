@@ -1,0 +1,6 @@
+"""seqpar: sequence parallelism for softmax, linear and hybrid attention in PyTorch."""
+from seqpar.layout import LAYOUTS, global_positions, local_positions, shard, unshard
+
+__version__ = "0.1.0"
+
+__all__ = ["LAYOUTS", "global_positions", "local_positions", "shard", "unshard"]

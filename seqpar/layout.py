@@ -1,0 +1,240 @@
+"""Token layouts: which global tokens each rank of a sequence-parallel group holds.
+
+This module owns every index map of the library (DESIGN.md section 4):
+
+- ``contiguous``: rank r holds tokens [r*T/P, (r+1)*T/P).
+- ``zigzag`` (head-tail): the sequence is cut into 2P chunks; rank r holds chunk r and
+  chunk 2P-1-r, in that order.
+- ``striped``: rank r holds the tokens t with t % P == r, in increasing order.
+
+Besides ``shard`` / ``unshard`` and the global positions of the local tokens (which RoPE and
+causal masks need), it describes the local tokens as *segments* (runs of tokens whose global
+positions form an arithmetic progression) and plans, for any pair of query / key segments, which
+part of the causal mask applies. Every strategy builds its per-step work from that plan, so the
+causal structure of all layouts lives here and nowhere else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from seqpar.comm.groups import group_rank_and_size
+
+LAYOUTS = ("contiguous", "zigzag", "striped")
+
+
+def check_layout(layout: str) -> str:
+    """Return ``layout`` if it is known, else raise a ValueError naming the choices."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    return layout
+
+
+def chunks_per_rank(layout: str) -> int:
+    """How many equal chunks of the sequence one rank holds (2 for zigzag, else 1)."""
+    return 2 if check_layout(layout) == "zigzag" else 1
+
+
+def check_global_length(layout: str, global_len: int, world_size: int) -> int:
+    """Return the local length for ``global_len`` tokens over ``world_size`` ranks, or raise."""
+    check_layout(layout)
+    divisor = world_size * chunks_per_rank(layout)
+    if global_len % divisor != 0:
+        need = "2 * world_size" if layout == "zigzag" else "world_size"
+        raise ValueError(
+            f"sequence length {global_len} is not divisible by {need} = {divisor} "
+            f"(layout={layout!r}, world_size={world_size})"
+        )
+    return global_len // world_size
+
+
+def check_local_length(layout: str, local_len: int, world_size: int) -> None:
+    """Raise if a local shard of ``local_len`` tokens cannot come from ``layout``."""
+    check_layout(layout)
+    if layout == "zigzag" and world_size > 1 and local_len % 2 != 0:
+        raise ValueError(
+            f"zigzag layout needs an even local length (two chunks per rank), got local length "
+            f"{local_len} with world_size={world_size}"
+        )
+
+
+def global_positions(layout: str, rank: int, world_size: int, local_len: int,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """Global token positions (int64, shape [local_len]) of the tokens ``rank`` holds."""
+    check_local_length(layout, local_len, world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a group of size {world_size}")
+    positions = [seg.positions() for seg in segments(layout, rank, world_size, local_len)]
+    return torch.cat(positions).to(device) if device is not None else torch.cat(positions)
+
+
+def permutation(layout: str, world_size: int, global_len: int) -> torch.Tensor:
+    """Global positions in rank-major order: ``x[:, perm]`` concatenates every rank's shard."""
+    local_len = check_global_length(layout, global_len, world_size)
+    return torch.cat([global_positions(layout, r, world_size, local_len) for r in range(world_size)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Segments and the causal plan.
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``length`` local tokens from ``local_start`` on, at global positions start + stride * i."""
+
+    local_start: int
+    length: int
+    global_start: int
+    stride: int = 1
+
+    def positions(self) -> torch.Tensor:
+        return self.global_start + self.stride * torch.arange(self.length, dtype=torch.long)
+
+    def shifted(self, local_shift: int) -> "Segment":
+        return Segment(self.local_start + local_shift, self.length, self.global_start, self.stride)
+
+
+def segments(layout: str, rank: int, world_size: int, local_len: int) -> list[Segment]:
+    """The local tokens of ``rank`` as segments, in local order."""
+    check_local_length(layout, local_len, world_size)
+    if world_size == 1:
+        return [Segment(0, local_len, 0, 1)]
+    if layout == "contiguous":
+        return [Segment(0, local_len, rank * local_len, 1)]
+    if layout == "zigzag":
+        half = local_len // 2
+        return [Segment(0, half, rank * half, 1),
+                Segment(half, half, (2 * world_size - 1 - rank) * half, 1)]
+    return [Segment(0, local_len, rank, world_size)]
+
+
+def concat_segments(per_rank: Sequence[Sequence[Segment]]) -> list[Segment]:
+    """Segments of the concatenation of several ranks' tokens (in the given order), merged
+    where one segment continues the previous one both locally and globally."""
+    merged: list[Segment] = []
+    offset = 0
+    for segs in per_rank:
+        local_len = 0
+        for seg in segs:
+            seg = seg.shifted(offset)
+            local_len = max(local_len, seg.local_start + seg.length - offset)
+            prev = merged[-1] if merged else None
+            if (prev is not None and prev.stride == seg.stride
+                    and prev.local_start + prev.length == seg.local_start
+                    and prev.global_start + prev.stride * prev.length == seg.global_start):
+                merged[-1] = Segment(prev.local_start, prev.length + seg.length, prev.global_start, prev.stride)
+            else:
+                merged.append(seg)
+        offset += local_len
+    return merged
+
+
+@dataclass(frozen=True)
+class BlockTask:
+    """Queries [q_start, q_start+q_len) against keys [k_start, k_start+k_len) (local indices).
+
+    ``diagonal_offset`` is None for an unmasked block; otherwise key j is visible to query i
+    (indices within the block) iff j <= i + diagonal_offset.
+    """
+
+    q_start: int
+    q_len: int
+    k_start: int
+    k_len: int
+    diagonal_offset: int | None
+
+
+def plan_blocks(q_segments: Sequence[Segment], k_segments: Sequence[Segment], causal: bool) -> list[BlockTask]:
+    """The blocks of work of local queries against one key block, with their masks.
+
+    Fully masked pairs are left out; unmasked pairs that share the key segment and touch in the
+    query index are merged into one block so that kernels see as few calls as possible.
+    """
+    tasks: list[BlockTask] = []
+    for ks in k_segments:
+        for qs in q_segments:
+            if not causal:
+                offset = None
+            else:
+                if qs.stride != ks.stride:
+                    raise ValueError(f"cannot plan a causal block between strides {qs.stride} and {ks.stride}")
+                offset = (qs.global_start - ks.global_start) // qs.stride
+                if offset + qs.length - 1 < 0:
+                    continue  # every key is in the future of every query
+                if offset >= ks.length - 1:
+                    offset = None  # every key is visible
+            task = BlockTask(qs.local_start, qs.length, ks.local_start, ks.length, offset)
+            prev = tasks[-1] if tasks else None
+            if (prev is not None and prev.diagonal_offset is None and offset is None
+                    and prev.k_start == task.k_start and prev.k_len == task.k_len
+                    and prev.q_start + prev.q_len == task.q_start):
+                tasks[-1] = BlockTask(prev.q_start, prev.q_len + task.q_len, prev.k_start, prev.k_len, None)
+            else:
+                tasks.append(task)
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard / unshard over a process group.
+
+
+def shard_tensor(x: torch.Tensor, layout: str, rank: int, world_size: int, dim: int = 1) -> torch.Tensor:
+    """The tokens of ``rank`` (along ``dim``) from a full tensor, without communication."""
+    global_len = x.shape[dim]
+    local_len = check_global_length(layout, global_len, world_size)
+    index = global_positions(layout, rank, world_size, local_len, device=x.device)
+    return x.index_select(dim, index)
+
+
+def unshard_tensor(shards: Sequence[torch.Tensor], layout: str, dim: int = 1) -> torch.Tensor:
+    """Put every rank's shard (in rank order) back into global token order."""
+    world_size = len(shards)
+    stacked = torch.cat(list(shards), dim=dim)
+    perm = permutation(layout, world_size, stacked.shape[dim]).to(stacked.device)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    return stacked.index_select(dim, inverse)
+
+
+def shard(x: torch.Tensor, *, layout: str = "contiguous", group: dist.ProcessGroup | None = None,
+          dim: int = 1) -> torch.Tensor:
+    """Return this rank's tokens of the full tensor ``x`` (every rank passes the same ``x``)."""
+    rank, world_size = group_rank_and_size(group)
+    return shard_tensor(x, layout, rank, world_size, dim=dim)
+
+
+class _AllGatherTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_local: torch.Tensor, layout: str, group, dim: int) -> torch.Tensor:
+        from seqpar.comm import all_gather
+
+        ctx.layout, ctx.group, ctx.dim = layout, group, dim
+        gathered = all_gather(x_local, group).wait()  # [P, *x_local.shape]
+        return unshard_tensor(list(gathered.unbind(0)), layout, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        rank, world_size = group_rank_and_size(ctx.group)
+        return shard_tensor(grad, ctx.layout, rank, world_size, dim=ctx.dim), None, None, None
+
+
+def unshard(x_local: torch.Tensor, *, layout: str = "contiguous", group: dist.ProcessGroup | None = None,
+            dim: int = 1) -> torch.Tensor:
+    """Gather every rank's shard and restore global token order (differentiable; the gradient
+    of the full tensor is assumed identical on every rank, as after any replicated loss)."""
+    check_layout(layout)
+    _, world_size = group_rank_and_size(group)
+    if world_size == 1:
+        return x_local
+    check_local_length(layout, x_local.shape[dim], world_size)
+    return _AllGatherTokens.apply(x_local, layout, group, dim)
+
+
+def local_positions(local_len: int, *, layout: str = "contiguous", group: dist.ProcessGroup | None = None,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """Global positions of this rank's ``local_len`` tokens (for RoPE and position ids)."""
+    rank, world_size = group_rank_and_size(group)
+    return global_positions(layout, rank, world_size, local_len, device=device)
