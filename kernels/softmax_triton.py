@@ -1,0 +1,600 @@
+"""Triton blockwise softmax attention (forward, backward, fused accumulate).
+
+Conventions are those of :mod:`seqpar.kernels.softmax_reference` (the oracle): q [B, Tq, Hq, D],
+k [B, Tk, Hkv, D], v [B, Tk, Hkv, Dv] with any strides, GQA by index (query head h reads KV
+head h // (Hq // Hkv); K/V are never repeated), ``diagonal_offset`` None (no mask) or m (key j
+visible to query i iff j <= i + m). Outputs and gradients are fp32; lse is fp32 [B, Hq, Tq],
+natural log; rows that see no key give o = 0, lse = -inf.
+
+Design (after Triton's fused-attention tutorial / FlashAttention-2):
+
+* forward: one program per (query block, batch * query head). The key loop lives in
+  :func:`_attn_fwd_inner`, which carries the online-softmax state (m, l, acc) in log2 units
+  (``scale * log2(e)`` folded into one multiply, ``exp2``). Key blocks are split into an
+  unmasked stage (every row sees every key: no mask arithmetic, no bounds checks) and a masked
+  stage (the diagonal band and the key tail); key blocks that no row of the query block can see
+  are never visited. The epilogue either writes (o, lse) or, in the fused accumulate path,
+  merges the block into a running fp32 (o_acc, lse_acc) in place (log-sum-exp merge, -inf safe).
+* backward: delta = rowsum(o * do) is given, so there is no preprocess kernel. One kernel
+  computes dK/dV per key block, looping over the query blocks of every query head of the KV
+  group (GQA reduction without atomics); one kernel computes dQ per query block, looping over
+  key blocks. Both use the same unmasked/masked stage split.
+* autotuning over a small config list keyed on head dims, dtype and (power-of-two buckets of)
+  the lengths, pruned by head dim and the device's shared memory. Under the interpreter a single
+  small config is used.
+
+float64 inputs are not supported by Triton: they fall back to the plain PyTorch reference.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from seqpar.kernels.softmax_reference import (
+    attention_block_backward_reference,
+    attention_block_forward_reference,
+)
+
+__all__ = [
+    "attention_block_forward_triton",
+    "attention_block_backward_triton",
+    "attention_block_accumulate_triton_",
+]
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def _interpreting() -> bool:
+    return bool(triton.knobs.runtime.interpret)
+
+
+# --------------------------------------------------------------------------------------------
+# autotune configs
+# --------------------------------------------------------------------------------------------
+
+def _max_shared_mem() -> int:
+    try:
+        dev = torch.cuda.current_device()
+        return int(triton.runtime.driver.active.utils.get_device_properties(dev)["max_shared_mem"])
+    except Exception:  # pragma: no cover - no CUDA driver
+        return 100 * 1024
+
+
+def _arg(named_args: dict, kwargs: dict, name: str):
+    return kwargs[name] if name in kwargs else named_args[name]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep configs that fit the head dims and the device's shared memory."""
+    block_d = _arg(named_args, kwargs, "BLOCK_D")
+    block_dv = _arg(named_args, kwargs, "BLOCK_DV")
+    elt = 4 if _arg(named_args, kwargs, "PRECISION") == "ieee" else 2
+    smem = _max_shared_mem()
+    kept = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if max(block_d, block_dv) >= 256 and bm * bn > 64 * 64:
+            continue
+        if elt == 4 and bm * bn > 64 * 64:
+            continue
+        need = elt * (bm * max(block_d, block_dv) + bn * (block_d + block_dv) * max(1, c.num_stages - 1))
+        if need <= smem:
+            kept.append(c)
+    return kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+
+
+def _fwd_configs():
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm in (64, 128)
+        for bn in (32, 64, 128)
+        for w in (4, 8)
+        for s in (2, 3, 4)
+        if not (bm == 64 and w == 8)
+    ]
+
+
+def _bwd_dkdv_configs():
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn in ((32, 64), (32, 128), (64, 64), (64, 128))
+        for w in (4, 8)
+        for s in (2, 3)
+    ]
+
+
+def _bwd_dq_configs():
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn in ((64, 32), (128, 32), (64, 64), (128, 64))
+        for w in (4, 8)
+        for s in (2, 3)
+    ]
+
+
+_KEY = ["HEAD_DIM", "HEAD_DV", "TQ_KEY", "TK_KEY", "HAS_MASK"]
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                    offs_m, offs_d, offs_dv, lo, hi, Tk, qk_scale, diag,
+                    MASKED: tl.constexpr, HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """Online softmax over key blocks [lo, hi); returns the running (acc, l, m) (log2 units)."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    d_mask = offs_d < HEAD_DIM
+    dv_mask = offs_dv < HEAD_DV
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        if MASKED:
+            n_ok = offs_n < Tk
+            k = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+                        mask=d_mask[:, None] & n_ok[None, :], other=0.0)
+        else:
+            k = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+                        mask=d_mask[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+        if MASKED:
+            vis = n_ok[None, :]
+            if HAS_MASK:
+                vis = vis & (offs_n[None, :] <= offs_m[:, None] + diag)
+            qk = tl.where(vis, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_dv[None, :] * stride_vd,
+                        mask=n_ok[:, None] & dv_mask[None, :], other=0.0)
+        else:
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_dv[None, :] * stride_vd,
+                        mask=dv_mask[None, :], other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _key_range(start_m, Tk, diag, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(n_full, hi): key blocks [0, n_full) are visible to every row of the query block,
+    [n_full, hi) need the mask; keys >= hi are invisible to every row."""
+    if HAS_MASK:
+        hi = tl.minimum(Tk, start_m + BLOCK_M + diag)
+        full = tl.minimum(hi, start_m + diag + 1)
+    else:
+        hi = Tk
+        full = Tk
+    hi = tl.maximum(hi, 0)
+    full = tl.maximum(full, 0)
+    n_full = (full // BLOCK_N) * BLOCK_N
+    return n_full, hi
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE,
+              stride_qb, stride_qt, stride_qh, stride_qd,
+              stride_kb, stride_kt, stride_kh, stride_kd,
+              stride_vb, stride_vt, stride_vh, stride_vd,
+              stride_ob, stride_ot, stride_oh, stride_od,
+              stride_lb, stride_lh, stride_lt,
+              Tq, Tk, Hq, G, qk_scale, diag, TQ_KEY, TK_KEY,
+              HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_DV: tl.constexpr, HAS_MASK: tl.constexpr, ACCUMULATE: tl.constexpr,
+              UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // Hq).to(tl.int64)
+    off_h = (pid_bh % Hq).to(tl.int64)
+    off_hk = off_h // G
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < Tq
+
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    n_full, hi = _key_range(start_m, Tk, diag, HAS_MASK, BLOCK_M, BLOCK_N)
+    # stage 1: key blocks every row sees (no mask, no bounds check on keys)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd,
+                                    stride_vt, stride_vd, offs_m, offs_d, offs_dv, 0, n_full, Tk,
+                                    qk_scale, diag, False, HAS_MASK, HEAD_DIM, HEAD_DV, BLOCK_N,
+                                    UPCAST, PRECISION)
+    # stage 2: the diagonal band and the key tail (masked)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd,
+                                    stride_vt, stride_vd, offs_m, offs_d, offs_dv, n_full, hi, Tk,
+                                    qk_scale, diag, True, HAS_MASK, HEAD_DIM, HEAD_DV, BLOCK_N,
+                                    UPCAST, PRECISION)
+
+    # epilogue
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), m_i * 0.6931471805599453 + tl.log(l_safe))
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_dv[None, :] * stride_od
+    l_ptrs = LSE + off_b * stride_lb + off_h * stride_lh + offs_m * stride_lt
+    o_mask = m_ok[:, None] & (offs_dv[None, :] < HEAD_DV)
+    if ACCUMULATE:
+        lse_old = tl.load(l_ptrs, mask=m_ok, other=float("-inf"))
+        o_old = tl.load(o_ptrs, mask=o_mask, other=0.0)
+        mx = tl.maximum(lse_old, lse)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        e_old = tl.exp(lse_old - mx)
+        e_new = tl.exp(lse - mx)
+        s = e_old + e_new
+        s_safe = tl.where(s == 0.0, 1.0, s)
+        o = o_old * (e_old / s_safe)[:, None] + o * (e_new / s_safe)[:, None]
+        lse = tl.where(s == 0.0, float("-inf"), mx + tl.log(s_safe))
+    tl.store(o_ptrs, o, mask=o_mask)
+    tl.store(l_ptrs, lse, mask=m_ok)
+
+
+_attn_fwd_tuned = triton.autotune(configs=_fwd_configs(), key=_KEY,
+                                  prune_configs_by={"early_config_prune": _prune})(_attn_fwd)
+# The accumulate path updates O/LSE in place: the autotuner must restore them between trials.
+_attn_fwd_acc_tuned = triton.autotune(configs=_fwd_configs(), key=_KEY, restore_value=["O", "LSE"],
+                                      prune_configs_by={"early_config_prune": _prune})(_attn_fwd)
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                         stride_qt, stride_qd, stride_dot, stride_dod, stride_lt, stride_dt,
+                         offs_n, offs_d, offs_dv, lo, hi, Tq, qk_scale, diag,
+                         MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
+                         BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dK/dV of one key block over query blocks [lo, hi) of one query head."""
+    offs_m0 = tl.arange(0, BLOCK_M)
+    d_mask = offs_d < HEAD_DIM
+    dv_mask = offs_dv < HEAD_DV
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        m_ok = offs_m < Tq
+        qT = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd,
+                     mask=d_mask[:, None] & m_ok[None, :], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_dv[None, :] * stride_dod,
+                     mask=m_ok[:, None] & dv_mask[None, :], other=0.0)
+        if UPCAST:
+            qT = qT.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(lse_base + offs_m * stride_lt, mask=m_ok, other=0.0)
+        lse = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
+        delta = tl.load(delta_base + offs_m * stride_dt, mask=m_ok, other=0.0)
+        qkT = tl.dot(k, qT, input_precision=PRECISION) * qk_scale
+        pT = tl.math.exp2(qkT - lse[None, :])
+        if MASKED:
+            pT = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, pT, 0.0)
+        # out-of-range query rows have do = 0 and delta = 0: they contribute nothing
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+                   stride_qb, stride_qt, stride_qh, stride_qd,
+                   stride_kb, stride_kt, stride_kh, stride_kd,
+                   stride_vb, stride_vt, stride_vh, stride_vd,
+                   stride_dob, stride_dot, stride_doh, stride_dod,
+                   stride_lb, stride_lh, stride_lt,
+                   stride_db, stride_dh, stride_dt,
+                   stride_dkb, stride_dkt, stride_dkh, stride_dkd,
+                   stride_dvb, stride_dvt, stride_dvh, stride_dvd,
+                   Tq, Tk, Hkv, G, scale, qk_scale, diag, TQ_KEY, TK_KEY,
+                   HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // Hkv).to(tl.int64)
+    off_hk = (pid_bh % Hkv).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    n_ok = offs_n < Tk
+    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vt + offs_dv[None, :] * stride_vd,
+                mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    # query blocks [lo, mid) need the mask, [mid, Tq) see the whole key block
+    if HAS_MASK:
+        q_lo = tl.maximum(start_n - diag, 0)
+        lo = tl.minimum((q_lo // BLOCK_M) * BLOCK_M, Tq)
+        q_full = tl.maximum(start_n + BLOCK_N - 1 - diag, 0)
+        mid = tl.maximum(((q_full + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, lo)
+    else:
+        lo = 0
+        mid = 0
+    mid_c = tl.minimum(mid, Tq)
+
+    for g in range(0, G):
+        off_h = off_hk * G + g
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        lse_base = LSE + off_b * stride_lb + off_h * stride_lh
+        delta_base = DELTA + off_b * stride_db + off_h * stride_dh
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                      stride_qt, stride_qd, stride_dot, stride_dod, stride_lt, stride_dt,
+                                      offs_n, offs_d, offs_dv, lo, mid_c, Tq, qk_scale, diag,
+                                      True, HEAD_DIM, HEAD_DV, BLOCK_M, UPCAST, PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                      stride_qt, stride_qd, stride_dot, stride_dod, stride_lt, stride_dt,
+                                      offs_n, offs_d, offs_dv, mid, Tq, Tq, qk_scale, diag,
+                                      False, HEAD_DIM, HEAD_DV, BLOCK_M, UPCAST, PRECISION)
+    dk = dk * scale
+    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
+             dk, mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvt + offs_dv[None, :] * stride_dvd,
+             dv, mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                       offs_m, offs_d, offs_dv, lo, hi, Tk, qk_scale, diag,
+                       MASKED: tl.constexpr, HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks [lo, hi)."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    d_mask = offs_d < HEAD_DIM
+    dv_mask = offs_dv < HEAD_DV
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        if MASKED:
+            n_ok = offs_n < Tk
+            kT = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+                         mask=d_mask[:, None] & n_ok[None, :], other=0.0)
+            vT = tl.load(v_base + offs_n[None, :] * stride_vt + offs_dv[:, None] * stride_vd,
+                         mask=dv_mask[:, None] & n_ok[None, :], other=0.0)
+        else:
+            kT = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+                         mask=d_mask[:, None], other=0.0)
+            vT = tl.load(v_base + offs_n[None, :] * stride_vt + offs_dv[:, None] * stride_vd,
+                         mask=dv_mask[:, None], other=0.0)
+        if UPCAST:
+            kT = kT.to(tl.float32)
+            vT = vT.to(tl.float32)
+        qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+        p = tl.math.exp2(qk - lse[:, None])
+        if MASKED:
+            vis = n_ok[None, :]
+            if HAS_MASK:
+                vis = vis & (offs_n[None, :] <= offs_m[:, None] + diag)
+            p = tl.where(vis, p, 0.0)
+        dp = tl.dot(do, vT, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
+                 stride_qb, stride_qt, stride_qh, stride_qd,
+                 stride_kb, stride_kt, stride_kh, stride_kd,
+                 stride_vb, stride_vt, stride_vh, stride_vd,
+                 stride_dob, stride_dot, stride_doh, stride_dod,
+                 stride_lb, stride_lh, stride_lt,
+                 stride_db, stride_dh, stride_dt,
+                 stride_dqb, stride_dqt, stride_dqh, stride_dqd,
+                 Tq, Tk, Hq, G, scale, qk_scale, diag, TQ_KEY, TK_KEY,
+                 HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_DV: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // Hq).to(tl.int64)
+    off_h = (pid_bh % Hq).to(tl.int64)
+    off_hk = off_h // G
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < Tq
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_dv[None, :] * stride_dod,
+                 mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + off_b * stride_lb + off_h * stride_lh + offs_m * stride_lt, mask=m_ok, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
+    delta = tl.load(DELTA + off_b * stride_db + off_h * stride_dh + offs_m * stride_dt, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    n_full, hi = _key_range(start_m, Tk, diag, HAS_MASK, BLOCK_M, BLOCK_N)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                            offs_m, offs_d, offs_dv, 0, n_full, Tk, qk_scale, diag,
+                            False, HAS_MASK, HEAD_DIM, HEAD_DV, BLOCK_N, UPCAST, PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                            offs_m, offs_d, offs_dv, n_full, hi, Tk, qk_scale, diag,
+                            True, HAS_MASK, HEAD_DIM, HEAD_DV, BLOCK_N, UPCAST, PRECISION)
+    dq = dq * scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+             dq, mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+_attn_bwd_dkdv_tuned = triton.autotune(configs=_bwd_dkdv_configs(), key=_KEY,
+                                       prune_configs_by={"early_config_prune": _prune})(_attn_bwd_dkdv)
+_attn_bwd_dq_tuned = triton.autotune(configs=_bwd_dq_configs(), key=_KEY,
+                                     prune_configs_by={"early_config_prune": _prune})(_attn_bwd_dq)
+
+
+# --------------------------------------------------------------------------------------------
+# host wrappers
+# --------------------------------------------------------------------------------------------
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int, int]:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [B, T, H, D]; got dims {q.dim()}, {k.dim()}, {v.dim()}")
+    B, Tq, Hq, D = q.shape
+    Bk, Tk, Hkv, Dk = k.shape
+    if tuple(v.shape[:3]) != (Bk, Tk, Hkv):
+        raise ValueError(f"v shape {tuple(v.shape)} does not match k shape {tuple(k.shape)}")
+    if Bk != B or Dk != D:
+        raise ValueError(f"q shape {tuple(q.shape)} and k shape {tuple(k.shape)} disagree on B or D")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    Dv = v.shape[3]
+    if not (1 <= D <= 256 and 1 <= Dv <= 256):
+        raise ValueError(f"head dims must be in [1, 256]; got D={D}, Dv={Dv}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"unsupported dtype {q.dtype} for the Triton kernel")
+    return B, Tq, Hq, D, Tk, Hkv, Dv
+
+
+def _meta(q: torch.Tensor, D: int, Dv: int, Tq: int, Tk: int, diagonal_offset: int | None) -> dict:
+    return dict(
+        TQ_KEY=triton.next_power_of_2(max(Tq, 1)),
+        TK_KEY=triton.next_power_of_2(max(Tk, 1)),
+        HEAD_DIM=D,
+        HEAD_DV=Dv,
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
+        HAS_MASK=diagonal_offset is not None,
+        UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+# Under the interpreter the autotuner would try to time configs (no driver there): launch the
+# plain kernel with one small config instead.
+_INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 16}
+
+
+def _launch(tuned, raw, grid, *args, **meta) -> None:
+    if _interpreting():
+        raw[grid(_INTERPRET_BLOCKS)](*args, **meta, **_INTERPRET_BLOCKS)
+    else:
+        tuned[grid](*args, **meta)
+
+
+def _s4(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _s3(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _fwd_launch(q, k, v, o, lse, scale, diagonal_offset, accumulate: bool) -> None:
+    B, Tq, Hq, D, Tk, Hkv, Dv = _check(q, k, v)
+    if B * Hq == 0 or Tq == 0:
+        return
+    meta = _meta(q, D, Dv, Tq, Tk, diagonal_offset)
+    diag = 0 if diagonal_offset is None else int(diagonal_offset)
+    grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * Hq)  # noqa: E731
+    kernel = _attn_fwd_acc_tuned if accumulate else _attn_fwd_tuned
+    _launch(kernel, _attn_fwd, grid, q, k, v, o, lse, *_s4(q), *_s4(k), *_s4(v), *_s4(o), *_s3(lse),
+                 Tq, Tk, Hq, Hq // Hkv, float(scale) * LOG2E, diag, ACCUMULATE=accumulate, **meta)
+
+
+def attention_block_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                                   diagonal_offset: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse) of one block of softmax attention: o fp32 [B, Tq, Hq, Dv], lse fp32 [B, Hq, Tq]."""
+    if q.dtype == torch.float64:
+        return attention_block_forward_reference(q, k, v, scale=scale, diagonal_offset=diagonal_offset)
+    B, Tq, Hq, D, Tk, Hkv, Dv = _check(q, k, v)
+    o = torch.empty(B, Tq, Hq, Dv, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
+    if Tk == 0:
+        o.zero_()
+        lse.fill_(float("-inf"))
+        return o, lse
+    _fwd_launch(q, k, v, o, lse, scale, diagonal_offset, accumulate=False)
+    return o, lse
+
+
+def attention_block_accumulate_triton_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_acc: torch.Tensor,
+                                       lse_acc: torch.Tensor, *, scale: float,
+                                       diagonal_offset: int | None = None) -> None:
+    """Compute one block and merge it into the running fp32 (o_acc [B, Tq, Hq, Dv], lse_acc
+    [B, Hq, Tq]) in place, in the kernel's epilogue; views with any strides are fine."""
+    B, Tq, Hq, D, Tk, Hkv, Dv = _check(q, k, v) if q.dtype != torch.float64 else (None,) * 7
+    if q.dtype == torch.float64 or o_acc.dtype != torch.float32 or lse_acc.dtype != torch.float32:
+        from seqpar.kernels.softmax import merge_partials_
+
+        o_blk, lse_blk = attention_block_forward_reference(q, k, v, scale=scale, diagonal_offset=diagonal_offset)
+        merge_partials_(o_acc, lse_acc, o_blk, lse_blk)
+        return
+    if tuple(o_acc.shape) != (B, Tq, Hq, Dv) or tuple(lse_acc.shape) != (B, Hq, Tq):
+        raise ValueError(f"o_acc {tuple(o_acc.shape)} / lse_acc {tuple(lse_acc.shape)} do not match "
+                         f"[B, Tq, Hq, Dv] = {[B, Tq, Hq, Dv]} / [B, Hq, Tq] = {[B, Hq, Tq]}")
+    if Tk == 0:
+        return
+    _fwd_launch(q, k, v, o_acc, lse_acc, scale, diagonal_offset, accumulate=True)
+
+
+def attention_block_backward_triton(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                    lse: torch.Tensor, delta: torch.Tensor, *, scale: float,
+                                    diagonal_offset: int | None = None
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in fp32 given the row-global ``lse`` and ``delta = rowsum(o * do)`` (fp32
+    [B, Hq, Tq]); dk/dv are summed over the query heads of each KV group."""
+    if q.dtype == torch.float64:
+        return attention_block_backward_reference(do, q, k, v, lse, delta, scale=scale,
+                                                  diagonal_offset=diagonal_offset)
+    B, Tq, Hq, D, Tk, Hkv, Dv = _check(q, k, v)
+    if tuple(do.shape) != (B, Tq, Hq, Dv):
+        raise ValueError(f"do shape {tuple(do.shape)} != o shape {(B, Tq, Hq, Dv)}")
+    if tuple(lse.shape) != (B, Hq, Tq) or tuple(delta.shape) != (B, Hq, Tq):
+        raise ValueError(f"lse {tuple(lse.shape)} / delta {tuple(delta.shape)} must be [B, Hq, Tq] = {(B, Hq, Tq)}")
+    if do.dtype != q.dtype:
+        do = do.to(q.dtype)
+    lse = lse.float()
+    delta = delta.float()
+    dq = torch.zeros(B, Tq, Hq, D, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(B, Tk, Hkv, D, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(B, Tk, Hkv, Dv, dtype=torch.float32, device=q.device)
+    if Tq == 0 or Tk == 0 or B * Hq == 0:
+        return dq, dk, dv
+    meta = _meta(q, D, Dv, Tq, Tk, diagonal_offset)
+    diag = 0 if diagonal_offset is None else int(diagonal_offset)
+    G = Hq // Hkv
+    common = (*_s4(q), *_s4(k), *_s4(v), *_s4(do), *_s3(lse), *_s3(delta))
+    grid_kv = lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * Hkv)  # noqa: E731
+    _launch(_attn_bwd_dkdv_tuned, _attn_bwd_dkdv, grid_kv, q, k, v, do, lse, delta, dk, dv, *common, *_s4(dk), *_s4(dv),
+                                  Tq, Tk, Hkv, G, float(scale), float(scale) * LOG2E, diag, **meta)
+    grid_q = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * Hq)  # noqa: E731
+    _launch(_attn_bwd_dq_tuned, _attn_bwd_dq, grid_q, q, k, v, do, lse, delta, dq, *common, *_s4(dq),
+                               Tq, Tk, Hq, G, float(scale), float(scale) * LOG2E, diag, **meta)
+    return dq, dk, dv

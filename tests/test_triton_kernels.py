@@ -1,0 +1,161 @@
+"""Triton kernels (softmax attention block, chunked linear attention) against plain references.
+
+On machines without CUDA the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1,
+fp32 and fp16 only: the interpreter's bf16 arithmetic is broken). Triton reads TRITON_INTERPRET
+when a kernel is *decorated*, i.e. when the kernel module is imported; if another test module
+imported the kernel modules first without it, the in-process cases skip and
+``test_interpreter_subprocess`` reruns this file in a fresh interpreter process with the
+variable set, so the suite works whatever order pytest imports modules in.
+With CUDA the same cases run on the GPU, plus bf16 variants.
+
+Tolerances (max abs error vs an fp64 reference on the same rounded inputs):
+fp32 1e-4 (o, lse, grads; 5e-4 for linear attention), fp16 2e-2, bf16 (GPU) 6e-2 relative to
+the tensor's scale.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from seqpar.kernels import softmax_triton  # noqa: E402
+from seqpar.kernels.softmax import merge_partials_  # noqa: E402
+from seqpar.kernels.softmax_reference import (  # noqa: E402
+    attention_block_backward_reference,
+    attention_block_forward_reference,
+)
+
+
+def _kernels_interpreted() -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return all(isinstance(f, InterpretedFunction) for f in (softmax_triton._attn_fwd,))
+
+
+# In-process cases run on CUDA, or on CPU when the kernels were decorated for the interpreter.
+IN_PROCESS = CUDA or (os.environ.get("TRITON_INTERPRET") == "1" and _kernels_interpreted())
+DEVICE = "cuda" if CUDA else "cpu"
+needs_kernels = pytest.mark.skipif(not IN_PROCESS, reason="kernel module imported without TRITON_INTERPRET; "
+                                   "covered by test_interpreter_subprocess")
+
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="bf16 needs a GPU (interpreter bf16 is broken)")),
+]
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+def test_interpreter_subprocess():
+    """Rerun this file in a fresh process with TRITON_INTERPRET=1 when the in-process run can't."""
+    if IN_PROCESS:
+        pytest.skip("cases ran in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                         env=env, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+
+
+def _close(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    got = got.double().cpu()
+    ref = ref.double().cpu()
+    assert got.shape == ref.shape, (name, got.shape, ref.shape)
+    assert not torch.isnan(got).any(), f"{name}: NaN"
+    scale = max(1.0, ref[torch.isfinite(ref)].abs().max().item() if torch.isfinite(ref).any() else 1.0)
+    assert torch.equal(torch.isinf(got), torch.isinf(ref)), f"{name}: -inf pattern differs"
+    assert torch.equal(got[torch.isinf(got)], ref[torch.isinf(ref)]), f"{name}: inf signs differ"
+    err = (got - ref).masked_fill(torch.isinf(ref), 0).abs().max().item() if got.numel() else 0.0
+    assert err <= tol * scale, f"{name}: max abs err {err:.3e} > {tol * scale:.3e}"
+
+
+# --------------------------------------------------------------------------------------------
+# softmax attention block
+# --------------------------------------------------------------------------------------------
+
+# (B, Tq, Tk, Hq, Hkv, D, diagonal_offset)
+SOFTMAX_CASES = [
+    (1, 63, 63, 2, 2, 32, None),     # no mask, odd T
+    (1, 63, 63, 4, 2, 64, 0),        # causal, GQA 2
+    (1, 37, 63, 2, 1, 32, -1),       # strictly causal, MQA, Tq != Tk
+    (1, 37, 50, 2, 2, 24, 3),        # offset +3, head dim padded 24 -> 32
+    (2, 45, 30, 4, 1, 32, -5),       # offset -5: first rows see nothing
+    (1, 20, 30, 2, 2, 32, -25),      # every row fully masked
+    (1, 40, 70, 2, 2, 32, 40),       # large offset: mostly full rows
+]
+
+
+def _softmax_inputs(case, dtype, strided: bool = False):
+    B, Tq, Tk, Hq, Hkv, D, m = case
+    g = torch.Generator().manual_seed(hash(case) % 2**31)
+    if strided:  # slices of bigger tensors: q[:, a:b], k/v from one packed kv tensor
+        q = torch.randn(B, Tq + 7, Hq, D, generator=g).to(DEVICE, dtype)[:, 3:3 + Tq]
+        kv = torch.randn(B, Tk, 2, Hkv, D, generator=g).to(DEVICE, dtype)
+        k, v = kv[:, :, 0], kv[:, :, 1]
+    else:
+        q = torch.randn(B, Tq, Hq, D, generator=g).to(DEVICE, dtype)
+        k = torch.randn(B, Tk, Hkv, D, generator=g).to(DEVICE, dtype)
+        v = torch.randn(B, Tk, Hkv, D, generator=g).to(DEVICE, dtype)
+    do = torch.randn(B, Tq, Hq, D, generator=g).to(DEVICE, dtype)
+    return q, k, v, do, D ** -0.5, m
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", SOFTMAX_CASES, ids=[str(c) for c in SOFTMAX_CASES])
+def test_softmax_forward_backward(case, dtype):
+    q, k, v, do, scale, m = _softmax_inputs(case, dtype, strided=case[6] == 0)
+    tol = TOL[dtype]
+    o, lse = softmax_triton.attention_block_forward_triton(q, k, v, scale=scale, diagonal_offset=m)
+    assert o.dtype == torch.float32 and lse.dtype == torch.float32
+    ro, rlse = attention_block_forward_reference(q.double(), k.double(), v.double(), scale=scale, diagonal_offset=m)
+    _close("o", o, ro, tol)
+    _close("lse", lse, rlse, tol)
+    delta = (ro * do.double()).sum(-1).transpose(1, 2)
+    grads = softmax_triton.attention_block_backward_triton(do, q, k, v, rlse.float(), delta.float(),
+                                                           scale=scale, diagonal_offset=m)
+    ref = attention_block_backward_reference(do.double(), q.double(), k.double(), v.double(), rlse, delta,
+                                             scale=scale, diagonal_offset=m)
+    for name, gt, rf in zip(("dq", "dk", "dv"), grads, ref):
+        assert gt.dtype == torch.float32
+        _close(name, gt, rf, tol)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [SOFTMAX_CASES[1], SOFTMAX_CASES[4]], ids=["causal_gqa", "offset-5"])
+def test_softmax_accumulate(case, dtype):
+    q, k, v, _, scale, m = _softmax_inputs(case, dtype, strided=True)
+    B, Tq, Tk, Hq, Hkv, D, _ = case
+    g = torch.Generator().manual_seed(7)
+    # running state as non-contiguous views of bigger buffers; some rows still at -inf
+    o_buf = torch.randn(B, Hq, Tq, D + 3, generator=g).to(DEVICE)
+    lse_buf = torch.randn(B, Tq, Hq, 2, generator=g).to(DEVICE)
+    lse_buf[:, ::3, :, 0] = float("-inf")
+    o_buf.transpose(1, 2)[:, ::3, :, :D] = 0.0
+    o_acc, lse_acc = o_buf.transpose(1, 2)[..., :D], lse_buf[..., 0].transpose(1, 2)
+    o_ref, lse_ref = o_acc.double().clone(), lse_acc.double().clone()
+    ro, rlse = attention_block_forward_reference(q.double(), k.double(), v.double(), scale=scale, diagonal_offset=m)
+    merge_partials_(o_ref, lse_ref, ro, rlse)
+    softmax_triton.attention_block_accumulate_triton_(q, k, v, o_acc, lse_acc, scale=scale, diagonal_offset=m)
+    _close("o_acc", o_acc, o_ref, TOL[dtype])
+    _close("lse_acc", lse_acc, lse_ref, TOL[dtype])
+
+
+@needs_kernels
+def test_softmax_fp64_falls_back_and_bad_input():
+    q = torch.randn(1, 5, 2, 16, dtype=torch.float64, device=DEVICE)
+    o, lse = softmax_triton.attention_block_forward_triton(q, q, q, scale=0.25, diagonal_offset=0)
+    ro, rlse = attention_block_forward_reference(q, q, q, scale=0.25, diagonal_offset=0)
+    assert o.dtype == torch.float64 and torch.allclose(o, ro)
+    with pytest.raises(ValueError, match="multiple"):
+        softmax_triton.attention_block_forward_triton(q.float(), q[:, :, :1].float().expand(1, 5, 3, 16),
+                                                      q[:, :, :1].float().expand(1, 5, 3, 16), scale=1.0)
