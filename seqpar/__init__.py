@@ -1,6 +1,7 @@
 """seqpar: sequence parallelism for softmax, linear and hybrid attention in PyTorch."""
 from seqpar.layout import LAYOUTS, global_positions, local_positions, shard, unshard
+from seqpar.attention import STRATEGIES, attention
 
 __version__ = "0.1.0"
 
-__all__ = ["LAYOUTS", "global_positions", "local_positions", "shard", "unshard"]
+__all__ = ["STRATEGIES", "attention", "LAYOUTS", "global_positions", "local_positions", "shard", "unshard"]

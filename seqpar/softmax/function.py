@@ -1,0 +1,121 @@
+"""The autograd Function shared by every softmax strategy, and the plan that parameterises it.
+
+Every strategy is one :class:`ParallelPlan`: an optional Ulysses head exchange (all-to-all
+[B, T/U, H, D] -> [B, T, H/U, D] over a group of U ranks) followed by the driver over a K/V source
+(a ring of R ranks, or an all-gather). ring / allgather are U = 1; ulysses is R = 1; usp is both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from seqpar.comm import all_to_all
+from seqpar.kernels import compute_dtype
+from seqpar.layout import Segment
+from seqpar.softmax.driver import attention_backward, attention_forward
+from seqpar.softmax.sources import GatheredKV, KVSource, RingKV
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """Everything the Function needs besides q, k, v (built and validated by ``seqpar.attention``).
+
+    ``q_segments``: global positions of the tokens this rank holds after the head exchange.
+    ``segments_of_source[i]``: the same for rank i of ``kv_group``. ``kv_repeat`` > 1 only for the
+    Ulysses fallback when the KV heads do not divide over the Ulysses group.
+    """
+
+    causal: bool
+    scale: float
+    backend: str
+    ulysses_group: dist.ProcessGroup | None
+    ulysses_size: int
+    kv_repeat: int
+    kv_transport: str  # "ring" or "allgather"
+    kv_group: dist.ProcessGroup | None
+    kv_rank: int
+    kv_size: int
+    q_segments: Sequence[Segment]
+    segments_of_source: Sequence[Sequence[Segment]]
+    kv_head_groups: int
+
+    def kv_source(self, k: torch.Tensor, v: torch.Tensor) -> KVSource:
+        if self.kv_transport == "allgather":
+            return GatheredKV(k, v, self.kv_group, self.kv_rank, self.kv_size, self.segments_of_source,
+                              self.kv_head_groups)
+        return RingKV(k, v, self.kv_group, self.kv_rank, self.kv_size, self.segments_of_source)
+
+    # --- Ulysses head exchange (identity when ulysses_size == 1) ---------------------------------
+
+    def _exchange(self, tensors: Sequence[torch.Tensor], scatter_dim: int, gather_dim: int) -> list[torch.Tensor]:
+        if self.ulysses_size == 1:
+            return list(tensors)
+        handles = [all_to_all(t, self.ulysses_group, scatter_dim=scatter_dim, gather_dim=gather_dim)
+                   for t in tensors]
+        return [h.wait() for h in handles]
+
+    def to_head_shards(self, *xs: torch.Tensor) -> list[torch.Tensor]:
+        """[B, T, H, D] token shards -> [B, U*T, H/U, D] head shards (rank-major token order)."""
+        return self._exchange(xs, scatter_dim=2, gather_dim=1)
+
+    def to_token_shards(self, *xs: torch.Tensor) -> list[torch.Tensor]:
+        """Inverse of :meth:`to_head_shards`."""
+        return self._exchange(xs, scatter_dim=1, gather_dim=2)
+
+    def lse_to_token_shards(self, lse: torch.Tensor) -> torch.Tensor:
+        """[B, H/U, U*T] -> [B, H, T]."""
+        return self._exchange([lse], scatter_dim=2, gather_dim=1)[0]
+
+    def lse_to_head_shards(self, lse: torch.Tensor) -> torch.Tensor:
+        """[B, H, T] -> [B, H/U, U*T]."""
+        return self._exchange([lse], scatter_dim=1, gather_dim=2)[0]
+
+    def expand_kv(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.kv_repeat == 1 else x.repeat_interleave(self.kv_repeat, dim=2)
+
+    def reduce_kv_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.kv_repeat == 1:
+            return grad
+        b, t, h, d = grad.shape
+        return grad.view(b, t, h // self.kv_repeat, self.kv_repeat, d).sum(dim=3)
+
+
+class SoftmaxContextParallel(torch.autograd.Function):
+    """Exact softmax attention over a sequence-parallel group; returns (o, lse)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ParallelPlan):
+        ctx.set_materialize_grads(False)
+        q_h, k_h, v_h = plan.to_head_shards(q, plan.expand_kv(k), plan.expand_kv(v))
+        o_h, lse_h = attention_forward(q_h, plan.kv_source(k_h, v_h), plan.q_segments, causal=plan.causal,
+                                       scale=plan.scale, backend=plan.backend)
+        o_h = o_h.to(q.dtype)
+        ctx.save_for_backward(q_h, k_h, v_h, o_h, lse_h)
+        ctx.plan = plan
+        (o,) = plan.to_token_shards(o_h)
+        return o, plan.lse_to_token_shards(lse_h)
+
+    @staticmethod
+    def backward(ctx, do: torch.Tensor | None, dlse: torch.Tensor | None):
+        plan: ParallelPlan = ctx.plan
+        q_h, k_h, v_h, o_h, lse_h = ctx.saved_tensors
+        dtype = compute_dtype(q_h.dtype)
+        if do is None and dlse is None:
+            return None, None, None, None
+        do_h = torch.zeros_like(o_h) if do is None else plan.to_head_shards(do.to(o_h.dtype))[0]
+        delta = (o_h.to(dtype) * do_h.to(dtype)).sum(dim=-1).transpose(1, 2)  # [B, H, T]
+        if dlse is not None:
+            # d lse / d s = p, which folds into dS = P * (dP - delta) as delta - dlse
+            delta = delta - plan.lse_to_head_shards(dlse.to(dtype))
+        dq_h, dk_h, dv_h = attention_backward(do_h, q_h, lse_h, delta.contiguous(), plan.kv_source(k_h, v_h),
+                                              plan.q_segments, causal=plan.causal, scale=plan.scale,
+                                              backend=plan.backend)
+        out_dtype = q_h.dtype
+        if plan.kv_repeat == 1:  # communicate the final grads in the input dtype
+            dq_h, dk_h, dv_h = dq_h.to(out_dtype), dk_h.to(out_dtype), dv_h.to(out_dtype)
+        dq, dk, dv = plan.to_token_shards(dq_h, dk_h, dv_h)
+        dk, dv = plan.reduce_kv_grad(dk), plan.reduce_kv_grad(dv)
+        return dq.to(out_dtype), dk.to(out_dtype), dv.to(out_dtype), None

@@ -1,0 +1,122 @@
+"""Input validation and the :class:`ParallelPlan` of each strategy.
+
+Everything here is local (no collective), so bad input fails with a ValueError on every rank
+before any communication starts, instead of hanging a collective.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from seqpar.comm import UspGroups, group_rank_and_size
+from seqpar.kernels import resolve_backend
+from seqpar.layout import check_layout, check_local_length, concat_segments, segments
+from seqpar.softmax.function import ParallelPlan
+
+STRATEGIES = ("ring", "allgather", "ulysses", "usp")
+
+# The all-gather strategy gathers K/V in up to this many groups of KV heads, so that the gather
+# of group i+1 overlaps the compute of group i.
+ALLGATHER_KV_HEAD_GROUPS = 4
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise a ValueError naming the numbers if q [B, T, Hq, D], k / v [B, T, Hkv, D] don't fit."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have 4 dims [B, T, H, D], got {x.dim()} dims with shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"batch size mismatch: q has {q.shape[0]}, k/v have {k.shape[0]}")
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"local sequence length mismatch: q has {q.shape[1]} tokens, k/v have {k.shape[1]}")
+    if q.shape[1] == 0:
+        raise ValueError("local sequence length is 0; every rank needs at least one token")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"head dim mismatch: q has {q.shape[3]}, k/v have {k.shape[3]}")
+    if q.shape[2] % k.shape[2] != 0:
+        raise ValueError(f"query heads {q.shape[2]} are not a multiple of the KV heads {k.shape[2]} (Hq % Hkv != 0)")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"dtype mismatch: q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"device mismatch: q on {q.device}, k on {k.device}, v on {v.device}")
+
+
+def _group_size(group: dist.ProcessGroup | None) -> int:
+    return group_rank_and_size(group)[1]
+
+
+def _row_segments(layout: str, ring_rank: int, ulysses_size: int, world_size: int, local_len: int):
+    """Tokens held after the Ulysses exchange by the ranks of ring position ``ring_rank``: the
+    shards of sp ranks ring_rank * U + u, u = 0..U-1, concatenated in that order."""
+    return concat_segments([segments(layout, ring_rank * ulysses_size + u, world_size, local_len)
+                            for u in range(ulysses_size)])
+
+
+def build_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: str, layout: str, group,
+               causal: bool, scale: float | None, backend: str) -> ParallelPlan:
+    """Validate everything that can be checked locally and return the strategy's plan."""
+    check_inputs(q, k, v)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    check_layout(layout)
+    backend = resolve_backend(backend, q.device)
+    batch, local_len, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+
+    if strategy == "usp":
+        if not isinstance(group, UspGroups):
+            raise ValueError(f"strategy 'usp' needs group=seqpar.comm.UspGroups (see build_usp_groups), "
+                             f"got {type(group).__name__}")
+        world_size = _group_size(group.sp)
+        ulysses_size, ring_size = group.ulysses_size, group.ring_size
+        if ulysses_size * ring_size != world_size:
+            raise ValueError(f"UspGroups: ulysses_size {ulysses_size} x ring_size {ring_size} = "
+                             f"{ulysses_size * ring_size} != sequence-parallel size {world_size}")
+        if _group_size(group.ulysses) != ulysses_size or _group_size(group.ring) != ring_size:
+            raise ValueError(f"UspGroups: group sizes ulysses {_group_size(group.ulysses)} / ring "
+                             f"{_group_size(group.ring)} differ from ulysses_size {ulysses_size} / ring_size {ring_size}")
+        sp_rank = group_rank_and_size(group.sp)[0]
+        ulysses_rank = group_rank_and_size(group.ulysses)[0]
+        ring_rank = group_rank_and_size(group.ring)[0]
+        if sp_rank != ring_rank * ulysses_size + ulysses_rank:
+            raise ValueError(f"UspGroups: sp rank {sp_rank} != ring_rank {ring_rank} * ulysses_size {ulysses_size} "
+                             f"+ ulysses_rank {ulysses_rank}")
+        ulysses_group, ring_group = group.ulysses, group.ring
+    else:
+        sp_group = getattr(group, "sp", group)  # a UspGroups works as its flat sp group
+        sp_rank, world_size = group_rank_and_size(sp_group)
+        if strategy == "ulysses":
+            ulysses_size, ring_size, ring_rank = world_size, 1, 0
+            ulysses_group, ring_group = sp_group, None
+        else:
+            ulysses_size, ring_size, ring_rank = 1, world_size, sp_rank
+            ulysses_group, ring_group = None, sp_group
+
+    check_local_length(layout, local_len, world_size)
+    kv_repeat = 1
+    if ulysses_size > 1:
+        if num_q_heads % ulysses_size != 0:
+            raise ValueError(f"strategy {strategy!r}: {num_q_heads} query heads are not divisible by the "
+                             f"Ulysses group size {ulysses_size}")
+        if num_kv_heads % ulysses_size != 0:
+            # fallback: repeat each KV head so that lcm(Hkv, U) heads split evenly (and still divide Hq)
+            kv_repeat = math.lcm(num_kv_heads, ulysses_size) // num_kv_heads
+
+    rows = [_row_segments(layout, i, ulysses_size, world_size, local_len) for i in range(ring_size)]
+    return ParallelPlan(
+        causal=bool(causal), scale=scale, backend=backend,
+        ulysses_group=ulysses_group, ulysses_size=ulysses_size, kv_repeat=kv_repeat,
+        kv_transport="allgather" if strategy == "allgather" else "ring",
+        kv_group=ring_group, kv_rank=ring_rank, kv_size=ring_size,
+        q_segments=rows[ring_rank], segments_of_source=rows,
+        kv_head_groups=ALLGATHER_KV_HEAD_GROUPS,
+    )

@@ -1,0 +1,145 @@
+"""Where the K/V blocks of a sequence-parallel softmax attention come from.
+
+A *K/V source* hands the driver (:mod:`seqpar.softmax.driver`) one :class:`KVBlock` at a time:
+a slice of KV heads of the keys and values of one source rank, with the segments (global
+positions) of those keys. The driver plans the block with ``layout.plan_blocks`` and computes it;
+the source does the communication, issuing the transfer of the next block before yielding the
+current one and waiting for it afterwards, so that communication overlaps compute.
+
+- :class:`RingKV`: K/V travel a ring (Ring Attention and its zigzag / striped variants, and the
+  ring axis of USP). P-1 exchanges forward; in backward dK/dV travel with K/V and arrive home.
+  With one rank it is plain local attention (no communication).
+- :class:`GatheredKV`: K/V are all-gathered (LASP-2H / Llama 3), split into KV-head groups so
+  that the gather of group i+1 overlaps the compute of group i; backward re-gathers (the gathered
+  copy is not kept between forward and backward) and reduce-scatters dK/dV per head group.
+
+In backward a source is a generator: it yields a block, receives that block's ``(dk, dv)``
+through ``send`` and finally returns the local ``(dk, dv)`` (``StopIteration.value``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generator, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from seqpar.comm import all_gather, reduce_scatter, ring_exchange
+from seqpar.layout import Segment
+
+KVGrads = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class KVBlock:
+    """Keys / values [B, Tk, Hg, D] of KV heads ``kv_heads`` of one source, at ``segments``."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    segments: Sequence[Segment]
+    kv_heads: slice
+
+
+class KVSource:
+    """Base class: the local K/V of this rank, and the key segments of every source rank."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None, rank: int,
+                 size: int, segments_of_source: Sequence[Sequence[Segment]]):
+        if len(segments_of_source) != size:
+            raise ValueError(f"need the key segments of {size} source ranks, got {len(segments_of_source)}")
+        self.k, self.v = k, v
+        self.group, self.rank, self.size = group, rank, size
+        self.segments_of_source = segments_of_source
+
+    def source_order(self) -> list[int]:
+        """Source ranks in the order their blocks are visited: own block first, then r-1, r-2..."""
+        return [(self.rank - step) % self.size for step in range(self.size)]
+
+    def forward_blocks(self) -> Iterator[KVBlock]:
+        raise NotImplementedError
+
+    def backward_blocks(self) -> Generator[KVBlock, KVGrads, KVGrads]:
+        raise NotImplementedError
+
+
+class RingKV(KVSource):
+    """K/V blocks passed around a ring: at step s this rank holds the block of rank (r - s) mod P."""
+
+    def _block(self, k: torch.Tensor, v: torch.Tensor, step: int) -> KVBlock:
+        source = (self.rank - step) % self.size
+        return KVBlock(k, v, self.segments_of_source[source], slice(0, self.k.shape[2]))
+
+    def forward_blocks(self) -> Iterator[KVBlock]:
+        k, v = self.k, self.v
+        for step in range(self.size):
+            incoming = ring_exchange([k, v], self.group) if step < self.size - 1 else None
+            yield self._block(k, v, step)
+            if incoming is not None:
+                k, v = incoming.wait()
+
+    def backward_blocks(self) -> Generator[KVBlock, KVGrads, KVGrads]:
+        k, v = self.k, self.v
+        grads_in_flight = None  # dK/dV accumulators of the block that arrives with the next K/V
+        dk = dv = None
+        for step in range(self.size):
+            incoming = ring_exchange([k, v], self.group) if step < self.size - 1 else None
+            dk, dv = yield self._block(k, v, step)
+            if grads_in_flight is not None:
+                dk_acc, dv_acc = grads_in_flight.wait()
+                dk, dv = dk_acc.add_(dk), dv_acc.add_(dv)
+            if self.size > 1:
+                # after the last step this send brings every accumulator home
+                grads_in_flight = ring_exchange([dk, dv], self.group)
+            if incoming is not None:
+                k, v = incoming.wait()
+        if grads_in_flight is not None:
+            dk, dv = grads_in_flight.wait()
+        return dk, dv
+
+
+class GatheredKV(KVSource):
+    """K/V all-gathered in ``head_groups`` groups of KV heads (gather of group i+1 overlaps the
+    compute of group i); dK/dV reduce-scattered per group."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None, rank: int,
+                 size: int, segments_of_source: Sequence[Sequence[Segment]], head_groups: int):
+        super().__init__(k, v, group, rank, size, segments_of_source)
+        num_kv_heads = k.shape[2]
+        head_groups = max(1, min(head_groups, num_kv_heads))
+        bounds = [num_kv_heads * i // head_groups for i in range(head_groups + 1)]
+        self.head_slices = [slice(bounds[i], bounds[i + 1]) for i in range(head_groups)]
+
+    def _gather(self, group_index: int):
+        if group_index >= len(self.head_slices):
+            return None
+        heads = self.head_slices[group_index]
+        # one message per group: K and V stacked -> [P, 2, B, T, Hg, D] after the gather
+        return all_gather(torch.stack([self.k[:, :, heads], self.v[:, :, heads]]), self.group)
+
+    def _gathered_groups(self) -> Iterator[tuple[slice, torch.Tensor]]:
+        pending = self._gather(0)
+        for index, heads in enumerate(self.head_slices):
+            next_pending = self._gather(index + 1)
+            yield heads, pending.wait()
+            pending = next_pending
+
+    def forward_blocks(self) -> Iterator[KVBlock]:
+        for heads, kv in self._gathered_groups():
+            for source in self.source_order():
+                yield KVBlock(kv[source, 0], kv[source, 1], self.segments_of_source[source], heads)
+            del kv
+
+    def backward_blocks(self) -> Generator[KVBlock, KVGrads, KVGrads]:
+        scattering = []
+        for heads, kv in self._gathered_groups():
+            grads = None
+            for source in self.source_order():
+                dk, dv = yield KVBlock(kv[source, 0], kv[source, 1], self.segments_of_source[source], heads)
+                if grads is None:
+                    grads = torch.zeros((self.size, 2) + tuple(dk.shape), dtype=dk.dtype, device=dk.device)
+                grads[source, 0] = dk
+                grads[source, 1] = dv
+            del kv
+            scattering.append(reduce_scatter(grads, self.group))  # overlaps the next group
+        parts = [handle.wait() for handle in scattering]  # each [2, B, T, Hg, D]
+        return torch.cat([p[0] for p in parts], dim=2), torch.cat([p[1] for p in parts], dim=2)

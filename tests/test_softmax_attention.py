@@ -1,0 +1,266 @@
+"""seqpar.attention (every strategy x layout x causal/non-causal x MHA/GQA x world size 1-4)
+against the single-device fp64 reference, forward and backward, on the shared gloo pool.
+
+The parent draws full fp64 inputs, computes the reference o, lse and the gradients of a random
+weighted loss sum(w_o * o) + sum(w_lse * lse) (so the gradient through lse is tested too);
+workers shard with the layout, run the strategy with backward and return their local o, lse,
+dq, dk, dv; the parent unshards and compares all five.
+
+Tolerances: fp64 inputs atol = rtol = 1e-10 (observed errors ~5e-15); fp32 inputs against the
+fp64 reference atol = rtol = 1e-4 on o / lse / grads; bf16 inputs atol = rtol = 3e-2 on o / lse.
+Head dim 24 (odd, not a power of two), local lengths 6 (10 at world size 3), batch 2.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+
+import seqpar
+from seqpar.comm import UspGroups
+from seqpar.kernels import attention_reference, merge_partials_
+from seqpar.layout import LAYOUTS, shard_tensor, unshard_tensor
+from seqpar.softmax import build_plan
+
+FP64_TOL = dict(atol=1e-10, rtol=1e-10)
+FP32_TOL = dict(atol=1e-4, rtol=1e-4)
+BF16_TOL = dict(atol=3e-2, rtol=3e-2)
+HEAD_DIM = 24
+BATCH = 2
+RESULT_NAMES = ("o", "lse", "dq", "dk", "dv")
+
+
+def _local_len(world_size: int) -> int:
+    return 10 if world_size == 3 else 6
+
+
+def _heads(strategy: str, world_size: int, gqa: bool) -> tuple[int, int]:
+    """(Hq, Hkv): 4 / 4 (MHA) or 4 / 2 (GQA); Ulysses at world size 3 uses 6 / 6 and 6 / 2 (the
+    latter exercises the KV-head fallback, as does 4 / 2 at world size 4)."""
+    if strategy == "ulysses" and world_size == 3:
+        return (6, 2) if gqa else (6, 6)
+    return (4, 2) if gqa else (4, 4)
+
+
+def _make_case(world_size: int, num_q_heads: int, num_kv_heads: int, causal: bool, dtype: torch.dtype,
+               seed: int) -> dict:
+    """Full inputs, loss weights and the fp64 reference results of one case."""
+    gen = torch.Generator().manual_seed(seed)
+    length = world_size * _local_len(world_size)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    q, k, v = draw(BATCH, length, num_q_heads, HEAD_DIM), draw(BATCH, length, num_kv_heads, HEAD_DIM), \
+        draw(BATCH, length, num_kv_heads, HEAD_DIM)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    w_o, w_lse = draw(BATCH, length, num_q_heads, HEAD_DIM), draw(BATCH, num_q_heads, length)
+    ref_inputs = [x.detach().to(torch.float64).requires_grad_() for x in (q, k, v)]
+    o, lse = attention_reference(*ref_inputs, causal=causal)
+    ((o * w_o).sum() + (lse * w_lse).sum()).backward()
+    expected = [o.detach(), lse.detach()] + [x.grad for x in ref_inputs]
+    return dict(inputs=(q, k, v), weights=(w_o, w_lse), causal=causal, expected=expected)
+
+
+def case_attention(ctx, strategy: str, layout: str, usp: tuple[int, int] | None, cases: list[dict]):
+    """Run every case of the batch on this rank; return [(o, lse, dq, dk, dv)] local results."""
+    rank, world_size = ctx.rank, ctx.world_size
+    group = ctx.usp_groups[usp] if usp is not None else ctx.group
+    results = []
+    for case in cases:
+        q, k, v = (shard_tensor(x, layout, rank, world_size).requires_grad_() for x in case["inputs"])
+        w_o, w_lse = case["weights"]
+        o, lse = seqpar.attention(q, k, v, strategy=strategy, layout=layout, group=group, causal=case["causal"],
+                                  return_lse=True)
+        assert o.dtype == q.dtype and o.shape == q.shape
+        assert lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+        loss = (o.double() * shard_tensor(w_o, layout, rank, world_size)).sum() \
+            + (lse.double() * shard_tensor(w_lse, layout, rank, world_size, dim=2)).sum()
+        loss.backward()
+        results.append((o.detach(), lse.detach(), q.grad, k.grad, v.grad))
+    return results
+
+
+def _check(pool, strategy: str, layout: str, world_size: int, usp, cases: list[dict], tols: list[dict]) -> None:
+    per_rank = pool.run(case_attention, world_size, strategy=strategy, layout=layout, usp=usp,
+                        cases=[{key: c[key] for key in ("inputs", "weights", "causal")} for c in cases])
+    for index, case in enumerate(cases):
+        for i, name in enumerate(RESULT_NAMES):
+            if tols[i] is None:
+                continue
+            got = unshard_tensor([r[index][i] for r in per_rank], layout, dim=2 if name == "lse" else 1)
+            torch.testing.assert_close(got.double(), case["expected"][i], **tols[i],
+                                       msg=lambda m: f"{strategy}/{layout}/P={world_size}/usp={usp} case {index} "
+                                                     f"(causal={case['causal']}) {name}: {m}")
+
+
+CONFIGS = [("ring", w, None) for w in (1, 2, 3, 4)] + [("allgather", w, None) for w in (1, 2, 3, 4)] \
+    + [("ulysses", w, None) for w in (1, 2, 3, 4)] \
+    + [("usp", 4, (2, 2)), ("usp", 2, (2, 1)), ("usp", 2, (1, 2)), ("usp", 4, (4, 1)), ("usp", 4, (1, 4))]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("strategy,world_size,usp", CONFIGS,
+                         ids=[f"{s}-P{w}" + (f"-u{u[0]}r{u[1]}" if u else "") for s, w, u in CONFIGS])
+def test_matches_reference_fp64(pool, strategy, layout, world_size, usp):
+    seed = zlib.crc32(f"{strategy}/{layout}/{world_size}/{usp}".encode()) % 10_000
+    cases = [_make_case(world_size, *_heads(strategy, world_size, gqa), causal, torch.float64, seed + 10 * i)
+             for i, (causal, gqa) in enumerate([(True, False), (True, True), (False, False), (False, True)])]
+    _check(pool, strategy, layout, world_size, usp, cases, [FP64_TOL] * 5)
+
+
+@pytest.mark.parametrize("strategy,layout,world_size,usp", [
+    ("ring", "zigzag", 4, None), ("allgather", "striped", 3, None), ("ulysses", "contiguous", 2, None),
+    ("usp", "zigzag", 4, (2, 2))])
+def test_matches_reference_fp32(pool, strategy, layout, world_size, usp):
+    cases = [_make_case(world_size, 4, 2, True, torch.float32, 7)]
+    _check(pool, strategy, layout, world_size, usp, cases, [FP32_TOL] * 5)
+
+
+def test_bf16_forward_close(pool):
+    cases = [_make_case(4, 4, 2, True, torch.bfloat16, 11)]
+    _check(pool, "ring", "striped", 4, None, cases, [BF16_TOL, BF16_TOL, None, None, None])
+
+
+def test_single_process_without_distributed():
+    case = _make_case(1, 4, 2, True, torch.float64, 3)
+    q, k, v = (x.clone().requires_grad_() for x in case["inputs"])
+    w_o, w_lse = case["weights"]
+    for strategy in ("ring", "allgather", "ulysses"):
+        for x in (q, k, v):
+            x.grad = None
+        o, lse = seqpar.attention(q, k, v, strategy=strategy, return_lse=True)
+        ((o * w_o).sum() + (lse * w_lse).sum()).backward()
+        for got, expected in zip([o, lse, q.grad, k.grad, v.grad], case["expected"]):
+            torch.testing.assert_close(got, expected, **FP64_TOL)
+
+
+def test_return_lse_false_and_default_scale():
+    case = _make_case(1, 4, 4, False, torch.float64, 5)
+    q, k, v = case["inputs"]
+    o = seqpar.attention(q, k, v, strategy="ring", causal=False)
+    torch.testing.assert_close(o, case["expected"][0], **FP64_TOL)
+    o_scaled = seqpar.attention(q, k, v, strategy="ring", causal=False, scale=0.5 * HEAD_DIM ** -0.5)
+    torch.testing.assert_close(o_scaled, attention_reference(q, k, v, causal=False, scale=0.5 * HEAD_DIM ** -0.5)[0],
+                               **FP64_TOL)
+
+
+# --- merge of partial results with rows that saw no key ------------------------------------------
+
+
+def test_merge_partials_with_empty_rows():
+    gen = torch.Generator().manual_seed(0)
+    B, T, H, D = 1, 4, 2, 3
+    o_a, o_b = torch.randn(B, T, H, D, generator=gen, dtype=torch.float64), torch.randn(B, T, H, D, generator=gen,
+                                                                                         dtype=torch.float64)
+    lse_a, lse_b = torch.randn(B, H, T, generator=gen, dtype=torch.float64), torch.randn(B, H, T, generator=gen,
+                                                                                         dtype=torch.float64)
+    inf = float("-inf")
+    lse_a[:, :, 0] = inf  # only b saw keys
+    lse_b[:, :, 1] = inf  # only a saw keys
+    lse_a[:, :, 2] = inf  # nobody saw keys
+    lse_b[:, :, 2] = inf
+    o_a[:, 0], o_b[:, 1], o_a[:, 2], o_b[:, 2] = 0, 0, 0, 0  # a row with lse = -inf carries o = 0
+    o_acc, lse_acc = o_a.clone(), lse_a.clone()
+    merge_partials_(o_acc, lse_acc, o_b, lse_b)
+    assert torch.isfinite(o_acc).all()
+    expected_lse = torch.logaddexp(lse_a, lse_b)
+    torch.testing.assert_close(lse_acc, expected_lse)
+    w_a = torch.exp(lse_a - expected_lse).transpose(1, 2).unsqueeze(-1)
+    w_b = torch.exp(lse_b - expected_lse).transpose(1, 2).unsqueeze(-1)
+    rows = [0, 1, 3]
+    torch.testing.assert_close(o_acc[:, rows], (w_a * o_a + w_b * o_b)[:, rows])
+    torch.testing.assert_close(o_acc[:, 0], o_b[:, 0])
+    torch.testing.assert_close(o_acc[:, 1], o_a[:, 1])
+    assert torch.equal(o_acc[:, 2], torch.zeros_like(o_acc[:, 2])) and torch.isinf(lse_acc[:, :, 2]).all()
+
+
+def test_striped_first_row_sees_no_key_in_strictly_causal_block():
+    """Striped, P = 2: rank 0 against rank 1's keys is strictly causal, so its first query sees no
+    key in that block; the merged result must still be exact and finite (checked end to end in
+    test_matches_reference_fp64); here the block itself gives (0, -inf) without NaN."""
+    from seqpar.kernels import attention_block_forward
+
+    q = torch.randn(1, 3, 2, 4, dtype=torch.float64)
+    k = torch.randn(1, 3, 2, 4, dtype=torch.float64)
+    o, lse = attention_block_forward(q, k, k, scale=0.5, diagonal_offset=-1)
+    assert torch.equal(o[:, 0], torch.zeros_like(o[:, 0])) and torch.isinf(lse[:, :, 0]).all()
+    assert torch.isfinite(o).all()
+
+
+# --- bad input --------------------------------------------------------------------------------------
+
+
+def _qkv(B=1, T=4, Hq=4, Hkv=2, D=8, dtype=torch.float64):
+    return torch.zeros(B, T, Hq, D, dtype=dtype), torch.zeros(B, T, Hkv, D, dtype=dtype), \
+        torch.zeros(B, T, Hkv, D, dtype=dtype)
+
+
+@pytest.mark.parametrize("mutate,kwargs,match", [
+    (lambda q, k, v: (q[0], k, v), {}, r"q must have 4 dims .* got 3 dims"),
+    (lambda q, k, v: (q, k[None], v), {}, r"k must have 4 dims .* got 5 dims"),
+    (lambda q, k, v: (q, k, v[:, :, :1]), {}, r"k and v must have the same shape"),
+    (lambda q, k, v: (q.repeat(2, 1, 1, 1), k, v), {}, r"batch size mismatch: q has 2, k/v have 1"),
+    (lambda q, k, v: (q[:, :3], k, v), {}, r"local sequence length mismatch: q has 3 tokens, k/v have 4"),
+    (lambda q, k, v: (q[..., :6], k, v), {}, r"head dim mismatch: q has 6, k/v have 8"),
+    (lambda q, k, v: (q[:, :, :3], k, v), {}, r"query heads 3 are not a multiple of the KV heads 2"),
+    (lambda q, k, v: (q.float(), k, v), {}, r"dtype mismatch: q torch.float32, k torch.float64"),
+    (lambda q, k, v: (q, k.to("meta"), v.to("meta")), {}, r"device mismatch: q on cpu, k on meta"),
+    (lambda q, k, v: (q.long(), k.long(), v.long()), {}, r"q must be floating point"),
+    (lambda q, k, v: (q, k, v), {"strategy": "tree"}, r"unknown strategy 'tree'"),
+    (lambda q, k, v: (q, k, v), {"layout": "spiral"}, r"unknown layout 'spiral'"),
+    (lambda q, k, v: (q, k, v), {"backend": "cuda-magic"}, r"unknown kernel backend 'cuda-magic'"),
+    (lambda q, k, v: (q, k, v), {"strategy": "usp"}, r"'usp' needs group=seqpar.comm.UspGroups"),
+])
+def test_bad_inputs_raise(mutate, kwargs, match):
+    q, k, v = mutate(*_qkv())
+    options = dict(strategy="ring")
+    options.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        seqpar.attention(q, k, v, **options)
+
+
+def case_bad_group_inputs(ctx):
+    """Errors that depend on the group; every rank raises before any collective (no hang)."""
+    world_size = ctx.world_size
+    q, k, v = _qkv(T=5)
+    with pytest.raises(ValueError, match=r"zigzag layout needs an even local length .* local length 5 "
+                                         r"with world_size=4"):
+        seqpar.attention(q, k, v, strategy="ring", layout="zigzag", group=ctx.group)
+    q, k, v = _qkv(Hq=6, Hkv=2)
+    with pytest.raises(ValueError, match=r"6 query heads are not divisible by the Ulysses group size 4"):
+        seqpar.attention(q, k, v, strategy="ulysses", group=ctx.group)
+    groups = ctx.usp_groups[(2, 2)]
+    with pytest.raises(ValueError, match=r"strategy 'usp': 6 query heads are not divisible by the Ulysses group size 4"):
+        seqpar.attention(*_qkv(Hq=6, Hkv=3), strategy="usp", group=ctx.usp_groups[(4, 1)])
+    lying = UspGroups(groups.sp, groups.ulysses, groups.ring, ulysses_size=2, ring_size=1)
+    with pytest.raises(ValueError, match=r"ulysses_size 2 x ring_size 1 = 2 != sequence-parallel size 4"):
+        seqpar.attention(*_qkv(), strategy="usp", group=lying)
+    swapped = UspGroups(groups.sp, groups.ring, groups.ulysses, ulysses_size=1, ring_size=4)
+    with pytest.raises(ValueError, match=r"group sizes ulysses 2 / ring 2 differ from ulysses_size 1 / ring_size 4"):
+        seqpar.attention(*_qkv(), strategy="usp", group=swapped)
+    return world_size
+
+
+def test_bad_group_inputs(pool):
+    assert pool.run(case_bad_group_inputs, 4) == [4] * 4
+    # the pool still works after every rank raised
+    cases = [_make_case(4, 4, 2, True, torch.float64, 1)]
+    _check(pool, "ring", "contiguous", 4, None, cases, [FP64_TOL] * 5)
+
+
+def case_kv_repeat(ctx, num_q_heads: int, num_kv_heads: int):
+    q, k, v = _qkv(Hq=num_q_heads, Hkv=num_kv_heads)
+    plan = build_plan(q, k, v, strategy="ulysses", layout="contiguous", group=ctx.group, causal=True, scale=None,
+                      backend="auto")
+    return plan.kv_repeat
+
+
+@pytest.mark.parametrize("world_size,num_q_heads,num_kv_heads,repeat", [
+    (4, 4, 4, 1), (4, 8, 4, 1), (2, 4, 2, 1), (4, 4, 2, 2), (4, 8, 1, 4), (3, 6, 2, 3)])
+def test_ulysses_repeats_kv_heads_only_when_needed(pool, world_size, num_q_heads, num_kv_heads, repeat):
+    assert repeat == math.lcm(num_kv_heads, world_size) // num_kv_heads
+    assert pool.run(case_kv_repeat, world_size, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads) \
+        == [repeat] * world_size
