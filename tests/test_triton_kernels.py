@@ -27,8 +27,14 @@ if not CUDA:
 
 triton = pytest.importorskip("triton")
 
+from seqpar.kernels import linear_triton  # noqa: E402
 from seqpar.kernels import softmax_triton  # noqa: E402
-from seqpar.kernels.softmax import merge_partials_  # noqa: E402
+from seqpar.kernels.linear import chunk_linear_attention  # noqa: E402
+from seqpar.kernels.linear_reference import (  # noqa: E402
+    chunk_linear_attention_backward_reference,
+    linear_attention_recurrent_reference,
+)
+from seqpar.kernels.softmax import attention_block_forward, merge_partials_  # noqa: E402
 from seqpar.kernels.softmax_reference import (  # noqa: E402
     attention_block_backward_reference,
     attention_block_forward_reference,
@@ -38,7 +44,7 @@ from seqpar.kernels.softmax_reference import (  # noqa: E402
 def _kernels_interpreted() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
-    return all(isinstance(f, InterpretedFunction) for f in (softmax_triton._attn_fwd,))
+    return all(isinstance(f, InterpretedFunction) for f in (softmax_triton._attn_fwd, linear_triton._lin_fwd_h))
 
 
 # In-process cases run on CUDA, or on CPU when the kernels were decorated for the interpreter.
@@ -159,3 +165,92 @@ def test_softmax_fp64_falls_back_and_bad_input():
     with pytest.raises(ValueError, match="multiple"):
         softmax_triton.attention_block_forward_triton(q.float(), q[:, :, :1].float().expand(1, 5, 3, 16),
                                                       q[:, :, :1].float().expand(1, 5, 3, 16), scale=1.0)
+
+
+@needs_kernels
+def test_softmax_dispatcher_triton_backend():
+    q, k, v, _, scale, m = _softmax_inputs(SOFTMAX_CASES[1], torch.float32)
+    o, lse = attention_block_forward(q, k, v, scale=scale, diagonal_offset=m, backend="triton")
+    ro, rlse = attention_block_forward_reference(q, k, v, scale=scale, diagonal_offset=m)
+    _close("o", o, ro, 1e-4)
+    _close("lse", lse, rlse, 1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# chunked linear attention
+# --------------------------------------------------------------------------------------------
+
+# (B, T, H, Dk, Dv, with initial_state and dht)
+LINEAR_CASES = [
+    (1, 130, 2, 24, 40, True),   # 3 chunks (last one partial), padded head dims, Dk != Dv
+    (2, 63, 1, 32, 32, True),    # one partial chunk
+    (1, 37, 2, 64, 32, False),   # no initial state / dht: dh0 None
+]
+
+
+def _linear_inputs(case, gate, dtype):
+    B, T, H, Dk, Dv, with_states = case
+    gen = torch.Generator().manual_seed(T * 31 + Dk)
+    qkv = torch.randn(B, T, H, 2 * Dk + Dv, generator=gen)  # q, k, v as strided slices of one tensor
+    q, k, v = (x.to(DEVICE, dtype) for x in qkv.split([Dk, Dk, Dv], dim=-1))
+    g = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, generator=gen) + 2.0) * 0.5).to(DEVICE) if gate == "g" else None
+    g_gamma = (-0.2 * torch.rand(H, generator=gen)).to(DEVICE) if gate == "gamma" else None
+    h0 = torch.randn(B, H, Dk, Dv, generator=gen).to(DEVICE) if with_states else None
+    dht = torch.randn(B, H, Dk, Dv, generator=gen).to(DEVICE) if with_states else None
+    do = torch.randn(B, T, H, Dv, generator=gen).to(DEVICE, dtype)
+    return q, k, v, g, g_gamma, h0, dht, do
+
+
+def _f64(x):
+    return None if x is None else x.detach().double().cpu()
+
+
+def _recurrent_autograd(q, k, v, g, g_gamma, h0, dht, do):
+    """fp64 token-by-token oracle and its autograd gradients."""
+    leaves = [x.requires_grad_() if x is not None else None for x in (_f64(q), _f64(k), _f64(v), _f64(g), _f64(h0))]
+    qd, kd, vd, gd, h0d = leaves
+    o, final = linear_attention_recurrent_reference(qd, kd, vd, g=gd, g_gamma=_f64(g_gamma), initial_state=h0d,
+                                                    output_final_state=True)
+    loss = (o * _f64(do)).sum() + ((final * _f64(dht)).sum() if dht is not None else 0.0)
+    wrt = [x for x in leaves if x is not None]
+    grads = iter(torch.autograd.grad(loss, wrt))
+    full = [next(grads) if x is not None else None for x in leaves]
+    return o.detach(), final.detach(), full
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gate", [None, "g", "gamma"])
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=[str(c) for c in LINEAR_CASES])
+def test_linear_forward_backward(case, gate, dtype):
+    q, k, v, g, g_gamma, h0, dht, do = _linear_inputs(case, gate, dtype)
+    tol = 5e-4 if dtype == torch.float32 else TOL[dtype]
+    o, final = linear_triton.chunk_linear_attention_forward_triton(q, k, v, g=g, g_gamma=g_gamma, initial_state=h0,
+                                                                   output_final_state=True)
+    assert o.dtype == torch.float32 and final.dtype == torch.float32
+    ro, rfinal, rgrads = _recurrent_autograd(q, k, v, g, g_gamma, h0, dht, do)
+    _close("o", o, ro, tol)
+    _close("final_state", final, rfinal, tol)
+    dq, dk, dv, dg, dh0 = linear_triton.chunk_linear_attention_backward_triton(
+        do, q, k, v, g=g, g_gamma=g_gamma, initial_state=h0, dht=dht)
+    assert (dg is None) == (g is None) and (dh0 is None) == (h0 is None)
+    chunked = chunk_linear_attention_backward_reference(_f64(do), _f64(q), _f64(k), _f64(v), g=_f64(g),
+                                                        g_gamma=_f64(g_gamma), initial_state=_f64(h0), dht=_f64(dht))
+    for name, got, auto, ref in zip(("dq", "dk", "dv", "dg", "dh0"), (dq, dk, dv, dg, dh0), rgrads, chunked):
+        if got is None:
+            continue
+        _close(name + " vs autograd", got, auto, tol)
+        _close(name + " vs chunked reference", got, ref, tol)
+
+
+@needs_kernels
+def test_linear_dispatcher_autograd_triton_backend():
+    q, k, v, g, _, h0, dht, do = _linear_inputs(LINEAR_CASES[1], "g", torch.float32)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
+    o, final = chunk_linear_attention(*leaves[:3], g=leaves[3], initial_state=leaves[4], output_final_state=True,
+                                      backend="triton")
+    ((o * do).sum() + (final * dht).sum()).backward()
+    ro, rfinal, rgrads = _recurrent_autograd(q, k, v, g, None, h0, dht, do)
+    _close("o", o.detach(), ro, 5e-4)
+    for name, x, r in zip(("dq", "dk", "dv", "dg", "dh0"), leaves, rgrads):
+        _close(name, x.grad, r, 5e-4)

@@ -1,0 +1,497 @@
+"""Triton chunked linear attention with optional decay (Lightning Attention-2 tiling).
+
+Conventions are those of :mod:`seqpar.kernels.linear_reference` (the oracle): q, k [B, T, H, Dk],
+v [B, T, H, Dv] (any strides), log gates ``g`` [B, T, H] per token or ``g_gamma`` [H] per head or
+neither, recurrence S_t = exp(g_t) S_{t-1} + k_t v_t^T, o_t = scale * S_t^T q_t, states
+[B, H, Dk, Dv] fp32; outputs and gradients fp32.
+
+Kernels (after flash-linear-attention's ``chunk_simple_gla``), chunk length BT (64):
+
+* ``_lin_fwd_h``: one program per (Dk tile, Dv tile, b*h) walks the chunks in order and writes
+  the state at the start of every chunk (and the final state):
+  S_{c+1} = exp(b_last) S_c + (K * exp(b_last - b))^T V, with b the chunk-local cumulative
+  log-gate (every exponent is <= 0 for gates <= 0).
+* ``_lin_fwd_o``: fully parallel over (Dv tile, chunk, b*h): O = scale * [(Q K^T * D) V +
+  (Q * exp(b)) S_c], D_ij = exp(b_i - b_j) for j <= i (0 above the diagonal).
+* backward: ``_lin_bwd_dh`` walks the chunks in reverse and writes dS at the end of every chunk
+  (starting from ``dht``; the value left at the start is dh0); ``_lin_bwd_dv`` and
+  ``_lin_bwd_dqk`` are parallel over chunks and recompute the intra-chunk terms. The gate
+  gradient dg_t = sum_{i>=t} (q_i.dq_i - k_i.dk_i) + <dht, S_T> is a reverse cumsum in torch.
+
+The per-chunk states are kept in fp32 (bf16 for bf16 inputs, as fla does). float64 inputs fall
+back to the reference.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from seqpar.kernels.linear_reference import (
+    chunk_linear_attention_backward_reference,
+    chunk_linear_attention_forward_reference,
+    default_scale,
+)
+
+__all__ = ["chunk_linear_attention_forward_triton", "chunk_linear_attention_backward_triton"]
+
+DEFAULT_CHUNK = 64
+
+
+def _interpreting() -> bool:
+    return bool(triton.knobs.runtime.interpret)
+
+
+def _configs():
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
+
+
+_KEY = ["DK", "DV", "BT", "BK", "BV"]
+
+
+@triton.jit
+def _lin_fwd_h(K, V, GC, H0, HS, HT,
+               stride_kb, stride_kt, stride_kh, stride_kd,
+               stride_vb, stride_vt, stride_vh, stride_vd,
+               T, H, NT,
+               DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               USE_G: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    i_k = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_bh = tl.program_id(2)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    k_ok = offs_k < DK
+    v_ok = offs_v < DV
+    offs_t0 = tl.arange(0, BT)
+    state_off = offs_k[:, None] * DV + offs_v[None, :]
+    state_mask = k_ok[:, None] & v_ok[None, :]
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        b_h += tl.load(H0 + i_bh.to(tl.int64) * DK * DV + state_off, mask=state_mask, other=0.0)
+    k_base = K + i_b * stride_kb + i_h * stride_kh
+    v_base = V + i_b * stride_vb + i_h * stride_vh
+    g_base = GC + i_bh.to(tl.int64) * NT * BT
+    hs_base = HS + i_bh.to(tl.int64) * NT * DK * DV
+    for c in range(0, NT):
+        tl.store(hs_base + c * DK * DV + state_off, b_h.to(HS.dtype.element_ty), mask=state_mask)
+        offs_t = c * BT + offs_t0
+        t_ok = offs_t < T
+        k = tl.load(k_base + offs_t[:, None] * stride_kt + offs_k[None, :] * stride_kd,
+                    mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        v = tl.load(v_base + offs_t[:, None] * stride_vt + offs_v[None, :] * stride_vd,
+                    mask=t_ok[:, None] & v_ok[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if USE_G:
+            b_g = tl.load(g_base + offs_t)
+            b_last = tl.load(g_base + c * BT + BT - 1)
+            b_h *= tl.exp(b_last)
+            k = (k * tl.exp(b_last - b_g)[:, None]).to(v.dtype)
+        b_h = tl.dot(tl.trans(k), v, b_h, input_precision=PRECISION)
+    if STORE_HT:
+        tl.store(HT + i_bh.to(tl.int64) * DK * DV + state_off, b_h, mask=state_mask)
+
+
+@triton.jit
+def _lin_fwd_o(Q, K, V, GC, HS, O,
+               stride_qb, stride_qt, stride_qh, stride_qd,
+               stride_kb, stride_kt, stride_kh, stride_kd,
+               stride_vb, stride_vt, stride_vh, stride_vd,
+               stride_ob, stride_ot, stride_oh, stride_od,
+               T, H, NT, scale,
+               DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               USE_G: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+               PRECISION_H: tl.constexpr):
+    i_v = tl.program_id(0)
+    c = tl.program_id(1)
+    i_bh = tl.program_id(2)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    offs_t = c * BT + tl.arange(0, BT)
+    t_ok = offs_t < T
+    offs_v = i_v * BV + tl.arange(0, BV)
+    v_ok = offs_v < DV
+    q_base = Q + i_b * stride_qb + i_h * stride_qh
+    k_base = K + i_b * stride_kb + i_h * stride_kh
+    h_base = HS + i_bh.to(tl.int64) * NT * DK * DV + c * DK * DV
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    b_a = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(DK, BK)):
+        offs_k = i_k * BK + tl.arange(0, BK)
+        k_ok = offs_k < DK
+        q = tl.load(q_base + offs_t[:, None] * stride_qt + offs_k[None, :] * stride_qd,
+                    mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        k = tl.load(k_base + offs_t[:, None] * stride_kt + offs_k[None, :] * stride_kd,
+                    mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        h = tl.load(h_base + offs_k[:, None] * DV + offs_v[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            k = k.to(tl.float32)
+            h = h.to(tl.float32)
+        b_o = tl.dot(q.to(h.dtype), h, b_o, input_precision=PRECISION_H)
+        b_a = tl.dot(q, tl.trans(k), b_a, input_precision=PRECISION)
+    causal = offs_t[:, None] >= offs_t[None, :]
+    if USE_G:
+        b_g = tl.load(GC + i_bh.to(tl.int64) * NT * BT + offs_t)
+        b_o *= tl.exp(b_g)[:, None]
+        b_a *= tl.exp(tl.where(causal, b_g[:, None] - b_g[None, :], float("-inf")))
+    b_a = tl.where(causal, b_a, 0.0)
+    v = tl.load(V + i_b * stride_vb + i_h * stride_vh + offs_t[:, None] * stride_vt + offs_v[None, :] * stride_vd,
+                mask=t_ok[:, None] & v_ok[None, :], other=0.0)
+    if UPCAST:
+        v = v.to(tl.float32)
+    b_o = tl.dot(b_a.to(v.dtype), v, b_o, input_precision=PRECISION)
+    tl.store(O + i_b * stride_ob + i_h * stride_oh + offs_t[:, None] * stride_ot + offs_v[None, :] * stride_od,
+             b_o * scale, mask=t_ok[:, None] & v_ok[None, :])
+
+
+@triton.jit
+def _lin_bwd_dh(Q, DO, GC, DHT, DHS, DH0,
+                stride_qb, stride_qt, stride_qh, stride_qd,
+                stride_db, stride_dt, stride_dh, stride_dd,
+                T, H, NT, scale,
+                DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                USE_G: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    i_k = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_bh = tl.program_id(2)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    k_ok = offs_k < DK
+    v_ok = offs_v < DV
+    offs_t0 = tl.arange(0, BT)
+    state_off = offs_k[:, None] * DV + offs_v[None, :]
+    state_mask = k_ok[:, None] & v_ok[None, :]
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        b_dh += tl.load(DHT + i_bh.to(tl.int64) * DK * DV + state_off, mask=state_mask, other=0.0)
+    q_base = Q + i_b * stride_qb + i_h * stride_qh
+    do_base = DO + i_b * stride_db + i_h * stride_dh
+    g_base = GC + i_bh.to(tl.int64) * NT * BT
+    dhs_base = DHS + i_bh.to(tl.int64) * NT * DK * DV
+    for cc in range(0, NT):
+        c = NT - 1 - cc
+        tl.store(dhs_base + c * DK * DV + state_off, b_dh.to(DHS.dtype.element_ty), mask=state_mask)
+        offs_t = c * BT + offs_t0
+        t_ok = offs_t < T
+        q = tl.load(q_base + offs_t[:, None] * stride_qt + offs_k[None, :] * stride_qd,
+                    mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        do = tl.load(do_base + offs_t[:, None] * stride_dt + offs_v[None, :] * stride_dd,
+                     mask=t_ok[:, None] & v_ok[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        q = q * scale
+        if USE_G:
+            b_g = tl.load(g_base + offs_t)
+            b_last = tl.load(g_base + c * BT + BT - 1)
+            b_dh *= tl.exp(b_last)
+            q = q * tl.exp(b_g)[:, None]
+        b_dh = tl.dot(tl.trans(q.to(do.dtype)), do, b_dh, input_precision=PRECISION)
+    if STORE_DH0:
+        tl.store(DH0 + i_bh.to(tl.int64) * DK * DV + state_off, b_dh, mask=state_mask)
+
+
+@triton.jit
+def _lin_bwd_dv(Q, K, DO, GC, DHS, DVo,
+                stride_qb, stride_qt, stride_qh, stride_qd,
+                stride_kb, stride_kt, stride_kh, stride_kd,
+                stride_db, stride_dt, stride_dh, stride_dd,
+                stride_vb, stride_vt, stride_vh, stride_vd,
+                T, H, NT, scale,
+                DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                USE_G: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                PRECISION_H: tl.constexpr):
+    i_v = tl.program_id(0)
+    c = tl.program_id(1)
+    i_bh = tl.program_id(2)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    offs_t = c * BT + tl.arange(0, BT)
+    t_ok = offs_t < T
+    offs_v = i_v * BV + tl.arange(0, BV)
+    v_ok = offs_v < DV
+    q_base = Q + i_b * stride_qb + i_h * stride_qh
+    k_base = K + i_b * stride_kb + i_h * stride_kh
+    dh_base = DHS + i_bh.to(tl.int64) * NT * DK * DV + c * DK * DV
+    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+    b_at = tl.zeros([BT, BT], dtype=tl.float32)  # [j, t] = k_j . q_t
+    for i_k in range(0, tl.cdiv(DK, BK)):
+        offs_k = i_k * BK + tl.arange(0, BK)
+        k_ok = offs_k < DK
+        q = tl.load(q_base + offs_t[:, None] * stride_qt + offs_k[None, :] * stride_qd,
+                    mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        k = tl.load(k_base + offs_t[:, None] * stride_kt + offs_k[None, :] * stride_kd,
+                    mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        dh = tl.load(dh_base + offs_k[:, None] * DV + offs_v[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            k = k.to(tl.float32)
+            dh = dh.to(tl.float32)
+        b_dv = tl.dot(k.to(dh.dtype), dh, b_dv, input_precision=PRECISION_H)
+        b_at = tl.dot(k, tl.trans(q), b_at, input_precision=PRECISION)
+    causal = offs_t[:, None] <= offs_t[None, :]  # j <= t
+    if USE_G:
+        g_base = GC + i_bh.to(tl.int64) * NT * BT
+        b_g = tl.load(g_base + offs_t)
+        b_last = tl.load(g_base + c * BT + BT - 1)
+        b_dv *= tl.exp(b_last - b_g)[:, None]
+        b_at *= tl.exp(tl.where(causal, b_g[None, :] - b_g[:, None], float("-inf")))
+    b_at = tl.where(causal, b_at, 0.0) * scale
+    do = tl.load(DO + i_b * stride_db + i_h * stride_dh + offs_t[:, None] * stride_dt + offs_v[None, :] * stride_dd,
+                 mask=t_ok[:, None] & v_ok[None, :], other=0.0)
+    if UPCAST:
+        do = do.to(tl.float32)
+    b_dv = tl.dot(b_at.to(do.dtype), do, b_dv, input_precision=PRECISION)
+    tl.store(DVo + i_b * stride_vb + i_h * stride_vh + offs_t[:, None] * stride_vt + offs_v[None, :] * stride_vd,
+             b_dv, mask=t_ok[:, None] & v_ok[None, :])
+
+
+@triton.jit
+def _lin_bwd_dqk(Q, K, V, DO, GC, HS, DHS, DQ, DKo,
+                 stride_qb, stride_qt, stride_qh, stride_qd,
+                 stride_kb, stride_kt, stride_kh, stride_kd,
+                 stride_vb, stride_vt, stride_vh, stride_vd,
+                 stride_db, stride_dt, stride_dh, stride_dd,
+                 stride_gb, stride_gt, stride_gh, stride_gd,
+                 T, H, NT, scale,
+                 DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 USE_G: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                 PRECISION_H: tl.constexpr):
+    i_k = tl.program_id(0)
+    c = tl.program_id(1)
+    i_bh = tl.program_id(2)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    offs_t = c * BT + tl.arange(0, BT)
+    t_ok = offs_t < T
+    offs_k = i_k * BK + tl.arange(0, BK)
+    k_ok = offs_k < DK
+    v_base = V + i_b * stride_vb + i_h * stride_vh
+    do_base = DO + i_b * stride_db + i_h * stride_dh
+    state = i_bh.to(tl.int64) * NT * DK * DV + c * DK * DV
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_da = tl.zeros([BT, BT], dtype=tl.float32)  # [t, j] = do_t . v_j
+    for i_v in range(0, tl.cdiv(DV, BV)):
+        offs_v = i_v * BV + tl.arange(0, BV)
+        v_ok = offs_v < DV
+        v = tl.load(v_base + offs_t[:, None] * stride_vt + offs_v[None, :] * stride_vd,
+                    mask=t_ok[:, None] & v_ok[None, :], other=0.0)
+        do = tl.load(do_base + offs_t[:, None] * stride_dt + offs_v[None, :] * stride_dd,
+                     mask=t_ok[:, None] & v_ok[None, :], other=0.0)
+        hmask = k_ok[:, None] & v_ok[None, :]
+        h = tl.load(HS + state + offs_k[:, None] * DV + offs_v[None, :], mask=hmask, other=0.0)
+        dh = tl.load(DHS + state + offs_k[:, None] * DV + offs_v[None, :], mask=hmask, other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+            do = do.to(tl.float32)
+            h = h.to(tl.float32)
+            dh = dh.to(tl.float32)
+        b_dq = tl.dot(do.to(h.dtype), tl.trans(h), b_dq, input_precision=PRECISION_H)
+        b_dk = tl.dot(v.to(dh.dtype), tl.trans(dh), b_dk, input_precision=PRECISION_H)
+        b_da = tl.dot(do, tl.trans(v), b_da, input_precision=PRECISION)
+    causal = offs_t[:, None] >= offs_t[None, :]  # t >= j
+    if USE_G:
+        g_base = GC + i_bh.to(tl.int64) * NT * BT
+        b_g = tl.load(g_base + offs_t)
+        b_last = tl.load(g_base + c * BT + BT - 1)
+        b_dq *= tl.exp(b_g)[:, None]
+        b_dk *= tl.exp(b_last - b_g)[:, None]
+        b_da *= tl.exp(tl.where(causal, b_g[:, None] - b_g[None, :], float("-inf")))
+    b_da = tl.where(causal, b_da, 0.0) * scale
+    q = tl.load(Q + i_b * stride_qb + i_h * stride_qh + offs_t[:, None] * stride_qt + offs_k[None, :] * stride_qd,
+                mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+    k = tl.load(K + i_b * stride_kb + i_h * stride_kh + offs_t[:, None] * stride_kt + offs_k[None, :] * stride_kd,
+                mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        k = k.to(tl.float32)
+    b_dq = b_dq * scale
+    b_dq = tl.dot(b_da.to(k.dtype), k, b_dq, input_precision=PRECISION)
+    b_dk = tl.dot(tl.trans(b_da).to(q.dtype), q, b_dk, input_precision=PRECISION)
+    out = offs_t[:, None] * stride_gt + offs_k[None, :] * stride_gd
+    omask = t_ok[:, None] & k_ok[None, :]
+    tl.store(DQ + i_b * stride_gb + i_h * stride_gh + out, b_dq, mask=omask)
+    tl.store(DKo + i_b * stride_gb + i_h * stride_gh + out, b_dk, mask=omask)
+
+
+_tuned = {
+    name: triton.autotune(configs=_configs(), key=_KEY)(fn)
+    for name, fn in (("fwd_h", _lin_fwd_h), ("fwd_o", _lin_fwd_o), ("bwd_dh", _lin_bwd_dh),
+                     ("bwd_dv", _lin_bwd_dv), ("bwd_dqk", _lin_bwd_dqk))
+}
+_raw = {"fwd_h": _lin_fwd_h, "fwd_o": _lin_fwd_o, "bwd_dh": _lin_bwd_dh, "bwd_dv": _lin_bwd_dv,
+        "bwd_dqk": _lin_bwd_dqk}
+
+
+def _launch(name: str, grid: tuple[int, ...], *args, **meta) -> None:
+    # Under the interpreter the autotuner would try to time configs (no driver): launch directly.
+    if _interpreting():
+        _raw[name][grid](*args, **meta)
+    else:
+        _tuned[name][grid](*args, **meta)
+
+
+# --------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g, g_gamma, initial_state) -> None:
+    if q.dim() != 4 or tuple(k.shape) != tuple(q.shape) or v.dim() != 4 or tuple(v.shape[:3]) != tuple(q.shape[:3]):
+        raise ValueError(f"expected q, k [B, T, H, Dk] and v [B, T, H, Dv]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"unsupported dtypes {q.dtype}, {k.dtype}, {v.dtype} for the Triton kernel")
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    if g is not None and g_gamma is not None:
+        raise ValueError("give either g or g_gamma, not both")
+    if g is not None and tuple(g.shape) != (B, T, H):
+        raise ValueError(f"g must be [B, T, H] = {(B, T, H)}; got {tuple(g.shape)}")
+    if g_gamma is not None and tuple(g_gamma.shape) != (H,):
+        raise ValueError(f"g_gamma must be [H] = ({H},); got {tuple(g_gamma.shape)}")
+    if initial_state is not None and tuple(initial_state.shape) != (B, H, Dk, Dv):
+        raise ValueError(f"initial_state must be [B, H, Dk, Dv] = {(B, H, Dk, Dv)}; got {tuple(initial_state.shape)}")
+    if Dk > 256 or Dv > 256:
+        raise ValueError(f"head dims up to 256 are supported; got Dk={Dk}, Dv={Dv}")
+
+
+def _chunk(chunk_size: int | None) -> int:
+    # The chunk length changes only the rounding, not the result: use it when it is a tile size.
+    if chunk_size is not None and chunk_size in (16, 32, 64, 128):
+        return chunk_size
+    return DEFAULT_CHUNK
+
+
+def _meta(q: torch.Tensor, Dk: int, Dv: int, BT: int) -> dict:
+    cap = 32 if _interpreting() else 64
+    fp32 = q.dtype == torch.float32
+    return dict(DK=Dk, DV=Dv, BT=BT,
+                BK=max(16, min(cap, triton.next_power_of_2(Dk))),
+                BV=max(16, min(cap, triton.next_power_of_2(Dv))),
+                UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+                PRECISION="ieee" if fp32 else "tf32")
+
+
+def _gate_cumsum(g, g_gamma, B: int, T: int, H: int, NT: int, BT: int, device) -> torch.Tensor | None:
+    """Chunk-local cumulative log gate, [B*H, NT*BT] fp32 (zero-padded gates past T keep it flat)."""
+    if g is None and g_gamma is None:
+        return None
+    if g is None:
+        g = g_gamma.float().view(1, 1, H).expand(B, T, H)
+    gp = torch.zeros(B, H, NT * BT, dtype=torch.float32, device=device)
+    gp[:, :, :T] = g.float().transpose(1, 2)
+    return gp.view(B * H, NT, BT).cumsum(-1).view(B * H, NT * BT)
+
+
+def _s4(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _states(k, v, gc, initial_state, B, T, H, Dk, Dv, NT, meta, store_final: bool):
+    hs_dtype = torch.bfloat16 if k.dtype == torch.bfloat16 and not _interpreting() else torch.float32
+    hs = torch.empty(B * H, NT, Dk, Dv, dtype=hs_dtype, device=k.device)
+    ht = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=k.device) if store_final else hs
+    h0 = initial_state.float().contiguous() if initial_state is not None else hs
+    gptr = gc if gc is not None else hs
+    grid = (triton.cdiv(Dk, meta["BK"]), triton.cdiv(Dv, meta["BV"]), B * H)
+    _launch("fwd_h", grid, k, v, gptr, h0, hs, ht, *_s4(k), *_s4(v), T, H, NT,
+            USE_G=gc is not None, USE_H0=initial_state is not None, STORE_HT=store_final, **meta)
+    return hs, (ht if store_final else None)
+
+
+def chunk_linear_attention_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                                          g: torch.Tensor | None = None, g_gamma: torch.Tensor | None = None,
+                                          scale: float | None = None, initial_state: torch.Tensor | None = None,
+                                          output_final_state: bool = False, chunk_size: int = DEFAULT_CHUNK
+                                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(o fp32 [B, T, H, Dv], final state fp32 [B, H, Dk, Dv] or None) of chunked linear attention."""
+    if q.dtype == torch.float64:
+        return chunk_linear_attention_forward_reference(q, k, v, g=g, g_gamma=g_gamma, scale=scale,
+                                                        initial_state=initial_state,
+                                                        output_final_state=output_final_state)
+    _check(q, k, v, g, g_gamma, initial_state)
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    scale = default_scale(q, scale)
+    BT = _chunk(chunk_size)
+    NT = triton.cdiv(T, BT)
+    o = torch.empty(B, T, H, Dv, dtype=torch.float32, device=q.device)
+    if T == 0:
+        final = initial_state.float().clone() if initial_state is not None else q.new_zeros(B, H, Dk, Dv, dtype=torch.float32)
+        return o, (final if output_final_state else None)
+    meta = _meta(q, Dk, Dv, BT)
+    gc = _gate_cumsum(g, g_gamma, B, T, H, NT, BT, q.device)
+    hs, ht = _states(k, v, gc, initial_state, B, T, H, Dk, Dv, NT, meta, output_final_state)
+    prec_h = "tf32" if hs.dtype == torch.float32 and q.dtype != torch.float32 else meta["PRECISION"]
+    _launch("fwd_o", (triton.cdiv(Dv, meta["BV"]), NT, B * H), q, k, v, gc if gc is not None else hs, hs, o,
+            *_s4(q), *_s4(k), *_s4(v), *_s4(o), T, H, NT, float(scale),
+            USE_G=gc is not None, PRECISION_H=prec_h, **meta)
+    return o, ht
+
+
+def chunk_linear_attention_backward_triton(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                                           g: torch.Tensor | None = None, g_gamma: torch.Tensor | None = None,
+                                           scale: float | None = None, initial_state: torch.Tensor | None = None,
+                                           dht: torch.Tensor | None = None, chunk_size: int = DEFAULT_CHUNK
+                                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                      torch.Tensor | None, torch.Tensor | None]:
+    """(dq, dk, dv, dg or None, dh0 or None) in fp32; ``dht`` is the gradient of the final state.
+    dg only when ``g`` is given, dh0 only when ``initial_state`` is given; g_gamma gets none."""
+    if q.dtype == torch.float64:
+        return chunk_linear_attention_backward_reference(do, q, k, v, g=g, g_gamma=g_gamma, scale=scale,
+                                                         initial_state=initial_state, dht=dht)
+    _check(q, k, v, g, g_gamma, initial_state)
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    if tuple(do.shape) != (B, T, H, Dv):
+        raise ValueError(f"do must be [B, T, H, Dv] = {(B, T, H, Dv)}; got {tuple(do.shape)}")
+    if dht is not None and tuple(dht.shape) != (B, H, Dk, Dv):
+        raise ValueError(f"dht must be [B, H, Dk, Dv] = {(B, H, Dk, Dv)}; got {tuple(dht.shape)}")
+    do = do.to(q.dtype)
+    scale = default_scale(q, scale)
+    BT = _chunk(chunk_size)
+    NT = triton.cdiv(T, BT)
+    dq = torch.zeros(B, T, H, Dk, dtype=torch.float32, device=q.device)
+    dk = torch.zeros_like(dq)
+    dv = torch.zeros(B, T, H, Dv, dtype=torch.float32, device=q.device)
+    meta = _meta(q, Dk, Dv, BT)
+    gc = _gate_cumsum(g, g_gamma, B, T, H, NT, BT, q.device)
+    need_final = g is not None and dht is not None
+    if T == 0:
+        dg = torch.zeros(B, 0, H, dtype=torch.float32, device=q.device) if g is not None else None
+        dh0 = (dht.float().clone() if dht is not None else q.new_zeros(B, H, Dk, Dv, dtype=torch.float32)) \
+            if initial_state is not None else None
+        return dq, dk, dv, dg, dh0
+    hs, ht = _states(k, v, gc, initial_state, B, T, H, Dk, Dv, NT, meta, need_final)
+    gptr = gc if gc is not None else hs
+    dhs = torch.empty(B * H, NT, Dk, Dv, dtype=hs.dtype, device=q.device)
+    dh0 = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=q.device) if initial_state is not None else None
+    dht_c = dht.float().contiguous() if dht is not None else None
+    _launch("bwd_dh", (triton.cdiv(Dk, meta["BK"]), triton.cdiv(Dv, meta["BV"]), B * H),
+            q, do, gptr, dht_c if dht_c is not None else hs, dhs, dh0 if dh0 is not None else hs,
+            *_s4(q), *_s4(do), T, H, NT, float(scale),
+            USE_G=gc is not None, USE_DHT=dht is not None, STORE_DH0=dh0 is not None, **meta)
+    prec_h = "tf32" if hs.dtype == torch.float32 and q.dtype != torch.float32 else meta["PRECISION"]
+    _launch("bwd_dv", (triton.cdiv(Dv, meta["BV"]), NT, B * H), q, k, do, gptr, dhs, dv,
+            *_s4(q), *_s4(k), *_s4(do), *_s4(dv), T, H, NT, float(scale),
+            USE_G=gc is not None, PRECISION_H=prec_h, **meta)
+    _launch("bwd_dqk", (triton.cdiv(Dk, meta["BK"]), NT, B * H), q, k, v, do, gptr, hs, dhs, dq, dk,
+            *_s4(q), *_s4(k), *_s4(v), *_s4(do), *_s4(dq), T, H, NT, float(scale),
+            USE_G=gc is not None, PRECISION_H=prec_h, **meta)
+    dg = None
+    if g is not None:
+        d = (q.float() * dq).sum(-1) - (k.float() * dk).sum(-1)  # [B, T, H]
+        dg = d.flip(1).cumsum(1).flip(1)
+        if need_final:
+            dg = dg + (dht.float() * ht).sum((-2, -1)).unsqueeze(1)
+    return dq, dk, dv, dg, dh0
