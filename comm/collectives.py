@@ -29,6 +29,11 @@ class CommHandle:
         return self._result
 
 
+def _global_rank(group: dist.ProcessGroup | None, group_rank: int) -> int:
+    """Global rank of ``group_rank`` in ``group`` (None: the default group, where they coincide)."""
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+
 def _needs_host_staging(group: dist.ProcessGroup | None, tensor: torch.Tensor) -> bool:
     return tensor.is_cuda and dist.get_backend(group) == "gloo"
 
@@ -51,8 +56,8 @@ def ring_exchange(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | No
     tensors = list(tensors)
     if world_size == 1:
         return CommHandle(finish=lambda: [t.clone() for t in tensors])
-    dst = dist.get_global_rank(group, (rank + shift) % world_size)
-    src = dist.get_global_rank(group, (rank - shift) % world_size)
+    dst = _global_rank(group, (rank + shift) % world_size)
+    src = _global_rank(group, (rank - shift) % world_size)
     stage = any(_needs_host_staging(group, t) for t in tensors)
     send_bufs = [_staged(t, stage) for t in tensors]
     recv_bufs = [torch.empty_like(t) for t in send_bufs]
@@ -81,11 +86,11 @@ def send_recv(send: torch.Tensor | None, dst: int | None, recv_like: torch.Tenso
     if send is not None:
         buf = _staged(send, stage)
         keep.append(buf)
-        ops.append(dist.P2POp(dist.isend, buf, dist.get_global_rank(group, dst), group))
+        ops.append(dist.P2POp(dist.isend, buf, _global_rank(group, dst), group))
     recv_buf = None
     if recv_like is not None:
         recv_buf = torch.empty_like(_staged(recv_like, stage))
-        ops.append(dist.P2POp(dist.irecv, recv_buf, dist.get_global_rank(group, src), group))
+        ops.append(dist.P2POp(dist.irecv, recv_buf, _global_rank(group, src), group))
     works = dist.batch_isend_irecv(ops) if ops else []
 
     def finish():

@@ -64,10 +64,12 @@ def _make_case(world_size: int, num_q_heads: int, num_kv_heads: int, causal: boo
     return dict(inputs=(q, k, v), weights=(w_o, w_lse), causal=causal, expected=expected)
 
 
-def case_attention(ctx, strategy: str, layout: str, usp: tuple[int, int] | None, cases: list[dict]):
-    """Run every case of the batch on this rank; return [(o, lse, dq, dk, dv)] local results."""
+def case_attention(ctx, strategy: str, layout: str, usp: tuple[int, int] | None, cases: list[dict],
+                   default_group: bool = False):
+    """Run every case of the batch on this rank; return [(o, lse, dq, dk, dv)] local results.
+    ``default_group``: pass group=None (the default group: all ranks of the pool)."""
     rank, world_size = ctx.rank, ctx.world_size
-    group = ctx.usp_groups[usp] if usp is not None else ctx.group
+    group = ctx.usp_groups[usp] if usp is not None else (None if default_group else ctx.group)
     results = []
     for case in cases:
         q, k, v = (shard_tensor(x, layout, rank, world_size).requires_grad_() for x in case["inputs"])
@@ -83,9 +85,11 @@ def case_attention(ctx, strategy: str, layout: str, usp: tuple[int, int] | None,
     return results
 
 
-def _check(pool, strategy: str, layout: str, world_size: int, usp, cases: list[dict], tols: list[dict]) -> None:
+def _check(pool, strategy: str, layout: str, world_size: int, usp, cases: list[dict], tols: list[dict],
+           default_group: bool = False) -> None:
     per_rank = pool.run(case_attention, world_size, strategy=strategy, layout=layout, usp=usp,
-                        cases=[{key: c[key] for key in ("inputs", "weights", "causal")} for c in cases])
+                        cases=[{key: c[key] for key in ("inputs", "weights", "causal")} for c in cases],
+                        default_group=default_group)
     for index, case in enumerate(cases):
         for i, name in enumerate(RESULT_NAMES):
             if tols[i] is None:
@@ -117,6 +121,13 @@ def test_matches_reference_fp64(pool, strategy, layout, world_size, usp):
 def test_matches_reference_fp32(pool, strategy, layout, world_size, usp):
     cases = [_make_case(world_size, 4, 2, True, torch.float32, 7)]
     _check(pool, strategy, layout, world_size, usp, cases, [FP32_TOL] * 5)
+
+
+@pytest.mark.parametrize("strategy", ["ring", "allgather", "ulysses"])
+def test_default_group(pool, strategy):
+    """group=None means the default process group (the pool's 4 ranks)."""
+    cases = [_make_case(4, 4, 4, True, torch.float64, 13)]
+    _check(pool, strategy, "zigzag", 4, None, cases, [FP64_TOL] * 5, default_group=True)
 
 
 def test_bf16_forward_close(pool):
