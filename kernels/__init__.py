@@ -9,8 +9,16 @@ from seqpar.kernels.softmax import (
     resolve_backend,
 )
 from seqpar.kernels.softmax_reference import attention_reference, compute_dtype
+from seqpar.kernels.linear import (
+    chunk_linear_attention,
+    chunk_linear_attention_backward,
+    chunk_linear_attention_forward,
+)
 
 __all__ = [
+    "chunk_linear_attention",
+    "chunk_linear_attention_backward",
+    "chunk_linear_attention_forward",
     "BACKENDS",
     "attention_block_accumulate_",
     "attention_block_backward",

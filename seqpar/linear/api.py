@@ -1,0 +1,102 @@
+"""The public entry point of sequence-parallel linear attention: validation, the autograd
+Function, and the choice of strategy."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from seqpar.comm.groups import group_rank_and_size
+from seqpar.kernels.linear import DEFAULT_CHUNK_SIZE, check_linear_inputs
+from seqpar.kernels.linear_reference import default_scale
+from seqpar.kernels.softmax import resolve_backend
+from seqpar.kernels.softmax_reference import compute_dtype
+from seqpar.layout import check_layout, check_local_length
+from seqpar.linear.common import CommStats, Run, make_pieces
+from seqpar.linear.lasp1 import Lasp1
+from seqpar.linear.lasp2 import Lasp2
+
+STRATEGIES = ("lasp2", "lasp1", "lasp1_serial")
+
+
+def _strategy(name: str):
+    if name == "lasp2":
+        return Lasp2()
+    if name == "lasp1":
+        return Lasp1(pipelined=True)
+    if name == "lasp1_serial":
+        return Lasp1(pipelined=False)
+    raise ValueError(f"unknown linear-attention strategy {name!r}; expected one of {STRATEGIES}")
+
+
+class _LinearAttentionSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, h0, run: Run, strategy):
+        pieces = make_pieces(run, q, k, v, g)
+        outs, final, saved = strategy.forward(run, pieces, h0)
+        ctx.run, ctx.strategy, ctx.saved = run, strategy, saved
+        ctx.save_for_backward(q, k, v, g)
+        o = torch.cat(outs, dim=1).to(q.dtype)
+        if final is None:
+            final = q.new_zeros((), dtype=run.cd)
+            ctx.mark_non_differentiable(final)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, g = ctx.saved_tensors
+        run: Run = ctx.run
+        pieces = make_pieces(run, q, k, v, g)
+        dos = [do[:, p.start:p.stop].to(run.cd) for p in pieces]
+        grads, dh0 = ctx.strategy.backward(run, pieces, dos, dfinal if run.output_final_state else None,
+                                           ctx.saved, ctx.needs_input_grad[4])
+        dq, dk, dv = (torch.cat([gr[i] for gr in grads], dim=1) for i in range(3))
+        dg = torch.cat([gr[3] for gr in grads], dim=1).to(g.dtype) if g is not None and ctx.needs_input_grad[3] else None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0, None, None
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: str = "lasp2",
+                     layout: str | None = None, group: dist.ProcessGroup | None = None,
+                     g: torch.Tensor | None = None, g_gamma: torch.Tensor | None = None,
+                     scale: float | None = None, initial_state: torch.Tensor | None = None,
+                     output_final_state: bool = False, backend: str = "auto",
+                     chunk_size: int = DEFAULT_CHUNK_SIZE, comm_stats: CommStats | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sequence-parallel linear attention on this rank's shard (DESIGN.md section 6).
+
+    S_t = exp(g_t) S_{t-1} + k_t v_t^T, o_t = scale * S_t^T q_t over the *global* sequence.
+    q, k [B, T_local, H, Dk], v [B, T_local, H, Dv] are this rank's tokens in ``layout``
+    ('contiguous' (default) or 'zigzag'; 'striped' is not supported: its chunks are single
+    tokens). ``g`` [B, T_local, H]: per-token log gates (local shard); ``g_gamma`` [H]: per-head
+    log decay (fixed buffer, no gradient). ``initial_state`` [B, H, Dk, Dv] is the state before
+    the first global token, passed alike on every rank (each rank's gradient is its own share;
+    the shares sum to the full gradient).
+
+    ``strategy``: 'lasp2' (one all-gather of the states per pass, default), 'lasp1' (ring,
+    pipelined) or 'lasp1_serial' (ring, as published). ``comm_stats``: an optional
+    :class:`CommStats` that records every communication of this rank.
+
+    Returns (o in q's dtype, final state or None). The final state (fp32; fp64 for fp64 inputs)
+    is the state after the last global token, on every rank, and differentiable on every rank:
+    the gradient it receives is the sum over ranks (as for a tensor broadcast from one rank).
+    """
+    check_linear_inputs(q, k, v, g, g_gamma, initial_state)
+    strat = _strategy(strategy)
+    layout = "contiguous" if layout is None else layout
+    check_layout(layout)
+    if layout == "striped":
+        raise ValueError("linear attention does not support the 'striped' layout (each rank would hold "
+                         "T/P chunks of one token, one state hop per token); use 'contiguous' or 'zigzag'")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    resolve_backend(backend, q.device)
+    rank, world_size = group_rank_and_size(group)
+    B, T_local, H, Dk = q.shape
+    if T_local < 1:
+        raise ValueError(f"local length must be at least 1, got {T_local}")
+    check_local_length(layout, T_local, world_size)
+    run = Run(group=group, rank=rank, world_size=world_size, layout=layout, scale=default_scale(q, scale),
+              chunk_size=chunk_size, backend=backend, g_gamma=None if g_gamma is None else g_gamma.detach(),
+              data_dependent=g is not None, output_final_state=output_final_state, stats=comm_stats,
+              cd=compute_dtype(q.dtype), B=B, H=H, Dk=Dk, Dv=v.shape[-1], local_len=T_local)
+    o, final = _LinearAttentionSP.apply(q, k, v, g, initial_state, run, strat)
+    return o, (final if output_final_state else None)
