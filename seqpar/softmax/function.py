@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from seqpar.comm import all_to_all
 from seqpar.kernels import compute_dtype
@@ -99,6 +100,7 @@ class SoftmaxContextParallel(torch.autograd.Function):
         return o, plan.lse_to_token_shards(lse_h)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do: torch.Tensor | None, dlse: torch.Tensor | None):
         plan: ParallelPlan = ctx.plan
         q_h, k_h, v_h, o_h, lse_h = ctx.saved_tensors
