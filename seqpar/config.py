@@ -1,0 +1,265 @@
+"""Validated configurations of the hybrid model, of sequence parallelism and of training.
+
+Every dataclass checks itself in ``__post_init__`` and raises a ValueError that names the
+problem and the numbers. Cross-config rules (a layout that the model's layer kinds cannot use,
+heads that Ulysses cannot split, a sequence that the layout cannot cut) live in
+:func:`check_compatible`, which :class:`TrainConfig` and :func:`seqpar.parallelize.parallelize_model`
+both call.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from seqpar.layout import LAYOUTS
+
+LAYER_KINDS = {"S": "softmax", "L": "linear"}
+FEATURE_MAPS = ("identity", "elu1", "relu", "silu")
+DECAYS = ("fixed", "gate", "none")
+SOFTMAX_STRATEGIES = ("ring", "allgather", "ulysses", "usp")
+LINEAR_STRATEGIES = ("lasp2", "lasp1")
+DTYPES = ("float32", "float64", "bfloat16")
+
+
+@dataclass
+class ModelConfig:
+    """A Linear-Llama3-style hybrid decoder.
+
+    ``pattern`` is a string over ``S`` (softmax attention) and ``L`` (linear attention), repeated
+    (and truncated) to ``n_layers``. ``linear_decay`` is ``fixed`` (a per-head constant log decay,
+    RetNet's ladder log(1 - 2^(-5-h))), ``gate`` (a data-dependent per-head gate,
+    log-sigmoid of a low-rank projection divided by ``gate_normalizer``, as GLA) or ``none``.
+    """
+
+    vocab_size: int = 256
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_dim: int | None = None  # default: SwiGLU's 8/3 * dim rounded up to ffn_multiple_of
+    ffn_multiple_of: int = 32
+    pattern: str = "LS"
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    tie_embeddings: bool = True
+    # linear-attention layers
+    linear_decay: str = "fixed"
+    feature_map: str = "identity"
+    linear_output_norm: bool = True
+    linear_rope: bool = False
+    gate_rank: int = 16
+    gate_normalizer: float = 16.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "gate_rank", "ffn_multiple_of"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.n_heads != 0:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads} (GQA)")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim {self.head_dim} (dim {self.dim} / n_heads {self.n_heads}) must be even for RoPE")
+        if not self.pattern:
+            raise ValueError("pattern must be a non-empty string over 'S' (softmax) and 'L' (linear)")
+        bad = sorted(set(self.pattern) - set(LAYER_KINDS))
+        if bad:
+            raise ValueError(f"pattern {self.pattern!r} has unknown layer kinds {bad}; use 'S' (softmax) and 'L' (linear)")
+        if self.linear_decay not in DECAYS:
+            raise ValueError(f"unknown linear_decay {self.linear_decay!r}; expected one of {DECAYS}")
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"unknown feature_map {self.feature_map!r}; expected one of {FEATURE_MAPS}")
+        if self.ffn_dim is not None and self.ffn_dim < 1:
+            raise ValueError(f"ffn_dim must be >= 1, got {self.ffn_dim}")
+        if self.gate_normalizer <= 0:
+            raise ValueError(f"gate_normalizer must be > 0, got {self.gate_normalizer}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        hidden = int(8 * self.dim / 3)
+        m = self.ffn_multiple_of
+        return m * ((hidden + m - 1) // m)
+
+    @property
+    def layer_kinds(self) -> list[str]:
+        """``"softmax"`` or ``"linear"`` for each of the ``n_layers`` layers."""
+        reps = (self.n_layers + len(self.pattern) - 1) // len(self.pattern)
+        return [LAYER_KINDS[c] for c in (self.pattern * reps)[: self.n_layers]]
+
+    @property
+    def has_linear(self) -> bool:
+        return "linear" in self.layer_kinds
+
+    @property
+    def has_softmax(self) -> bool:
+        return "softmax" in self.layer_kinds
+
+
+@dataclass
+class SequenceParallelConfig:
+    """How attention layers run across the sequence-parallel group.
+
+    One token ``layout`` for the whole model; a strategy per kind of layer. ``ulysses_size`` is
+    the Ulysses axis of the 2-D ``usp`` strategy (the ring axis is ``sp_size / ulysses_size``).
+    """
+
+    sp_size: int = 1
+    layout: str = "contiguous"
+    softmax_strategy: str = "ring"
+    linear_strategy: str = "lasp2"
+    ulysses_size: int = 1
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.sp_size < 1:
+            raise ValueError(f"sp_size must be >= 1, got {self.sp_size}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}; expected one of {LAYOUTS}")
+        if self.softmax_strategy not in SOFTMAX_STRATEGIES:
+            raise ValueError(f"unknown softmax_strategy {self.softmax_strategy!r}; expected one of {SOFTMAX_STRATEGIES}")
+        if self.linear_strategy not in LINEAR_STRATEGIES:
+            raise ValueError(f"unknown linear_strategy {self.linear_strategy!r}; expected one of {LINEAR_STRATEGIES}")
+        if self.ulysses_size < 1 or self.sp_size % self.ulysses_size != 0:
+            raise ValueError(f"ulysses_size {self.ulysses_size} does not divide sp_size {self.sp_size}")
+        if self.softmax_strategy != "usp" and self.ulysses_size != 1:
+            raise ValueError(f"ulysses_size {self.ulysses_size} is only used by softmax_strategy='usp', "
+                             f"got softmax_strategy={self.softmax_strategy!r}")
+
+    @property
+    def ring_size(self) -> int:
+        return self.sp_size // self.ulysses_size
+
+
+def check_compatible(model: ModelConfig, sp: SequenceParallelConfig, seq_len: int | None = None) -> None:
+    """Raise a ValueError when ``sp`` cannot run ``model`` (and, if given, ``seq_len`` tokens)."""
+    if sp.layout == "striped" and model.has_linear:
+        raise ValueError("layout 'striped' cannot be used with linear-attention layers (pattern "
+                         f"{model.pattern!r}): a linear-attention rank must hold consecutive tokens; "
+                         "use 'contiguous' or 'zigzag'")
+    if model.has_softmax and sp.sp_size > 1:
+        # Ulysses splits the query heads over its group (KV heads that do not split are repeated
+        # by the strategy, see seqpar.softmax).
+        if sp.softmax_strategy == "ulysses" and model.n_heads % sp.sp_size != 0:
+            raise ValueError(f"softmax_strategy 'ulysses' needs n_heads ({model.n_heads}) divisible by "
+                             f"sp_size ({sp.sp_size})")
+        if sp.softmax_strategy == "usp" and model.n_heads % sp.ulysses_size != 0:
+            raise ValueError(f"softmax_strategy 'usp' needs n_heads ({model.n_heads}) divisible by "
+                             f"ulysses_size ({sp.ulysses_size})")
+    if seq_len is not None:
+        divisor = sp.sp_size * (2 if sp.layout == "zigzag" and sp.sp_size > 1 else 1)
+        if seq_len % divisor != 0:
+            raise ValueError(f"seq_len {seq_len} is not divisible by {divisor} "
+                             f"(sp_size={sp.sp_size}, layout={sp.layout!r})")
+
+
+@dataclass
+class TrainConfig:
+    """A training run: model, sequence parallelism, data, optimiser, logging and checkpoints.
+
+    ``batch_size`` is the GLOBAL number of sequences per step (split over the data-parallel
+    replicas), so a run can resume with another data- or sequence-parallel size and see the
+    same batches.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sp: SequenceParallelConfig = field(default_factory=SequenceParallelConfig)
+    # data
+    data: str = "stdlib"  # "stdlib" (byte-level Python source) or "synthetic" (long-range copy task)
+    seq_len: int = 128
+    batch_size: int = 4
+    max_corpus_bytes: int = 4_000_000
+    val_fraction: float = 0.05
+    # optimisation
+    steps: int = 30
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    dtype: str = "float32"  # parameter dtype; on CUDA the forward runs under bf16 autocast (see amp)
+    amp: bool = True
+    activation_checkpointing: bool = False
+    # logging / evaluation / checkpoints
+    run_dir: str = "runs/default"
+    log_interval: int = 1
+    eval_interval: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 2
+    checkpoint_interval: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    resume: str | None = None  # "auto" (latest in run_dir), a checkpoint path, or None
+    progress: bool = True
+    plot: bool = True
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = ModelConfig(**self.model)
+        if isinstance(self.sp, dict):
+            self.sp = SequenceParallelConfig(**self.sp)
+        if self.data not in ("stdlib", "synthetic"):
+            raise ValueError(f"unknown data {self.data!r}; expected 'stdlib' or 'synthetic'")
+        for name in ("seq_len", "batch_size", "steps", "eval_batches", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_interval", "checkpoint_interval", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.lr <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got lr={self.lr}, min_lr_ratio={self.min_lr_ratio}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {DTYPES}")
+        if self.data == "stdlib" and self.model.vocab_size < 256:
+            raise ValueError(f"byte-level data needs vocab_size >= 256, got {self.model.vocab_size}")
+        check_compatible(self.model, self.sp, self.seq_len)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets. ``tiny`` runs a step in well under a second on one CPU core.
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, pattern="LS"),
+    "small": dict(dim=256, n_layers=8, n_heads=8, n_kv_heads=4, pattern="LLLS"),
+    "medium": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, pattern="LLLS"),
+    # Llama-3.2-1B shapes (dim 2048, 16 layers, 32/8 heads, SwiGLU 8192), byte vocabulary:
+    # about 0.97B parameters.
+    "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, pattern="LLLS"),
+}
+
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(seq_len=128, batch_size=4, steps=40, lr=3e-3, warmup_steps=4),
+    "small": dict(seq_len=1024, batch_size=8, steps=500, lr=1e-3, warmup_steps=50),
+    "medium": dict(seq_len=4096, batch_size=8, steps=2000, lr=6e-4, warmup_steps=100),
+    "1b": dict(seq_len=32768, batch_size=8, steps=5000, lr=3e-4, warmup_steps=200, activation_checkpointing=True),
+}
+
+
+def preset(name: str, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from a preset name; ``model`` and ``sp`` overrides may be dicts."""
+    if name not in TRAIN_PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {tuple(TRAIN_PRESETS)}")
+    model = dict(MODEL_PRESETS[name])
+    model.update(overrides.pop("model", {}) or {})
+    sp = overrides.pop("sp", {}) or {}
+    kwargs = dict(TRAIN_PRESETS[name])
+    kwargs.update(overrides)
+    return TrainConfig(model=ModelConfig(**model), sp=SequenceParallelConfig(**sp) if isinstance(sp, dict) else sp, **kwargs)

@@ -1,0 +1,319 @@
+"""A Linear-Llama3-style hybrid decoder: softmax and linear attention layers in one stack.
+
+Each layer is RMSNorm -> attention -> residual -> RMSNorm -> SwiGLU -> residual. The attention
+of a layer is softmax (GQA, RoPE) or linear (per-head fixed decay, a data-dependent gate, or
+none; a feature map; an optional per-head output norm), following ``ModelConfig.pattern``.
+
+The model runs on the tokens it is given. Every attention module has a ``context_parallel``
+field, ``None`` by default: the layer then mixes its tokens on one device (the tokens it holds
+are the whole sequence). :func:`seqpar.parallelize.parallelize_model` sets the field to a
+:class:`ContextParallel` on every attention layer (and on the model, for RoPE positions), after
+which the layer calls :func:`seqpar.attention` / :func:`seqpar.linear_attention` on its local
+shard of the sequence. Nothing is patched: the switch is data on the modules.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from seqpar.config import ModelConfig
+from seqpar.layout import local_positions
+
+
+@dataclass(frozen=True)
+class ContextParallel:
+    """How one attention layer mixes tokens across the sequence-parallel group.
+
+    ``group`` is the sequence-parallel ProcessGroup (or :class:`seqpar.comm.UspGroups` for the
+    ``usp`` strategy); ``strategy`` one of the softmax or linear strategies.
+    """
+
+    group: Any
+    layout: str = "contiguous"
+    strategy: str = "ring"
+    backend: str = "auto"
+
+    @property
+    def sp_group(self) -> Any:
+        """The plain sequence-parallel group (the ``sp`` member of USP groups)."""
+        return getattr(self.group, "sp", self.group)
+
+
+# ---------------------------------------------------------------------------------------------
+# Single-device token mixers (the default, and the oracle of the tests).
+
+
+def local_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                            scale: float | None = None) -> torch.Tensor:
+    """Causal softmax attention on one device: q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D]."""
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, scale=scale, enable_gqa=k.shape[2] != q.shape[2])
+    return o.transpose(1, 2)
+
+
+def _pick_chunk(T: int) -> int:
+    return 64 if T <= 16384 else 256
+
+
+def local_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, g: torch.Tensor | None = None,
+                           g_gamma: torch.Tensor | None = None, scale: float | None = None,
+                           initial_state: torch.Tensor | None = None, chunk_size: int | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked causal linear attention on one device (plain PyTorch, fp32 / fp64 compute).
+
+    Recurrence S_t = exp(g_t) S_{t-1} + k_t v_t^T, o_t = scale * S_t^T q_t, with ``g`` a log gate
+    [B, T, H] or ``g_gamma`` a per-head log decay [H] (or neither). Returns (o [B, T, H, Dv] in
+    q's dtype, final state [B, H, Dk, Dv] in the compute dtype).
+    """
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = Dk ** -0.5 if scale is None else scale
+    if g is None:
+        g = (g_gamma.to(cdtype).view(1, 1, H).expand(B, T, H) if g_gamma is not None
+             else q.new_zeros(B, T, H, dtype=cdtype))
+    C = chunk_size or _pick_chunk(T)
+    pad = (-T) % C
+    qc, kc, vc, gc = (t.to(cdtype) for t in (q, k, v, g))
+    if pad:  # zero keys and zero log-decay at the end change neither the outputs nor the state
+        qc, kc, vc = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (qc, kc, vc))
+        gc = F.pad(gc, (0, 0, 0, pad))
+    N = (T + pad) // C
+    qc, kc, vc = (t.view(B, N, C, H, -1).permute(0, 3, 1, 2, 4) for t in (qc, kc, vc))  # [B, H, N, C, D]
+    b = gc.view(B, N, C, H).permute(0, 3, 1, 2).cumsum(-1)  # [B, H, N, C]
+    mask = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    decay = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~mask, float("-inf")).exp()
+    o = ((qc @ kc.transpose(-1, -2)) * decay) @ vc  # intra-chunk
+    b_last = b[..., -1:]
+    states = (kc * (b_last - b).exp().unsqueeze(-1)).transpose(-1, -2) @ vc  # [B, H, N, Dk, Dv]
+    gammas = b_last.squeeze(-1).exp()  # [B, H, N]
+    S = (initial_state.to(cdtype) if initial_state is not None else q.new_zeros(B, H, Dk, Dv, dtype=cdtype))
+    s_in = []
+    for n in range(N):
+        s_in.append(S)
+        S = gammas[:, :, n, None, None] * S + states[:, :, n]
+    o = o + (qc * b.exp().unsqueeze(-1)) @ torch.stack(s_in, dim=2)
+    o = (scale * o).permute(0, 2, 3, 1, 4).reshape(B, N * C, H, Dv)[:, :T]
+    return o.to(q.dtype), S
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers.
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [T, head_dim/2] of the rotary embedding at ``positions`` (angles in fp64)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
+    angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the halves of the head dimension of x [B, T, H, D] by the angles of cos/sin [T, D/2]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def retnet_log_decay(n_heads: int, device: torch.device | None = None) -> torch.Tensor:
+    """RetNet's per-head decay ladder in log space: log(1 - 2^(-5-h)), h = 0..H-1 (fp32)."""
+    h = torch.arange(n_heads, dtype=torch.float64, device=device)
+    return torch.log1p(-torch.pow(2.0, -5.0 - h)).float()  # fp32, like every decay / gate
+
+
+_FEATURE_MAPS = {
+    "identity": lambda x: x,
+    "elu1": lambda x: F.elu(x) + 1.0,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+class SoftmaxAttention(nn.Module):
+    """Causal GQA softmax attention with RoPE on global positions."""
+
+    kind = "softmax"
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.context_parallel: ContextParallel | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        return self.wo(self.mix(q, k, v).reshape(B, T, -1))
+
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Token mixing: on one device, or across the group of ``context_parallel``."""
+        cp = self.context_parallel
+        if cp is None:
+            return local_softmax_attention(q, k, v)
+        import seqpar
+
+        group = cp.group if cp.strategy == "usp" else cp.sp_group
+        o = seqpar.attention(q, k, v, strategy=cp.strategy, layout=cp.layout, group=group, causal=True, backend=cp.backend)
+        return o.to(q.dtype)
+
+
+class LinearAttention(nn.Module):
+    """Causal linear attention with a feature map, per-head decay or gate, and output norm.
+
+    K/V may have fewer heads (GQA); they are repeated locally before the mixer (the memory
+    state is per query head anyway, so nothing more is communicated).
+    """
+
+    kind = "linear"
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.decay, self.use_rope = cfg.linear_decay, cfg.linear_rope
+        self.feature_map = _FEATURE_MAPS[cfg.feature_map]
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.gate_normalizer = cfg.gate_normalizer
+        if cfg.linear_decay == "gate":
+            self.gate = nn.Sequential(nn.Linear(cfg.dim, cfg.gate_rank, bias=False),
+                                      nn.Linear(cfg.gate_rank, cfg.n_heads, bias=True))
+        self.out_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.linear_output_norm else None
+        self.context_parallel: ContextParallel | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        rep = self.n_heads // self.n_kv_heads
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.feature_map(q), self.feature_map(k)
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        g = g_gamma = None
+        if self.decay == "gate":
+            gate = self.gate(x)
+            g = F.logsigmoid(gate if gate.dtype == torch.float64 else gate.float()) / self.gate_normalizer
+        elif self.decay == "fixed":
+            g_gamma = retnet_log_decay(self.n_heads, device=x.device)
+        o = self.mix(q, k, v, g, g_gamma)
+        if self.out_norm is not None:
+            o = self.out_norm(o)
+        return self.wo(o.reshape(B, T, -1))
+
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+            g_gamma: torch.Tensor | None) -> torch.Tensor:
+        """Token mixing: on one device, or across the group of ``context_parallel``."""
+        cp = self.context_parallel
+        if cp is None:
+            return local_linear_attention(q, k, v, g=g, g_gamma=g_gamma)[0]
+        import seqpar
+
+        o, _ = seqpar.linear_attention(q, k, v, strategy=cp.strategy, layout=cp.layout, group=cp.sp_group,
+                                g=g, g_gamma=g_gamma, backend=cp.backend)
+        return o.to(q.dtype)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, kind: str):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attention = SoftmaxAttention(cfg) if kind == "softmax" else LinearAttention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.dim, cfg.hidden_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class HybridLM(nn.Module):
+    """The hybrid decoder language model: tokens [B, T] -> logits [B, T, vocab].
+
+    ``positions`` (the global positions of the tokens, [T]) default to what the model's
+    ``context_parallel`` says this rank holds, or 0..T-1 on one device.
+    ``activation_checkpointing`` recomputes each layer in backward.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, kind) for kind in cfg.layer_kinds)
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.context_parallel: ContextParallel | None = None
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 n_layers)."""
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                if name.endswith("bias"):
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, std=out_std)
+            else:
+                nn.init.normal_(p, std=std)
+
+    def positions(self, local_len: int, device: torch.device) -> torch.Tensor:
+        """Global positions of the ``local_len`` tokens this rank holds."""
+        cp = self.context_parallel
+        if cp is None:
+            return torch.arange(local_len, device=device)
+        return local_positions(local_len, layout=cp.layout, group=cp.sp_group, device=device)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is None:
+            positions = self.positions(tokens.shape[1], tokens.device)
+        h = self.tok_embeddings(tokens)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin)
+        h = self.norm(h)
+        return self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def attention_modules(self) -> list[nn.Module]:
+        """The attention module of every layer, in order."""
+        return [layer.attention for layer in self.layers]

@@ -1,0 +1,187 @@
+"""Turn an existing model into a sequence-parallel one, torchtitan style: plain functions.
+
+- :func:`parallelize_model` sets the ``context_parallel`` field of every attention module (and
+  of the model, for RoPE positions) so that the layers run :func:`seqpar.attention` /
+  :func:`seqpar.linear_attention` over the sequence-parallel group, with one strategy per kind
+  of layer and one token layout for the whole model. It is explicit and opt-in; nothing is
+  patched, and :func:`unparallelize_model` switches back.
+- :func:`shard_batch` cuts the global batch into this rank's tokens, labels and positions.
+- :func:`sequence_parallel_loss` divides the sum of the local token losses by the global token
+  count, and :func:`sync_gradients` sums the partial gradients, so that the update equals the
+  one of the unsharded model on the whole global batch.
+
+Why a SUM over the sequence-parallel group: every rank holds the same (replicated) parameters
+and computes ``loss_r = sum of its tokens' losses / N`` where N counts the tokens of the whole
+global batch. The objective is ``L = sum_r loss_r``. Backward on rank r gives the gradient of
+L with respect to the parameter *uses* on rank r (the attention collectives carry the
+cross-rank terms back), so the full gradient is the sum over every rank of the world: an
+all-reduce SUM over ``sp``, then over ``dp``. (With per-replica means instead, that last step
+is the usual AVG over ``dp``; the two agree when replicas count the same number of tokens.)
+Gradient clipping after :func:`sync_gradients` sees the true global norm on every rank.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from seqpar.comm.groups import SequenceParallelGroups, UspGroups, build_usp_groups, group_rank_and_size
+from seqpar.config import SequenceParallelConfig, check_compatible
+from seqpar.layout import check_global_length, global_positions, shard_tensor
+from seqpar.model import ContextParallel
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if getattr(m, "kind", None) in ("softmax", "linear")
+            and hasattr(m, "context_parallel")]
+
+
+def parallelize_model(model: nn.Module, config: SequenceParallelConfig, group: Any) -> nn.Module:
+    """Switch ``model``'s attention layers to sequence parallelism over ``group`` (in place).
+
+    ``group`` is the sequence-parallel ProcessGroup of this rank, or :class:`UspGroups` when
+    ``config.softmax_strategy == "usp"``. Returns the model. Raises ValueError when the model's
+    layers, the strategies and the layout do not fit together, or the group size is not
+    ``config.sp_size``.
+    """
+    model_config = getattr(model, "config", None)
+    if model_config is not None:
+        check_compatible(model_config, config)
+    _, size = group_rank_and_size(group) if group is not None else (0, 1)
+    if size != config.sp_size:
+        raise ValueError(f"the group has {size} ranks but config.sp_size is {config.sp_size}")
+    modules = _attention_modules(model)
+    if not modules:
+        raise ValueError("the model has no attention module with a 'context_parallel' field")
+    has_softmax = any(m.kind == "softmax" for m in modules)
+    if config.softmax_strategy == "usp" and has_softmax:
+        if not isinstance(group, UspGroups):
+            raise ValueError("softmax_strategy 'usp' needs a UspGroups (see seqpar.comm.build_usp_groups)")
+        if group.ulysses_size != config.ulysses_size:
+            raise ValueError(f"the UspGroups have ulysses_size {group.ulysses_size}, config says {config.ulysses_size}")
+    if config.layout == "striped" and any(m.kind == "linear" for m in modules):
+        raise ValueError("layout 'striped' cannot be used with linear-attention layers")
+    sp_group = getattr(group, "sp", group)
+    for m in modules:
+        if m.kind == "softmax":
+            m.context_parallel = ContextParallel(group, config.layout, config.softmax_strategy, config.backend)
+        else:
+            m.context_parallel = ContextParallel(sp_group, config.layout, config.linear_strategy, config.backend)
+    if hasattr(model, "context_parallel"):
+        model.context_parallel = ContextParallel(sp_group, config.layout, "positions", config.backend)
+    return model
+
+
+def unparallelize_model(model: nn.Module) -> nn.Module:
+    """Undo :func:`parallelize_model`: every layer mixes its tokens on one device again."""
+    for m in _attention_modules(model):
+        m.context_parallel = None
+    if hasattr(model, "context_parallel"):
+        model.context_parallel = None
+    return model
+
+
+def make_groups(config: SequenceParallelConfig) -> tuple[SequenceParallelGroups, Any]:
+    """Data-parallel x sequence-parallel groups of the world, and the group to give
+    :func:`parallelize_model` (the sp group, or its :class:`UspGroups` for ``usp``).
+
+    Collective over the whole world: every rank calls it with the same config.
+    """
+    from seqpar.comm.groups import make_data_sequence_groups
+
+    groups = make_data_sequence_groups(config.sp_size)
+    attn_group: Any = groups.sp
+    if config.softmax_strategy == "usp" and dist.is_initialized():
+        mine = None
+        for d in range(groups.dp_size):  # build_usp_groups is collective over the world
+            ranks = list(range(d * config.sp_size, (d + 1) * config.sp_size))
+            usp = build_usp_groups(ranks, config.ulysses_size)  # every rank makes the same new_group calls
+            if d == groups.dp_rank:
+                mine = usp
+        attn_group = mine
+    return groups, attn_group
+
+
+class ShardedBatch(NamedTuple):
+    """This rank's share of a batch: tokens and labels [B, T_local], global positions [T_local]."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    positions: torch.Tensor
+
+
+def shard_batch(tokens: torch.Tensor, labels: torch.Tensor, layout: str, group: Any) -> ShardedBatch:
+    """Cut the full ``tokens`` / ``labels`` [B, T] (the same on every rank of ``group``) into
+    this rank's tokens for ``layout``, without communication. ``group`` None means one rank."""
+    if tokens.shape != labels.shape:
+        raise ValueError(f"tokens {tuple(tokens.shape)} and labels {tuple(labels.shape)} differ in shape")
+    rank, world = group_rank_and_size(group) if group is not None else (0, 1)
+    local_len = check_global_length(layout, tokens.shape[1], world)
+    positions = global_positions(layout, rank, world, local_len, device=tokens.device)
+    return ShardedBatch(tokens.index_select(1, positions), labels.index_select(1, positions), positions)
+
+
+def _all_reduce_sum(t: torch.Tensor, groups: SequenceParallelGroups | None) -> torch.Tensor:
+    if groups is None:
+        return t
+    if groups.sp_size > 1:
+        dist.all_reduce(t, group=groups.sp)
+    if groups.dp_size > 1:
+        dist.all_reduce(t, group=groups.dp)
+    return t
+
+
+def sequence_parallel_loss(logits: torch.Tensor, labels: torch.Tensor, groups: SequenceParallelGroups | None,
+                           ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """(this rank's share of the loss, the global mean loss for logging).
+
+    The share is sum(local token losses) / (tokens of the whole global batch), so that summing
+    gradients over every rank (:func:`sync_gradients`) gives the gradient of the global mean.
+    The second value is detached and all-reduced: the same number on every rank.
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    local_sum = nn.functional.cross_entropy(logits.flatten(0, -2), labels.flatten(),
+                                            ignore_index=ignore_index, reduction="sum")
+    count = (labels != ignore_index).sum().to(torch.float64)
+    stats = _all_reduce_sum(torch.stack([local_sum.detach().to(torch.float64), count]), groups)
+    total = stats[1].clamp_min(1.0)
+    share = local_sum / total.to(local_sum.dtype)
+    return share, (stats[0] / total).detach()
+
+
+def sync_gradients(params: Any, groups: SequenceParallelGroups | None, bucket_bytes: int = 64 << 20) -> None:
+    """Sum the gradients of replicated ``params`` over sp then dp (see the module docstring),
+    in flat buckets. Parameters without a gradient are given zeros, so every rank takes part in
+    the same collectives."""
+    if groups is None or (groups.sp_size == 1 and groups.dp_size == 1):
+        return
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    bucket: list[torch.Tensor] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal bucket, size
+        if not bucket:
+            return
+        flat = _all_reduce_sum(_flatten_dense_tensors(bucket), groups)
+        for g, new in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            g.copy_(new)
+        bucket, size = [], 0
+
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        for g in grads:
+            bucket.append(g)
+            size += g.numel() * g.element_size()
+            if size >= bucket_bytes:
+                flush()
+        flush()

@@ -1,0 +1,198 @@
+"""The hybrid model under sequence parallelism: one training step (forward + backward + gradient
+sync) on 1, 2 and 4 gloo ranks gives the loss and parameter gradients of the unsharded model on
+one process, for every softmax strategy, both linear strategies, both decay kinds and the token
+layouts; plus the configuration errors.
+
+Tolerances: everything runs in float64, so the sharded and the unsharded step agree to
+rounding (loss within 1e-10 absolute, every gradient within 1e-8 of the largest reference
+gradient entry). The reference uses independent single-device mixers (torch SDPA and a chunked
+PyTorch linear attention), not the seqpar strategies.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from seqpar.comm.groups import SequenceParallelGroups, make_data_sequence_groups
+from seqpar.config import ModelConfig, SequenceParallelConfig, TrainConfig, check_compatible
+from seqpar.model import HybridLM, local_linear_attention
+from seqpar.parallelize import (parallelize_model, sequence_parallel_loss, shard_batch, sync_gradients,
+                                unparallelize_model)
+
+LOSS_TOL = 1e-10
+GRAD_TOL = 1e-8
+
+
+def _tiny_config(**kw) -> ModelConfig:
+    base = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, pattern="LS", gate_rank=8,
+                feature_map="elu1", tie_embeddings=False)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def _batch(B: int, T: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    seq = torch.randint(0, vocab, (B, T + 1), generator=g)
+    tokens, labels = seq[:, :-1].clone(), seq[:, 1:].clone()
+    labels[0, 3] = -100  # ignored labels make the per-rank token counts differ
+    labels[-1, T - 2] = -100
+    return tokens, labels
+
+
+def _reference(model: HybridLM, tokens: torch.Tensor, labels: torch.Tensor):
+    ref = copy.deepcopy(model)
+    logits = ref(tokens)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in ref.named_parameters()}
+
+
+def _compare(model: HybridLM, loss: float, ref_loss: float, ref_grads: dict) -> dict:
+    errs = {"loss": abs(loss - ref_loss)}
+    worst = 0.0
+    for n, p in model.named_parameters():
+        g_ref = ref_grads[n]
+        scale = float(g_ref.abs().max()) or 1.0
+        worst = max(worst, float((p.grad - g_ref).abs().max()) / scale)
+    errs["grad"] = worst
+    return errs
+
+
+def case_step(ctx, model_kw: dict, sp_kw: dict, B: int = 2, T: int = 16, dp: int = 1, default_positions: bool = False):
+    """One step on the pool ranks; returns the loss / gradient errors against the unsharded model."""
+    torch.manual_seed(0)
+    model = HybridLM(_tiny_config(**model_kw)).double()
+    tokens, labels = _batch(B, T, model.config.vocab_size)
+    ref_loss, ref_grads = _reference(model, tokens, labels)
+    sp_size = ctx.world_size // dp
+    if dp > 1:
+        groups = make_data_sequence_groups(sp_size)
+        per = B // dp
+        tokens, labels = tokens[groups.dp_rank * per:(groups.dp_rank + 1) * per], labels[groups.dp_rank * per:(groups.dp_rank + 1) * per]
+    else:
+        groups = SequenceParallelGroups(None, ctx.group, 1, ctx.world_size, 0, ctx.rank)
+    cfg = SequenceParallelConfig(sp_size=sp_size, **sp_kw)
+    attn_group = groups.sp
+    if cfg.softmax_strategy == "usp":
+        attn_group = ctx.usp_groups[(cfg.ulysses_size, cfg.ring_size)]
+    parallelize_model(model, cfg, attn_group)
+    sb = shard_batch(tokens, labels, cfg.layout, groups.sp)
+    logits = model(sb.tokens) if default_positions else model(sb.tokens, sb.positions)
+    share, loss = sequence_parallel_loss(logits, sb.labels, groups)
+    share.backward()
+    sync_gradients(model.parameters(), groups)
+    return _compare(model, float(loss), ref_loss, ref_grads)
+
+
+def _check(results: list[dict]) -> None:
+    for rank, errs in enumerate(results):
+        assert errs["loss"] < LOSS_TOL, f"rank {rank}: loss differs by {errs['loss']:.3g}"
+        assert errs["grad"] < GRAD_TOL, f"rank {rank}: gradients differ by {errs['grad']:.3g} (relative to max)"
+
+
+STEP_CASES = [
+    # world, model overrides, sequence-parallel config
+    (1, dict(linear_decay="fixed"), dict(layout="contiguous", softmax_strategy="ring", linear_strategy="lasp2")),
+    (2, dict(linear_decay="fixed"), dict(layout="contiguous", softmax_strategy="ring", linear_strategy="lasp2")),
+    (2, dict(linear_decay="gate"), dict(layout="zigzag", softmax_strategy="ring", linear_strategy="lasp2")),
+    (2, dict(linear_decay="gate"), dict(layout="contiguous", softmax_strategy="allgather", linear_strategy="lasp1")),
+    (2, dict(linear_decay="fixed", tie_embeddings=True), dict(layout="contiguous", softmax_strategy="ulysses", linear_strategy="lasp1")),
+    (4, dict(linear_decay="fixed"), dict(layout="zigzag", softmax_strategy="ring", linear_strategy="lasp2")),
+    (4, dict(linear_decay="gate"), dict(layout="contiguous", softmax_strategy="allgather", linear_strategy="lasp2")),
+    (4, dict(linear_decay="gate", feature_map="silu"), dict(layout="contiguous", softmax_strategy="ulysses", linear_strategy="lasp1")),
+    (4, dict(linear_decay="fixed"), dict(layout="zigzag", softmax_strategy="usp", ulysses_size=2, linear_strategy="lasp2")),
+    (4, dict(pattern="S", n_layers=2), dict(layout="striped", softmax_strategy="ring")),
+]
+
+
+@pytest.mark.parametrize("world,model_kw,sp_kw", STEP_CASES,
+                         ids=[f"w{w}-{s.get('layout')}-{s.get('softmax_strategy')}-{s.get('linear_strategy', '')}-"
+                              f"{m.get('linear_decay', m.get('pattern'))}" for w, m, s in STEP_CASES])
+def test_step_matches_unsharded(pool, world, model_kw, sp_kw):
+    _check(pool.run(case_step, world, model_kw=model_kw, sp_kw=sp_kw))
+
+
+def test_step_default_positions(pool):
+    """Without explicit positions the model derives RoPE positions from its context_parallel."""
+    _check(pool.run(case_step, 2, model_kw=dict(linear_rope=True), sp_kw=dict(layout="zigzag"), default_positions=True))
+
+
+def test_step_data_and_sequence_parallel(pool):
+    """dp=2 x sp=2: gradients summed over sp and dp equal the unsharded gradient of the whole batch."""
+    _check(pool.run(case_step, 4, model_kw=dict(linear_decay="gate"), sp_kw=dict(layout="zigzag"), dp=2))
+
+
+def test_unparallelize_and_local_linear_attention():
+    """unparallelize restores single-device mixing; the chunked mixer equals the recurrence."""
+    model = HybridLM(_tiny_config())
+    parallelize_model(model, SequenceParallelConfig(sp_size=1), None)
+    assert all(m.context_parallel is not None for m in model.attention_modules())
+    unparallelize_model(model)
+    assert all(m.context_parallel is None for m in model.attention_modules()) and model.context_parallel is None
+    g = torch.Generator().manual_seed(0)
+    B, T, H, D = 1, 19, 2, 4
+    q, k, v = (torch.randn(B, T, H, D, generator=g, dtype=torch.float64) for _ in range(3))
+    gate = torch.nn.functional.logsigmoid(torch.randn(B, T, H, generator=g, dtype=torch.float64))
+    o, s = local_linear_attention(q, k, v, g=gate, chunk_size=8)
+    state = torch.zeros(B, H, D, D, dtype=torch.float64)
+    for t in range(T):
+        state = gate[:, t, :, None, None].exp() * state + k[:, t, :, :, None] * v[:, t, :, None, :]
+        torch.testing.assert_close(o[:, t], torch.einsum("bhkv,bhk->bhv", state, q[:, t]) * D ** -0.5)
+    torch.testing.assert_close(s, state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration errors.
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dim=30, n_heads=4), "not divisible by n_heads"),
+    (dict(n_heads=4, n_kv_heads=3), "not divisible by n_kv_heads"),
+    (dict(dim=12, n_heads=4, n_kv_heads=4), "must be even for RoPE"),
+    (dict(pattern="LSX"), "unknown layer kinds"),
+    (dict(pattern=""), "non-empty"),
+    (dict(linear_decay="exp"), "unknown linear_decay"),
+    (dict(feature_map="tanh"), "unknown feature_map"),
+])
+def test_model_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(layout="diagonal"), "unknown layout"),
+    (dict(softmax_strategy="tree"), "unknown softmax_strategy"),
+    (dict(linear_strategy="lasp3"), "unknown linear_strategy"),
+    (dict(sp_size=4, softmax_strategy="usp", ulysses_size=3), "does not divide sp_size"),
+    (dict(sp_size=4, ulysses_size=2), "only used by softmax_strategy='usp'"),
+    (dict(sp_size=0), "sp_size must be >= 1"),
+])
+def test_sequence_parallel_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SequenceParallelConfig(**kwargs)
+
+
+def test_compatibility_errors():
+    hybrid = _tiny_config(pattern="LLLS", n_layers=4)
+    with pytest.raises(ValueError, match="striped.*linear-attention"):
+        check_compatible(hybrid, SequenceParallelConfig(sp_size=2, layout="striped"))
+    check_compatible(_tiny_config(pattern="S"), SequenceParallelConfig(sp_size=2, layout="striped"))
+    with pytest.raises(ValueError, match="ulysses.*n_heads \\(4\\).*sp_size \\(8\\)"):
+        check_compatible(hybrid, SequenceParallelConfig(sp_size=8, softmax_strategy="ulysses"))
+    with pytest.raises(ValueError, match="seq_len 100 is not divisible by 8"):
+        check_compatible(hybrid, SequenceParallelConfig(sp_size=4, layout="zigzag"), seq_len=100)
+    with pytest.raises(ValueError, match="striped"):
+        TrainConfig(model=_tiny_config(pattern="LLLS", n_layers=4, vocab_size=256),
+                    sp=SequenceParallelConfig(sp_size=2, layout="striped"))
+    with pytest.raises(ValueError, match="vocab_size >= 256"):
+        TrainConfig(model=_tiny_config())
+    with pytest.raises(ValueError, match="group has 1 ranks but config.sp_size is 2"):
+        parallelize_model(HybridLM(_tiny_config()), SequenceParallelConfig(sp_size=2), None)
+    with pytest.raises(ValueError, match="striped"):
+        parallelize_model(HybridLM(hybrid), SequenceParallelConfig(layout="striped"), None)
+    with pytest.raises(ValueError, match="usp.*UspGroups"):
+        parallelize_model(HybridLM(_tiny_config()), SequenceParallelConfig(softmax_strategy="usp"), None)
+    with pytest.raises(ValueError, match="tokens .* and labels .* differ"):
+        shard_batch(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long), "contiguous", None)
