@@ -199,3 +199,38 @@ def case_bad_inputs(ctx):
 
 def test_bad_inputs(pool):
     assert all(pool.run(case_bad_inputs, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Low-precision inputs: fp32 states whatever the input dtype.
+
+
+def case_low_precision(ctx, strategy: str, layout: str, x: dict, dtype: torch.dtype):
+    r, P = ctx.rank, ctx.world_size
+    loc = lambda t, dt: shard_tensor(t, layout, r, P).to(dt).clone().requires_grad_()
+    q, k, v = (loc(x[n], dtype) for n in ("q", "k", "v"))
+    g = loc(x["g"], torch.float32)
+    h0 = x["h0"].float().requires_grad_()
+    o, S = linear_attention(q, k, v, strategy=strategy, layout=layout, group=ctx.group, g=g, initial_state=h0,
+                            output_final_state=True, chunk_size=CHUNK)
+    assert o.dtype == dtype and S.dtype == torch.float32
+    loss = (o.float() * shard_tensor(x["w_o"], layout, r, P).float()).sum() + (S * x["w_f"][r].float()).sum()
+    loss.backward()
+    assert q.grad.dtype == dtype and g.grad.dtype == torch.float32 and h0.grad.dtype == torch.float32
+    return dict(o=o.detach().double(), S=S.detach().double(), dq=q.grad.double(), dg=g.grad.double(),
+                dh0=h0.grad.double())
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("strategy,layout", [("lasp2", "zigzag"), ("lasp1", "contiguous")])
+def test_low_precision_inputs(pool, strategy, layout, dtype, tol):
+    x = _draw("g", 2, True, seed=99)
+    got = pool.run(case_low_precision, 2, strategy=strategy, layout=layout, x=x, dtype=dtype)
+    o_ref, S_ref, grads = _oracle(x)
+    scale = lambda t: dict(rtol=tol, atol=tol * float(t.abs().max()))
+    full = lambda name: unshard_tensor([g_[name] for g_ in got], layout)
+    torch.testing.assert_close(full("o"), o_ref, **scale(o_ref))
+    torch.testing.assert_close(got[1]["S"], S_ref, **scale(S_ref))
+    torch.testing.assert_close(full("dq"), grads["q"], **scale(grads["q"]))
+    torch.testing.assert_close(full("dg"), grads["g"], **scale(grads["g"]))
+    torch.testing.assert_close(got[0]["dh0"] + got[1]["dh0"], grads["h0"], **scale(grads["h0"]))

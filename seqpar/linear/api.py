@@ -35,6 +35,7 @@ class _LinearAttentionSP(torch.autograd.Function):
         outs, final, saved = strategy.forward(run, pieces, h0)
         ctx.run, ctx.strategy, ctx.saved = run, strategy, saved
         ctx.save_for_backward(q, k, v, g)
+        ctx.h0_dtype = None if h0 is None else h0.dtype
         o = torch.cat(outs, dim=1).to(q.dtype)
         if final is None:
             final = q.new_zeros((), dtype=run.cd)
@@ -50,6 +51,7 @@ class _LinearAttentionSP(torch.autograd.Function):
         grads, dh0 = ctx.strategy.backward(run, pieces, dos, dfinal if run.output_final_state else None,
                                            ctx.saved, ctx.needs_input_grad[4])
         dq, dk, dv = (torch.cat([gr[i] for gr in grads], dim=1) for i in range(3))
+        dh0 = dh0.to(ctx.h0_dtype) if dh0 is not None else None
         dg = torch.cat([gr[3] for gr in grads], dim=1).to(g.dtype) if g is not None and ctx.needs_input_grad[3] else None
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0, None, None
 

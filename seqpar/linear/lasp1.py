@@ -130,14 +130,15 @@ class Lasp1:
                  saved: dict, want_h0: bool):
         dev = pieces[0].q.device
         N = run.n_chunks
-        dfinal_sum = None
-        if dfinal is not None:
-            dfinal_sum = (run.all_reduce(dfinal.to(run.cd), "backward").wait() if run.world_size > 1
-                          else dfinal.to(run.cd))
+        final_handle = None  # the sum over ranks of the final state's gradient, in flight
+        if dfinal is not None and run.world_size > 1:
+            final_handle = run.all_reduce(dfinal.to(run.cd), "backward")
         dM = [output_state_grad(p.q.to(run.cd), do, p.dec, run.scale) for p, do in zip(pieces, dos)]
         if self.pipelined:  # everything that needs no neighbour, before waiting
             intra = [chunk_linear_attention_backward(do, p.q, p.k, p.v, initial_state=None, dht=None,
                                                      **kernel_gates(run, p))[:4] for p, do in zip(pieces, dos)]
+        dfinal_sum = final_handle.wait() if final_handle is not None else (
+            dfinal.to(run.cd) if dfinal is not None else None)
         grads: list = [None] * len(pieces)
         sends: list = []
         carry = None
