@@ -275,3 +275,122 @@ def test_ulysses_repeats_kv_heads_only_when_needed(pool, world_size, num_q_heads
     assert repeat == math.lcm(num_kv_heads, world_size) // num_kv_heads
     assert pool.run(case_kv_repeat, world_size, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads) \
         == [repeat] * world_size
+
+
+# --- K/V sources: which block a rank holds at each step ------------------------------------------
+
+
+def case_source_order(ctx, transport: str):
+    """Forward blocks of RingKV / GatheredKV carry the K/V and segments of ranks r, r-1, r-2, ...;
+    backward returns, on every rank, the sum over ranks of the dK/dV handed in for its block."""
+    from seqpar.layout import segments
+    from seqpar.softmax.sources import GatheredKV, RingKV
+
+    rank, world_size = ctx.rank, ctx.world_size
+    local_len, num_kv_heads = 4, 3
+    segs = [segments("zigzag", r, world_size, local_len) for r in range(world_size)]
+
+    def tagged(r: int) -> torch.Tensor:  # K of rank r: every entry encodes (rank, head)
+        return (100.0 * r + torch.arange(num_kv_heads, dtype=torch.float64)).view(1, 1, -1, 1).expand(
+            1, local_len, num_kv_heads, 2).contiguous()
+
+    k = tagged(rank)
+    if transport == "ring":
+        source = RingKV(k, -k, ctx.group, rank, world_size, segs)
+    else:
+        source = GatheredKV(k, -k, ctx.group, rank, world_size, segs, head_groups=2)
+    seen = []
+    for block in source.forward_blocks():
+        src = int(block.k[0, 0, 0, 0].item() // 100)
+        heads = block.kv_heads
+        assert torch.equal(block.k, tagged(src)[:, :, heads]) and torch.equal(block.v, -tagged(src)[:, :, heads])
+        assert block.segments == segs[src]
+        seen.append((src, heads.start, heads.stop))
+    blocks = source.backward_blocks()
+    block = next(blocks)
+    try:
+        while True:
+            src = int(block.k[0, 0, 0, 0].item() // 100)
+            grad = torch.full(block.k.shape, float(10 * rank + src), dtype=torch.float64)
+            block = blocks.send((grad, 2 * grad))
+    except StopIteration as done:
+        dk, dv = done.value
+    expected = float(sum(10 * r + rank for r in range(world_size)))
+    assert torch.equal(dk, torch.full_like(k, expected)) and torch.equal(dv, torch.full_like(k, 2 * expected))
+    return seen
+
+
+@pytest.mark.parametrize("transport", ["ring", "allgather"])
+@pytest.mark.parametrize("world_size", [1, 3, 4])
+def test_kv_sources_visit_every_rank_once(pool, transport, world_size):
+    for rank, seen in enumerate(pool.run(case_source_order, world_size, transport=transport)):
+        order = [(rank - step) % world_size for step in range(world_size)]
+        if transport == "ring":
+            assert seen == [(src, 0, 3) for src in order]
+        else:  # two KV-head groups [0, 1) and [1, 3), each visiting every source
+            assert seen == [(src, 0, 1) for src in order] + [(src, 1, 3) for src in order]
+
+
+# --- the Triton block kernels (CPU interpreter) under the multi-rank driver ------------------------
+
+
+def _triton_interpreter_rank(rank: int, world_size: int, port: int, results) -> None:
+    """One rank of the interpreter check: fp32, backend='triton', every strategy on one layout each."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    errors = {}
+    for strategy, layout in [("ring", "zigzag"), ("allgather", "striped"), ("ulysses", "contiguous")]:
+        case = _make_case(world_size, 4, 2, True, torch.float32, 21)
+        q, k, v = (shard_tensor(x, layout, rank, world_size).requires_grad_() for x in case["inputs"])
+        w_o, w_lse = case["weights"]
+        o, lse = seqpar.attention(q, k, v, strategy=strategy, layout=layout, causal=True, return_lse=True,
+                                  backend="triton")
+        ((o.double() * shard_tensor(w_o, layout, rank, world_size)).sum()
+         + (lse.double() * shard_tensor(w_lse, layout, rank, world_size, dim=2)).sum()).backward()
+        expected = [shard_tensor(e, layout, rank, world_size, dim=2 if i == 1 else 1)
+                    for i, e in enumerate(case["expected"])]
+        errors[strategy] = max((got.double() - e).abs().max().item()
+                               for got, e in zip([o, lse, q.grad, k.grad, v.grad], expected))
+    results.put((rank, errors))
+    dist.destroy_process_group()
+
+
+def triton_interpreter_main(world_size: int = 2) -> None:
+    """Entry point of the subprocess (TRITON_INTERPRET=1 must be set before triton is imported)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    mp.start_processes(_triton_interpreter_rank, args=(world_size, port, results), nprocs=world_size,
+                       start_method="spawn")
+    for _ in range(world_size):
+        rank, errors = results.get(timeout=60)
+        print(f"rank {rank}: {errors}")
+        assert all(e < FP32_TOL["atol"] for e in errors.values()), errors
+
+
+def test_triton_kernels_under_the_driver_interpreted():
+    """The Triton backend (strided views, fused accumulate into slices of the running output)
+    gives the same results as the reference under ring / allgather / ulysses, 2 ranks, fp32."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    pytest.importorskip("numpy")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-c", "import test_softmax_attention as t; t.triton_interpreter_main()"],
+                          cwd=tests_dir, env=env, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
