@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from seqpar.comm import CommHandle, all_gather, all_reduce, send_recv
 from seqpar.kernels.linear_reference import ChunkDecays, chunk_decays, decay_state
+from seqpar.kernels.softmax import resolve_backend
 from seqpar.layout import segments
 
 
@@ -158,12 +159,16 @@ class Piece:
 
 def make_pieces(run: Run, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None) -> list[Piece]:
     """This rank's chunks in local order (which is also their global order)."""
+    segs = segments(run.layout, run.rank, run.world_size, run.local_len)
+    # a GPU kernel may want dense inputs; the zigzag halves are strided views
+    dense = len(segs) > 1 and resolve_backend(run.backend, q.device) == "triton"
+    cut = lambda x, s, e: None if x is None else (x[:, s:e].contiguous() if dense else x[:, s:e])
     pieces = []
-    for seg in segments(run.layout, run.rank, run.world_size, run.local_len):
+    for seg in segs:
         s, e = seg.local_start, seg.local_start + seg.length
-        gs = None if g is None else g[:, s:e]
+        gs = cut(g, s, e)
         dec = chunk_decays(gs, run.g_gamma, run.B, e - s, run.H, run.cd, q.device)
-        pieces.append(Piece(seg.global_start // seg.length, s, e, q[:, s:e], k[:, s:e], v[:, s:e], gs, dec))
+        pieces.append(Piece(seg.global_start // seg.length, s, e, cut(q, s, e), cut(k, s, e), cut(v, s, e), gs, dec))
     return pieces
 
 

@@ -133,7 +133,8 @@ class Lasp1:
         final_handle = None  # the sum over ranks of the final state's gradient, in flight
         if dfinal is not None and run.world_size > 1:
             final_handle = run.all_reduce(dfinal.to(run.cd), "backward")
-        dM = [output_state_grad(p.q.to(run.cd), do, p.dec, run.scale) for p, do in zip(pieces, dos)]
+        dM = ([output_state_grad(p.q.to(run.cd), do, p.dec, run.scale) for p, do in zip(pieces, dos)]
+              if self.pipelined or want_h0 else None)
         if self.pipelined:  # everything that needs no neighbour, before waiting
             intra = [chunk_linear_attention_backward(do, p.q, p.k, p.v, initial_state=None, dht=None,
                                                      **kernel_gates(run, p))[:4] for p, do in zip(pieces, dos)]

@@ -38,20 +38,20 @@ from seqpar.linear.common import (
 )
 
 
-def _global(run: Run, gathered: torch.Tensor, per_rank: int, n_states: int, n_logs: int):
-    """Unpack a gathered [P, n] buffer into per-global-chunk lists (states, logs)."""
+def _by_chunk(run: Run, gathered: torch.Tensor, n_extra: int = 0, n_logs: int = 0):
+    """Unpack a gathered [P, n] buffer (rank r: its chunks' states, then ``n_extra`` more states,
+    then its chunks' logs) into lists indexed by global chunk, plus each rank's extra states."""
     states: list = [None] * run.n_chunks
     logs: list = [None] * run.n_chunks
-    extra = []
+    extras = []
     for r in range(run.world_size):
-        st, lg = unpack(gathered[r], run, n_states, n_logs)
         chunks = [c for c in range(run.n_chunks) if run.owners[c] == r]
+        st, lg = unpack(gathered[r], run, len(chunks) + n_extra, n_logs)
         for i, c in enumerate(chunks):
             states[c] = st[i]
-            if lg:
-                logs[c] = lg[i]
-        extra.append(st[per_rank:])
-    return states, logs, extra
+            logs[c] = lg[i] if lg else None
+        extras.append(st[len(chunks):])
+    return states, logs, extras
 
 
 class Lasp2:
@@ -67,7 +67,7 @@ class Lasp2:
         # overlapped with the all-gather: the intra-chunk outputs
         o_intra = [chunk_linear_attention_forward(p.q, p.k, p.v, initial_state=None, **kernel_gates(run, p))[0]
                    for p in pieces]
-        M_all, log_all, _ = _global(run, handle.wait(), len(pieces), len(pieces), len(logs))
+        M_all, log_all, _ = _by_chunk(run, handle.wait(), n_logs=len(logs))
         log_totals = log_all if run.data_dependent else run.known_log_totals(dev)
         h0c = h0.to(run.cd) if h0 is not None else run.zeros_state(dev)
         s_in, final = exclusive_scan(h0c, M_all, log_totals)
@@ -84,7 +84,7 @@ class Lasp2:
         # overlapped with the all-gather: the intra-chunk backward
         intra = [chunk_linear_attention_backward(do, p.q, p.k, p.v, initial_state=None, dht=None, **kernel_gates(run, p))
                  for p, do in zip(pieces, dos)]
-        dM_all, _, extras = _global(run, handle.wait(), len(pieces), len(pieces) + len(extra), 0)
+        dM_all, _, extras = _by_chunk(run, handle.wait(), n_extra=len(extra))
         dfinal_sum = sum(e[0] for e in extras) if extra else run.zeros_state(dev)
         log_totals = saved["log_totals"]
         ds_end = suffix_scan(dfinal_sum, dM_all, log_totals)
