@@ -86,31 +86,27 @@ def _prune(configs, named_args, **kwargs):
 
 
 def _fwd_configs():
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages): the tutorial's Hopper/Ampere choices
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm in (64, 128)
-        for bn in (32, 64, 128)
-        for w in (4, 8)
-        for s in (2, 3, 4)
-        if not (bm == 64 and w == 8)
+        for bm, bn, w, s in ((128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 2),
+                             (128, 32, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 2))
     ]
 
 
 def _bwd_dkdv_configs():
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn in ((32, 64), (32, 128), (64, 64), (64, 128))
-        for w in (4, 8)
-        for s in (2, 3)
+        for bm, bn, w, s in ((32, 128, 4, 3), (32, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 3),
+                             (64, 64, 4, 2), (16, 128, 4, 3))
     ]
 
 
 def _bwd_dq_configs():
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn in ((64, 32), (128, 32), (64, 64), (128, 64))
-        for w in (4, 8)
-        for s in (2, 3)
+        for bm, bn, w, s in ((128, 32, 4, 3), (128, 32, 8, 2), (128, 64, 8, 3), (64, 32, 4, 3),
+                             (64, 64, 4, 2), (128, 16, 4, 3))
     ]
 
 
@@ -149,7 +145,10 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stri
                 vis = vis & (offs_n[None, :] <= offs_m[:, None] + diag)
             qk = tl.where(vis, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if MASKED:  # a row may have seen no key yet: keep exp2 away from -inf - -inf
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_safe = m_new
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -479,6 +478,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int,
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"unsupported dtype {q.dtype} for the Triton kernel")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"the Triton kernels need CUDA tensors (got {q.device}); on CPU use the torch backend "
+                         "or set TRITON_INTERPRET=1 before importing the kernel module")
     return B, Tq, Hq, D, Tk, Hkv, Dv
 
 

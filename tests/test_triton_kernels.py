@@ -54,9 +54,10 @@ needs_kernels = pytest.mark.skipif(not IN_PROCESS, reason="kernel module importe
                                    "covered by test_interpreter_subprocess")
 
 DTYPES = [
-    torch.float32,
-    torch.float16,
-    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="bf16 needs a GPU (interpreter bf16 is broken)")),
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, id="bf16",
+                 marks=pytest.mark.skipif(not CUDA, reason="bf16 needs a GPU (interpreter bf16 is broken)")),
 ]
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 
@@ -96,6 +97,8 @@ SOFTMAX_CASES = [
     (2, 45, 30, 4, 1, 32, -5),       # offset -5: first rows see nothing
     (1, 20, 30, 2, 2, 32, -25),      # every row fully masked
     (1, 40, 70, 2, 2, 32, 40),       # large offset: mostly full rows
+    (1, 33, 47, 2, 1, 128, 0),       # head dim 128
+    (1, 17, 17, 1, 1, 16, -1),       # head dim 16
 ]
 
 
