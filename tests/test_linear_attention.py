@@ -168,6 +168,28 @@ def test_bytes_per_pass_do_not_grow_with_length(pool, strategy):
                 assert short[r]["fwd_ops"] == ["all_gather"] and short[r]["bwd_ops"] == ["all_gather"], tag
 
 
+def case_schedule(ctx, strategy: str):
+    r, P = ctx.rank, ctx.world_size
+    x = _draw("g", P, False, seed=8)
+    q, k, v = (shard_tensor(x[n], "contiguous", r, P).requires_grad_() for n in ("q", "k", "v"))
+    stats = CommStats()
+    o, _ = linear_attention(q, k, v, strategy=strategy, group=ctx.group, g=shard_tensor(x["g"], "contiguous", r, P),
+                            chunk_size=CHUNK, comm_stats=stats)
+    o.sum().backward()
+    return stats.timeline("forward"), stats.timeline("backward")
+
+
+@pytest.mark.parametrize("strategy,expected", [
+    ("lasp2", ["all_gather", "intra", "wait"]),              # intra-chunk work while the gather is in flight
+    ("lasp1", ["intra", "recv", "send", "inter"]),           # hop goes out before the inter-chunk term
+    ("lasp1_serial", ["recv", "kernel", "send"]),            # everything waits for the neighbour
+])
+def test_schedule_overlap(pool, strategy, expected):
+    """On the middle rank of 3, both passes follow the documented schedule."""
+    fwd, bwd = pool.run(case_schedule, 3, strategy=strategy)[1]
+    assert fwd == expected and bwd == expected, (fwd, bwd)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad inputs.
 

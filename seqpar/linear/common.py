@@ -28,30 +28,39 @@ from seqpar.layout import segments
 
 @dataclass(frozen=True)
 class CommEvent:
-    """One communication call of a strategy: the pass ('forward' / 'backward'), the operation,
-    and the bytes this rank put into it (its payload; an all-gather's input, a send's tensor)."""
+    """One event of a strategy on this rank: a communication call (``kind='comm'``: the pass
+    ('forward' / 'backward'), the operation, and the bytes this rank put into it -- an
+    all-gather's input, a send's tensor, an all-reduce's input) or a schedule marker
+    (``kind='mark'``, 0 bytes: 'intra' / 'inter' / 'kernel' compute done, 'wait' / 'recv'
+    returned), so that tests can check what overlaps what."""
 
     pass_: str
     op: str
     nbytes: int
+    kind: str = "comm"
 
 
 @dataclass
 class CommStats:
     """Optional recorder passed to :func:`seqpar.linear_attention` (``comm_stats=``): every
-    communication the strategy issues on this rank is appended to ``events``."""
+    communication the strategy issues on this rank, and its schedule markers, in order."""
 
     events: list[CommEvent] = field(default_factory=list)
 
-    def record(self, pass_: str, op: str, nbytes: int) -> None:
-        self.events.append(CommEvent(pass_, op, int(nbytes)))
+    def record(self, pass_: str, op: str, nbytes: int, kind: str = "comm") -> None:
+        self.events.append(CommEvent(pass_, op, int(nbytes), kind))
 
     def bytes_sent(self, pass_: str | None = None) -> int:
         """Total payload bytes of this rank, for one pass or for all."""
         return sum(e.nbytes for e in self.events if pass_ is None or e.pass_ == pass_)
 
     def ops(self, pass_: str | None = None) -> list[str]:
-        return [e.op for e in self.events if pass_ is None or e.pass_ == pass_]
+        """The communication calls, in order."""
+        return [e.op for e in self.events if (pass_ is None or e.pass_ == pass_) and e.kind == "comm"]
+
+    def timeline(self, pass_: str) -> list[str]:
+        """Communication calls and schedule markers of one pass, in order."""
+        return [e.op for e in self.events if e.pass_ == pass_]
 
     def clear(self) -> None:
         self.events.clear()
@@ -123,6 +132,11 @@ class Run:
         if self.stats is not None and self.world_size > 1:
             self.stats.record(pass_, op, t.numel() * t.element_size())
 
+    def mark(self, pass_: str, label: str) -> None:
+        """Record a schedule marker (no bytes)."""
+        if self.stats is not None and self.world_size > 1:
+            self.stats.record(pass_, label, 0, kind="mark")
+
     def all_gather(self, payload: torch.Tensor, pass_: str) -> CommHandle:
         self._record(pass_, "all_gather", payload)
         return all_gather(payload, self.group)
@@ -135,8 +149,10 @@ class Run:
         self._record(pass_, "send", payload)
         return send_recv(payload, dst, None, None, self.group)
 
-    def recv(self, like: torch.Tensor, src: int) -> torch.Tensor:
-        return send_recv(None, None, like, src, self.group).wait()
+    def recv(self, like: torch.Tensor, src: int, pass_: str) -> torch.Tensor:
+        out = send_recv(None, None, like, src, self.group).wait()
+        self.mark(pass_, "recv")
+        return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ class Lasp1:
             return carry
         n_logs = self._n_logs(run, pass_)
         like = pack([run.zeros_state(dev)], [run.zeros_log(dev)] * n_logs)
-        states, logs = unpack(run.recv(like, src), run, 1, n_logs)
+        states, logs = unpack(run.recv(like, src, pass_), run, 1, n_logs)
         return states[0], (logs[0] if logs else None)
 
     def _pass_on(self, run: Run, c: int, value, pass_: str, sends: list):
@@ -84,6 +84,7 @@ class Lasp1:
             M = [chunk_state(p.k.to(run.cd), p.v.to(run.cd), p.dec) for p in pieces]
             o_intra = [chunk_linear_attention_forward(p.q, p.k, p.v, initial_state=None, **kernel_gates(run, p))[0]
                        for p in pieces]
+            run.mark("forward", "intra")
         outs, s_in_list, log_before, sends = [], [], [], []
         carry = None
         for i, p in enumerate(pieces):
@@ -97,10 +98,12 @@ class Lasp1:
             else:
                 o, s_out = chunk_linear_attention_forward(p.q, p.k, p.v, initial_state=s_in, output_final_state=True,
                                                           **kernel_gates(run, p))
+                run.mark("forward", "kernel")
             value = (s_out, lb + p.dec.log_total)
             carry = value if p.index == N - 1 else self._pass_on(run, p.index + 1, value, "forward", sends)
             if self.pipelined:  # after the hop went out
                 o = o_intra[i] + state_output(p.q.to(run.cd), s_in, p.dec, run.scale)
+                run.mark("forward", "inter")
             outs.append(o)
             s_in_list.append(s_in)
             log_before.append(lb)
@@ -138,6 +141,7 @@ class Lasp1:
         if self.pipelined:  # everything that needs no neighbour, before waiting
             intra = [chunk_linear_attention_backward(do, p.q, p.k, p.v, initial_state=None, dht=None,
                                                      **kernel_gates(run, p))[:4] for p, do in zip(pieces, dos)]
+            run.mark("backward", "intra")
         dfinal_sum = final_handle.wait() if final_handle is not None else (
             dfinal.to(run.cd) if dfinal is not None else None)
         grads: list = [None] * len(pieces)
@@ -155,11 +159,13 @@ class Lasp1:
             else:
                 dq, dk, dv, dg, ds_in = chunk_linear_attention_backward(
                     do, p.q, p.k, p.v, initial_state=s_in, dht=ds_end, **kernel_gates(run, p))
+                run.mark("backward", "kernel")
             if p.index > 0:
                 carry = self._pass_on(run, p.index - 1, (ds_in, zero_log), "backward", sends)
             if self.pipelined:  # after the hop went out
                 s_out = step(s_in, p.dec.log_total, saved["M"][i])
                 grads[i] = finish_grads(run, p, do, intra[i], s_in, ds_end, s_out)
+                run.mark("backward", "inter")
             else:
                 grads[i] = (dq, dk, dv, dg)
         for h in sends:

@@ -67,7 +67,10 @@ class Lasp2:
         # overlapped with the all-gather: the intra-chunk outputs
         o_intra = [chunk_linear_attention_forward(p.q, p.k, p.v, initial_state=None, **kernel_gates(run, p))[0]
                    for p in pieces]
-        M_all, log_all, _ = _by_chunk(run, handle.wait(), n_logs=len(logs))
+        run.mark("forward", "intra")
+        gathered = handle.wait()
+        run.mark("forward", "wait")
+        M_all, log_all, _ = _by_chunk(run, gathered, n_logs=len(logs))
         log_totals = log_all if run.data_dependent else run.known_log_totals(dev)
         h0c = h0.to(run.cd) if h0 is not None else run.zeros_state(dev)
         s_in, final = exclusive_scan(h0c, M_all, log_totals)
@@ -84,7 +87,10 @@ class Lasp2:
         # overlapped with the all-gather: the intra-chunk backward
         intra = [chunk_linear_attention_backward(do, p.q, p.k, p.v, initial_state=None, dht=None, **kernel_gates(run, p))
                  for p, do in zip(pieces, dos)]
-        dM_all, _, extras = _by_chunk(run, handle.wait(), n_extra=len(extra))
+        run.mark("backward", "intra")
+        gathered = handle.wait()
+        run.mark("backward", "wait")
+        dM_all, _, extras = _by_chunk(run, gathered, n_extra=len(extra))
         dfinal_sum = sum(e[0] for e in extras) if extra else run.zeros_state(dev)
         log_totals = saved["log_totals"]
         ds_end = suffix_scan(dfinal_sum, dM_all, log_totals)
