@@ -252,6 +252,9 @@ def case_bad_group_inputs(ctx):
     swapped = UspGroups(groups.sp, groups.ring, groups.ulysses, ulysses_size=1, ring_size=4)
     with pytest.raises(ValueError, match=r"group sizes ulysses 2 / ring 2 differ from ulysses_size 1 / ring_size 4"):
         seqpar.attention(*_qkv(), strategy="usp", group=swapped)
+    if ctx.rank >= 2:  # ranks outside the group of the first two ranks (no collective involved)
+        with pytest.raises(ValueError, match=r"not a member of the sequence-parallel group"):
+            seqpar.attention(*_qkv(), strategy="ring", group=ctx.usp_groups[(2, 1)].sp)
     return world_size
 
 
