@@ -256,7 +256,7 @@ def _lin_bwd_dv(Q, K, DO, GC, DHS, DVo,
 
 
 @triton.jit
-def _lin_bwd_dqk(Q, K, V, DO, GC, HS, DHS, DQ, DKo,
+def _lin_bwd_dqk(Q, K, V, DO, GC, HS, DHS, DQ, DKo, DGP,
                  stride_qb, stride_qt, stride_qh, stride_qd,
                  stride_kb, stride_kt, stride_kh, stride_kd,
                  stride_vb, stride_vt, stride_vh, stride_vd,
@@ -265,7 +265,7 @@ def _lin_bwd_dqk(Q, K, V, DO, GC, HS, DHS, DQ, DKo,
                  T, H, NT, scale,
                  DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                  USE_G: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                 PRECISION_H: tl.constexpr):
+                 PRECISION_H: tl.constexpr, STORE_DG: tl.constexpr):
     i_k = tl.program_id(0)
     c = tl.program_id(1)
     i_bh = tl.program_id(2)
@@ -322,6 +322,11 @@ def _lin_bwd_dqk(Q, K, V, DO, GC, HS, DHS, DQ, DKo,
     omask = t_ok[:, None] & k_ok[None, :]
     tl.store(DQ + i_b * stride_gb + i_h * stride_gh + out, b_dq, mask=omask)
     tl.store(DKo + i_b * stride_gb + i_h * stride_gh + out, b_dk, mask=omask)
+    if STORE_DG:
+        # this Dk tile's share of q.dq - k.dk per token (the gate gradient before its reverse cumsum)
+        dgp = tl.sum(q.to(tl.float32) * b_dq - k.to(tl.float32) * b_dk, 1)
+        row = i_k.to(tl.int64) * tl.num_programs(2) + i_bh  # DGP is [NK, B*H, NT*BT]
+        tl.store(DGP + row * NT * BT + offs_t, dgp, mask=t_ok)
 
 
 _tuned = {
@@ -338,7 +343,8 @@ def _launch(name: str, grid: tuple[int, ...], *args, **meta) -> None:
     if _interpreting():
         _raw[name][grid](*args, **meta)
     else:
-        _tuned[name][grid](*args, **meta)
+        with torch.cuda.device(args[0].device):  # launch on the tensors' GPU, not the current one
+            _tuned[name][grid](*args, **meta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,6 +361,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g, g_gamma, initia
     Dv = v.shape[-1]
     if g is not None and g_gamma is not None:
         raise ValueError("give either g or g_gamma, not both")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"the Triton kernels need CUDA tensors (got {q.device}); on CPU use the torch backend "
+                         "or set TRITON_INTERPRET=1 before importing the kernel module")
     if g is not None and tuple(g.shape) != (B, T, H):
         raise ValueError(f"g must be [B, T, H] = {(B, T, H)}; got {tuple(g.shape)}")
     if g_gamma is not None and tuple(g_gamma.shape) != (H,):
@@ -485,13 +494,16 @@ def chunk_linear_attention_backward_triton(do: torch.Tensor, q: torch.Tensor, k:
     _launch("bwd_dv", (triton.cdiv(Dv, meta["BV"]), NT, B * H), q, k, do, gptr, dhs, dv,
             *_s4(q), *_s4(k), *_s4(do), *_s4(dv), T, H, NT, float(scale),
             USE_G=gc is not None, PRECISION_H=prec_h, **meta)
-    _launch("bwd_dqk", (triton.cdiv(Dk, meta["BK"]), NT, B * H), q, k, v, do, gptr, hs, dhs, dq, dk,
+    NK = triton.cdiv(Dk, meta["BK"])
+    dgp = torch.empty(NK, B * H, NT * BT, dtype=torch.float32, device=q.device) if g is not None else hs
+    _launch("bwd_dqk", (NK, NT, B * H), q, k, v, do, gptr, hs, dhs, dq, dk, dgp,
             *_s4(q), *_s4(k), *_s4(v), *_s4(do), *_s4(dq), T, H, NT, float(scale),
-            USE_G=gc is not None, PRECISION_H=prec_h, **meta)
+            USE_G=gc is not None, PRECISION_H=prec_h, STORE_DG=g is not None, **meta)
     dg = None
     if g is not None:
-        d = (q.float() * dq).sum(-1) - (k.float() * dk).sum(-1)  # [B, T, H]
-        dg = d.flip(1).cumsum(1).flip(1)
+        d = dgp.sum(0)[:, :T].view(B, H, T)  # sum_k (q dq - k dk) per token
+        dg = d.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)
         if need_final:
             dg = dg + (dht.float() * ht).sum((-2, -1)).unsqueeze(1)
+        dg = dg.contiguous()
     return dq, dk, dv, dg, dh0

@@ -507,7 +507,8 @@ def _launch(tuned, raw, grid, *args, **meta) -> None:
     if _interpreting():
         raw[grid(_INTERPRET_BLOCKS)](*args, **meta, **_INTERPRET_BLOCKS)
     else:
-        tuned[grid](*args, **meta)
+        with torch.cuda.device(args[0].device):  # launch on the tensors' GPU, not the current one
+            tuned[grid](*args, **meta)
 
 
 def _s4(t: torch.Tensor) -> tuple[int, int, int, int]:
