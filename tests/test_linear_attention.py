@@ -256,3 +256,79 @@ def test_low_precision_inputs(pool, strategy, layout, dtype, tol):
     torch.testing.assert_close(full("dq"), grads["q"], **scale(grads["q"]))
     torch.testing.assert_close(full("dg"), grads["g"], **scale(grads["g"]))
     torch.testing.assert_close(got[0]["dh0"] + got[1]["dh0"], grads["h0"], **scale(grads["h0"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton backend under the strategies (Triton's CPU interpreter, in a fresh process: it must
+# see TRITON_INTERPRET=1 before triton is imported).
+
+TRITON_CASES = [("lasp2", "zigzag", "g"), ("lasp1", "contiguous", "g_gamma"), ("lasp1_serial", "zigzag", "none")]
+
+
+def _triton_rank(rank: int, world_size: int, port: int, results) -> None:
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    errors = {}
+    for i, (strategy, layout, gate) in enumerate(TRITON_CASES):
+        gen = torch.Generator().manual_seed(i)
+        T, d = 20 * world_size, 16
+        rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+        q, k, v, w_o, h0, w_f = rnd(1, T, 2, d), rnd(1, T, 2, d), rnd(1, T, 2, d), rnd(1, T, 2, d), rnd(1, 2, d, d), rnd(1, 2, d, d)
+        g = torch.nn.functional.logsigmoid(rnd(1, T, 2) + 2) if gate == "g" else None
+        g_gamma = -0.2 * torch.rand(2, generator=gen, dtype=torch.float64) if gate == "g_gamma" else None
+        ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        o_ref, S_ref = linear_attention_recurrent_reference(*ref_leaves, g=g, g_gamma=g_gamma, initial_state=h0,
+                                                            output_final_state=True)
+        ((o_ref * w_o).sum() + world_size * (S_ref * w_f).sum()).backward()
+        loc = lambda t: shard_tensor(t, layout, rank, world_size).float().requires_grad_()
+        leaves = [loc(t) for t in (q, k, v)]
+        o, S = linear_attention(*leaves, strategy=strategy, layout=layout, g=None if g is None else loc(g).detach(),
+                                g_gamma=None if g_gamma is None else g_gamma.float(), initial_state=h0.float(),
+                                output_final_state=True, chunk_size=16, backend="triton")
+        ((o.double() * shard_tensor(w_o, layout, rank, world_size)).sum() + (S.double() * w_f).sum()).backward()
+        want = [shard_tensor(t, layout, rank, world_size) for t in [o_ref.detach()] + [l.grad for l in ref_leaves]]
+        got = [o] + [l.grad for l in leaves]
+        rel = max(((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want))
+        errors[strategy] = max(rel, ((S.double() - S_ref.detach()).abs().max() / S_ref.abs().max()).item())
+    results.put((rank, errors))
+    dist.destroy_process_group()
+
+
+def triton_interpreter_main(world_size: int = 2) -> None:
+    """Entry point of the subprocess: run TRITON_CASES on ``world_size`` spawned gloo ranks."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    mp.start_processes(_triton_rank, args=(world_size, port, results), nprocs=world_size, start_method="spawn")
+    for _ in range(world_size):
+        rank, errors = results.get(timeout=60)
+        print(f"rank {rank}: {errors}")
+        assert all(e < 1e-4 for e in errors.values()), errors
+
+
+def test_triton_backend_under_the_strategies_interpreted():
+    """backend='triton' (kernels/linear_triton.py, interpreted, fp32) under every strategy gives
+    the fp64 recurrence's o, final state and dq, dk, dv to 1e-4 relative, on 2 ranks."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    pytest.importorskip("numpy")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-c", "import test_linear_attention as t; t.triton_interpreter_main()"],
+                          cwd=tests_dir, env=env, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
