@@ -123,6 +123,27 @@ def test_matches_reference_fp32(pool, strategy, layout, world_size, usp):
     _check(pool, strategy, layout, world_size, usp, cases, [FP32_TOL] * 5)
 
 
+def case_lse_only(ctx, strategy: str, inputs, w_lse):
+    """A loss on lse alone: o receives no gradient (None in backward) on every rank."""
+    q, k, v = (shard_tensor(x, "zigzag", ctx.rank, ctx.world_size).requires_grad_() for x in inputs)
+    _, lse = seqpar.attention(q, k, v, strategy=strategy, layout="zigzag", group=ctx.group, return_lse=True)
+    (lse * shard_tensor(w_lse, "zigzag", ctx.rank, ctx.world_size, dim=2)).sum().backward()
+    return q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("strategy", ["ring", "ulysses"])
+def test_gradient_through_lse_only(pool, strategy):
+    gen = torch.Generator().manual_seed(17)
+    inputs = [torch.randn(BATCH, 12, h, HEAD_DIM, generator=gen, dtype=torch.float64) for h in (4, 2, 2)]
+    w_lse = torch.randn(BATCH, 4, 12, generator=gen, dtype=torch.float64)
+    ref = [x.clone().requires_grad_() for x in inputs]
+    (attention_reference(*ref, causal=True)[1] * w_lse).sum().backward()
+    per_rank = pool.run(case_lse_only, 2, strategy=strategy, inputs=inputs, w_lse=w_lse)
+    expected = [ref[0].grad, ref[1].grad, torch.zeros_like(inputs[2])]  # lse does not depend on v
+    for i in range(3):
+        torch.testing.assert_close(unshard_tensor([r[i] for r in per_rank], "zigzag"), expected[i], **FP64_TOL)
+
+
 @pytest.mark.parametrize("strategy", ["ring", "allgather", "ulysses"])
 def test_default_group(pool, strategy):
     """group=None means the default process group (the pool's 4 ranks)."""

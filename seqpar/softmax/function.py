@@ -105,8 +105,7 @@ class SoftmaxContextParallel(torch.autograd.Function):
         plan: ParallelPlan = ctx.plan
         q_h, k_h, v_h, o_h, lse_h = ctx.saved_tensors
         dtype = compute_dtype(q_h.dtype)
-        if do is None and dlse is None:
-            return None, None, None, None
+        # no early return when both grads are None: every rank must join the collectives below
         do_h = torch.zeros_like(o_h) if do is None else plan.to_head_shards(do.to(o_h.dtype))[0]
         delta = (o_h.to(dtype) * do_h.to(dtype)).sum(dim=-1).transpose(1, 2)  # [B, H, T]
         if dlse is not None:
