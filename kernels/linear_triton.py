@@ -351,6 +351,17 @@ def _launch(name: str, grid: tuple[int, ...], *args, **meta) -> None:
 # host side
 # --------------------------------------------------------------------------------------------
 
+def _check_offsets(**tensors: torch.Tensor) -> None:
+    """Offsets inside one batch entry are int32 in the kernels: refuse what would overflow."""
+    for name, t in tensors.items():
+        if t is None or t.numel() == 0:
+            continue
+        span = sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]))
+        if span >= 2**31:
+            raise ValueError(f"{name} {tuple(t.shape)} with strides {t.stride()} spans {span} elements per batch "
+                             f"entry; the Triton kernels index within a batch entry with int32 (< 2**31)")
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g, g_gamma, initial_state) -> None:
     if q.dim() != 4 or tuple(k.shape) != tuple(q.shape) or v.dim() != 4 or tuple(v.shape[:3]) != tuple(q.shape[:3]):
         raise ValueError(f"expected q, k [B, T, H, Dk] and v [B, T, H, Dv]; got {tuple(q.shape)}, "
@@ -370,6 +381,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g, g_gamma, initia
         raise ValueError(f"g_gamma must be [H] = ({H},); got {tuple(g_gamma.shape)}")
     if initial_state is not None and tuple(initial_state.shape) != (B, H, Dk, Dv):
         raise ValueError(f"initial_state must be [B, H, Dk, Dv] = {(B, H, Dk, Dv)}; got {tuple(initial_state.shape)}")
+    _check_offsets(q=q, k=k, v=v)
     if Dk > 256 or Dv > 256:
         raise ValueError(f"head dims up to 256 are supported; got Dk={Dk}, Dv={Dv}")
 
@@ -467,6 +479,7 @@ def chunk_linear_attention_backward_triton(do: torch.Tensor, q: torch.Tensor, k:
     if dht is not None and tuple(dht.shape) != (B, H, Dk, Dv):
         raise ValueError(f"dht must be [B, H, Dk, Dv] = {(B, H, Dk, Dv)}; got {tuple(dht.shape)}")
     do = do.to(q.dtype)
+    _check_offsets(do=do)
     scale = default_scale(q, scale)
     BT = _chunk(chunk_size)
     NT = triton.cdiv(T, BT)

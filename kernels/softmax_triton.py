@@ -195,6 +195,8 @@ def _attn_fwd(Q, K, V, O, LSE,
               UPCAST: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
+    if HAS_MASK:  # heaviest (last) query blocks of a causal mask first: better tail balance
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // Hq).to(tl.int64)
     off_h = (pid_bh % Hq).to(tl.int64)
@@ -460,6 +462,17 @@ _attn_bwd_dq_tuned = triton.autotune(configs=_bwd_dq_configs(), key=_KEY,
 # host wrappers
 # --------------------------------------------------------------------------------------------
 
+def _check_offsets(**tensors: torch.Tensor) -> None:
+    """Offsets inside one batch entry are int32 in the kernels: refuse what would overflow."""
+    for name, t in tensors.items():
+        if t is None or t.numel() == 0:
+            continue
+        span = sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]))
+        if span >= 2**31:
+            raise ValueError(f"{name} {tuple(t.shape)} with strides {t.stride()} spans {span} elements per batch "
+                             f"entry; the Triton kernels index within a batch entry with int32 (< 2**31)")
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int, int]:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [B, T, H, D]; got dims {q.dim()}, {k.dim()}, {v.dim()}")
@@ -472,6 +485,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int,
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
     Dv = v.shape[3]
+    _check_offsets(q=q, k=k, v=v)
     if not (1 <= D <= 256 and 1 <= Dv <= 256):
         raise ValueError(f"head dims must be in [1, 256]; got D={D}, Dv={Dv}")
     if not (q.dtype == k.dtype == v.dtype):
@@ -562,6 +576,7 @@ def attention_block_accumulate_triton_(q: torch.Tensor, k: torch.Tensor, v: torc
     if tuple(o_acc.shape) != (B, Tq, Hq, Dv) or tuple(lse_acc.shape) != (B, Hq, Tq):
         raise ValueError(f"o_acc {tuple(o_acc.shape)} / lse_acc {tuple(lse_acc.shape)} do not match "
                          f"[B, Tq, Hq, Dv] = {[B, Tq, Hq, Dv]} / [B, Hq, Tq] = {[B, Hq, Tq]}")
+    _check_offsets(o_acc=o_acc)
     if Tk == 0:
         return
     _fwd_launch(q, k, v, o_acc, lse_acc, scale, diagonal_offset, accumulate=True)
@@ -583,6 +598,7 @@ def attention_block_backward_triton(do: torch.Tensor, q: torch.Tensor, k: torch.
         raise ValueError(f"lse {tuple(lse.shape)} / delta {tuple(delta.shape)} must be [B, Hq, Tq] = {(B, Hq, Tq)}")
     if do.dtype != q.dtype:
         do = do.to(q.dtype)
+    _check_offsets(do=do)
     lse = lse.float()
     delta = delta.float()
     dq = torch.zeros(B, Tq, Hq, D, dtype=torch.float32, device=q.device)

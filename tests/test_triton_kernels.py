@@ -168,6 +168,11 @@ def test_softmax_fp64_falls_back_and_bad_input():
     with pytest.raises(ValueError, match="multiple"):
         softmax_triton.attention_block_forward_triton(q.float(), q[:, :, :1].float().expand(1, 5, 3, 16),
                                                       q[:, :, :1].float().expand(1, 5, 3, 16), scale=1.0)
+    big = torch.empty(1, 2**20, 32, 128, device="meta")  # per-batch span > int32: refused, not wrapped
+    with pytest.raises(ValueError, match="int32"):
+        softmax_triton._check_offsets(q=big)
+    with pytest.raises(ValueError, match="int32"):
+        linear_triton._check_offsets(q=big)
 
 
 @needs_kernels
