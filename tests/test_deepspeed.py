@@ -1,0 +1,224 @@
+"""DeepSpeed integration on CPU (gloo): seqpar attention on DeepSpeed's sequence-parallel group.
+
+- seqpar's Ulysses (and ring / allgather) equals DeepSpeed's own DistributedAttention on the
+  same inputs, outputs and gradients, [b, s, h, d] and [s, b, h, d], GQA;
+- one deepspeed.initialize'd ZeRO-1 / ZeRO-2 step of a tiny hybrid (linear + softmax) model with
+  sequence parallelism over 2 ranks equals the step without it.
+
+This file starts its own pool of 2 gloo processes (DeepSpeed keeps per-process state).
+DeepSpeed's JIT ops are kept out: the optimizer is a torch one, and the shared-memory comm op
+(a ~100 s C++ build on first use) is marked unavailable before DeepSpeed builds its backend.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+pytest.importorskip("deepspeed")
+
+from distributed_pool import GlooPool, WorkerContext  # noqa: E402
+
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def dspool():
+    p = GlooPool(size=WORLD, timeout_s=240.0)
+    yield p
+    p.close()
+
+
+def _quiet_deepspeed(ctx: WorkerContext) -> None:
+    """Per-process DeepSpeed setup for CPU tests: env of a launcher, no JIT comm op, quiet logs."""
+    warnings.filterwarnings("ignore")
+    os.environ.update(RANK=str(ctx.rank), LOCAL_RANK=str(ctx.rank), WORLD_SIZE=str(WORLD),
+                      DS_ACCELERATOR="cpu")
+    import logging
+
+    import deepspeed.ops
+
+    # DeepSpeed builds its shared-memory allreduce op (JIT C++, ~100 s) whenever an op is marked
+    # compatible; DeepSpeed keeps this table per process for exactly such overrides.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")  # adopts the pool's gloo group
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.ERROR)
+
+
+def _sdpa_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch_dim_idx: int = 0) -> torch.Tensor:
+    """DeepSpeed's local attention: causal SDPA over the full sequence of a head slice."""
+    if batch_dim_idx == 1:
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+    o = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                         is_causal=True, enable_gqa=True).transpose(1, 2)
+    return o if batch_dim_idx == 0 else o.transpose(0, 1)
+
+
+class _LocalAttention(nn.Module):
+    def __init__(self, batch_dim_idx: int) -> None:
+        super().__init__()
+        self.batch_dim_idx = batch_dim_idx
+
+    def forward(self, q, k, v, *args, **kwargs):
+        return _sdpa_local_attention(q, k, v, self.batch_dim_idx)
+
+
+def case_matches_distributed_attention(ctx: WorkerContext, strategy: str, batch_dim_idx: int, hkv: int) -> bool:
+    _quiet_deepspeed(ctx)
+    from deepspeed.sequence.layer import DistributedAttention
+
+    from seqpar.integrations.deepspeed import SeqparDistributedAttention
+    from seqpar.layout import shard_tensor
+
+    torch.manual_seed(0)
+    B, T, H, D = 2, 16, 4, 8
+    q = torch.randn(B, T, H, D, dtype=torch.float64)
+    k = torch.randn(B, T, hkv, D, dtype=torch.float64)
+    v = torch.randn(B, T, hkv, D, dtype=torch.float64)
+    do = torch.randn(B, T, H, D, dtype=torch.float64)
+    local = [shard_tensor(t, "contiguous", ctx.rank, WORLD).clone() for t in (q, k, v, do)]
+    if batch_dim_idx == 1:
+        local = [t.transpose(0, 1).contiguous() for t in local]
+    results = []
+    for module in (DistributedAttention(_LocalAttention(batch_dim_idx), ctx.group),
+                   SeqparDistributedAttention(None, ctx.group, strategy=strategy)):
+        ql, kl, vl = (t.clone().requires_grad_(True) for t in local[:3])
+        o = module(ql, kl, vl, batch_dim_idx)
+        o.backward(local[3])
+        results.append((o.detach(), ql.grad, kl.grad, vl.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny hybrid model on DeepSpeed's sequence-parallel group.
+
+
+class _Block(nn.Module):
+    def __init__(self, kind: str, dim: int, heads: int, kv_heads: int, sp_source, strategy: str) -> None:
+        super().__init__()
+        from seqpar.integrations._common import retnet_decay
+        from seqpar.integrations.deepspeed import SeqparDistributedAttention, SeqparDistributedLinearAttention
+
+        self.kind, self.heads, self.kv_heads, self.hd = kind, heads, kv_heads, dim // heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * self.hd, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        if kind == "S":
+            self.attn = SeqparDistributedAttention(None, sp_source, strategy=strategy)
+        else:
+            self.attn = SeqparDistributedLinearAttention(sp_source, strategy="lasp2", g_gamma=retnet_decay(heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [b, s, dim]
+        b, s, _ = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split([self.heads * self.hd, self.kv_heads * self.hd,
+                                                 self.kv_heads * self.hd], dim=-1)
+        q, k, v = q.view(b, s, -1, self.hd), k.view(b, s, -1, self.hd), v.view(b, s, -1, self.hd)
+        if self.kind == "L":
+            rep = self.heads // self.kv_heads
+            q, k = nn.functional.silu(q), nn.functional.silu(k)
+            k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
+        o = self.attn(q, k, v, 0)
+        x = x + self.proj(o.reshape(b, s, -1))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyHybrid(nn.Module):
+    """Token + learned position embeddings, blocks by pattern (L linear, S softmax), LM head."""
+
+    def __init__(self, sp_source, pattern: str = "LS", vocab: int = 48, dim: int = 32, heads: int = 4,
+                 kv_heads: int = 2, max_len: int = 64, strategy: str = "ulysses") -> None:
+        super().__init__()
+        self.embed, self.pos = nn.Embedding(vocab, dim), nn.Embedding(max_len, dim)
+        self.blocks = nn.ModuleList(_Block(c, dim, heads, kv_heads, sp_source, strategy) for c in pattern)
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens) + self.pos(positions)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def case_zero_step(ctx: WorkerContext, stage: int, strategy: str, layout: str) -> bool:
+    """One ZeRO step with sp=2 gives the same loss, gradients and parameters as sp=1."""
+    _quiet_deepspeed(ctx)
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    from seqpar.integrations.deepspeed import SequenceParallelMPU
+    from seqpar.layout import shard_tensor
+
+    torch.manual_seed(0)
+    B, T, vocab = 2, 16, 48
+    tokens = torch.randint(0, vocab, (B, T))
+    labels = torch.roll(tokens, -1, dims=1)
+    positions = torch.arange(T).expand(B, T)
+    config = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+              "steps_per_print": 10 ** 6}
+    out = {}
+    for sp in (1, WORLD):
+        mpu = SequenceParallelMPU(sp)
+        torch.manual_seed(1)
+        model = TinyHybrid(mpu, pattern="LS", strategy=strategy)
+        for blk in model.blocks:
+            blk.attn.layout = layout if blk.kind == "S" or layout != "striped" else "contiguous"
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=mpu)
+        from deepspeed.comm import comm as ds_comm
+
+        assert ds_comm.cdb.shm_comm_op is None  # no JIT build
+        if sp > 1:  # the engine trains on the group the attention runs on
+            assert engine.get_sequence_parallel_group() is mpu.get_sequence_parallel_group()
+        rank = mpu.get_sequence_parallel_rank()
+        shard = lambda t: shard_tensor(t, layout if sp > 1 else "contiguous", rank, sp)  # noqa: E731
+        logits = engine(shard(tokens), shard(positions))
+        # Each rank's loss is its share of the global mean; DeepSpeed sums the shares.
+        loss = nn.functional.cross_entropy(logits.reshape(-1, vocab), shard(labels).reshape(-1),
+                                           reduction="sum") / labels.numel()
+        engine.backward(loss)
+        grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
+        assert any(g.abs().max() > 0 for g in grads.values())
+        engine.step()
+        total = loss.detach().clone()
+        torch.distributed.all_reduce(total, group=mpu.get_sequence_parallel_group())
+        params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+        out[sp] = (total, grads, params)
+        engine.destroy()
+    (l1, g1, p1), (l2, g2, p2) = out[1], out[WORLD]
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(p2[name], p1[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"param {name}: {m}")
+    return True
+
+
+@pytest.mark.parametrize("strategy,batch_dim_idx,hkv", [("ulysses", 0, 4), ("ulysses", 1, 2),
+                                                        ("ring", 1, 2), ("allgather", 0, 2)])
+def test_matches_deepspeed_distributed_attention(dspool, strategy, batch_dim_idx, hkv):
+    assert all(dspool.run(case_matches_distributed_attention, WORLD, strategy=strategy,
+                          batch_dim_idx=batch_dim_idx, hkv=hkv))
+
+
+@pytest.mark.parametrize("stage,strategy,layout", [(1, "ulysses", "contiguous"), (2, "ring", "zigzag")])
+def test_zero_step_with_sequence_parallel_equals_without(dspool, stage, strategy, layout):
+    assert all(dspool.run(case_zero_step, WORLD, stage=stage, strategy=strategy, layout=layout))
+
+
+def test_group_resolution_errors():
+    from seqpar.integrations.deepspeed import SeqparDistributedAttention, resolve_sequence_parallel_group
+
+    with pytest.raises(TypeError, match="get_sequence_parallel_group"):
+        resolve_sequence_parallel_group(object())
+    with pytest.raises(ValueError, match="strategy"):
+        SeqparDistributedAttention(None, None, strategy="nope")

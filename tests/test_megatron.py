@@ -1,0 +1,249 @@
+"""Megatron-core integration on CPU: context_parallel_size=2 (gloo) equals context_parallel_size=1.
+
+Megatron's parallel_state is per process, so this file starts its own pool of 2 gloo processes
+(once for every case here) and (re)initialises Megatron's model parallelism inside each case.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+from distributed_pool import GlooPool, WorkerContext  # noqa: E402
+
+WORLD = 2
+SEQ = 16
+VOCAB = 64
+
+
+@pytest.fixture(scope="module")
+def mpool():
+    p = GlooPool(size=WORLD, timeout_s=240.0)
+    yield p
+    p.close()
+
+
+def _init_megatron(cp: int) -> None:
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(context_parallel_size=cp, create_gloo_process_groups=False)
+
+
+def _config(cp: int, num_layers: int, gqa: bool):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(num_layers=num_layers, hidden_size=32, num_attention_heads=4,
+                             num_query_groups=2 if gqa else 4, ffn_hidden_size=64, kv_channels=8,
+                             use_cpu_initialization=True, context_parallel_size=cp, attention_dropout=0.0,
+                             hidden_dropout=0.0, params_dtype=torch.float32, bias_dropout_fusion=False,
+                             masked_softmax_fusion=False, gradient_accumulation_fusion=False,
+                             persist_layer_norm=False, apply_rope_fusion=False)
+
+
+def _spec(config, pattern: str | None, strategy: str | None, stock: bool):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from seqpar.integrations.megatron import get_gpt_layer_spec, hybrid_layer_specs
+
+    if stock:  # plain SDPA core attention (cp=1 only): the reference of the softmax math
+        from megatron.core.transformer.spec_utils import ModuleSpec
+
+        from seqpar.integrations.megatron import _with_core_attention
+
+        return _with_core_attention(get_gpt_layer_local_spec(), ModuleSpec(module=_reference_core()))
+    if pattern is None:
+        return get_gpt_layer_spec("softmax", strategy=strategy)
+    return hybrid_layer_specs(pattern, config=config, softmax_strategy=strategy)
+
+
+def _reference_core():
+    """A core attention with torch SDPA on the full sequence (Megatron's own DotProductAttention
+    needs CUDA): the single-device oracle of the softmax layers."""
+    from megatron.core.transformer.module import MegatronModule
+
+    class ReferenceCoreAttention(MegatronModule):
+        def __init__(self, config, layer_number, attn_mask_type, attention_type="self", attention_dropout=None,
+                     softmax_scale=None, cp_comm_type=None, pg_collection=None):
+            super().__init__(config=config)
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            q, k, v = (t.permute(1, 2, 0, 3).double() for t in (query, key, value))  # [b, n, s, d]
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            s, b, n, d = query.shape
+            return o.permute(2, 0, 1, 3).reshape(s, b, n * d).to(query.dtype)
+
+    return ReferenceCoreAttention
+
+
+def _copy_state(module) -> dict:
+    return {k: v.clone() for k, v in module.state_dict().items() if torch.is_tensor(v)}
+
+
+def _grads(model, group) -> dict[str, torch.Tensor]:
+    """Parameter gradients summed over the context-parallel group (what DDP's dp-cp reduce does)."""
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad.detach().clone()
+        if group is not None:
+            torch.distributed.all_reduce(g, group=group)
+        out[name] = g
+    return out
+
+
+def case_layout_matches_megatron_slicing(ctx: WorkerContext) -> bool:
+    """seqpar's "zigzag" is what Megatron's get_batch_on_this_cp_rank keeps on each cp rank."""
+    _init_megatron(cp=WORLD)
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    from seqpar.integrations.megatron import MEGATRON_CP_LAYOUT
+    from seqpar.layout import shard_tensor
+
+    tokens = torch.arange(2 * 24).view(2, 24)
+    mask = torch.ones(2, 1, 24, 24)
+    batch = get_batch_on_this_cp_rank({"tokens": tokens.clone(), "attention_mask": mask})
+    rank = parallel_state.get_context_parallel_rank()
+    expected = shard_tensor(tokens, MEGATRON_CP_LAYOUT, rank, WORLD, dim=1)
+    assert torch.equal(batch["tokens"], expected), (batch["tokens"], expected)
+    assert batch["attention_mask"].shape == (2, 1, 12, 24)
+    return True
+
+
+def case_transformer_layer(ctx: WorkerContext, kind: str, strategy: str | None, gqa: bool) -> bool:
+    """One TransformerLayer: cp=2 outputs and gradients equal cp=1 (softmax: vs Megatron's own attention)."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    from seqpar.integrations.megatron import get_gpt_layer_spec
+
+    torch.manual_seed(0)
+    x = torch.randn(2, SEQ, 32, dtype=torch.float32)  # [b, s, h]; Megatron wants [s, b, h]
+    results = {}
+    for cp in (1, WORLD):
+        _init_megatron(cp)
+        config = _config(cp, 1, gqa)
+        spec = _spec(config, None, strategy, stock=(cp == 1 and kind == "softmax"))
+        if kind == "linear":
+            spec = get_gpt_layer_spec("linear", strategy=strategy)
+        torch.manual_seed(1)
+        layer = TransformerLayer(config, spec.submodules, layer_number=1)
+        if cp == 1:
+            state = _copy_state(layer)
+        else:
+            missing, unexpected = layer.load_state_dict(state, strict=False)
+            assert not [k for k in missing if "_extra_state" not in k] and not unexpected, (missing, unexpected)
+        xin = get_batch_on_this_cp_rank({"x": x.clone()})["x"] if cp > 1 else x.clone()
+        xin = xin.transpose(0, 1).contiguous().requires_grad_(True)
+        out, _ = layer(xin, attention_mask=None)
+        (out.float() ** 2).sum().backward()
+        group = parallel_state.get_context_parallel_group() if cp > 1 else None
+        results[cp] = (out.detach(), xin.grad.detach(), _grads(layer, group))
+
+    o1, dx1, g1 = results[1]
+    o2, dx2, g2 = results[WORLD]
+    rank = parallel_state.get_context_parallel_rank()
+    shard = lambda t: get_batch_on_this_cp_rank({"t": t.transpose(0, 1)}, )["t"].transpose(0, 1)  # noqa: E731
+    torch.testing.assert_close(o2, shard(o1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dx2, shard(dx1), rtol=1e-4, atol=1e-5)
+    assert g1.keys() == g2.keys()
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert rank == ctx.rank
+    return True
+
+
+def case_gpt_model(ctx: WorkerContext, pattern: str | None, strategy: str | None) -> bool:
+    """A small GPTModel (learned absolute positions): cp=2 loss, logits and grads equal cp=1."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (2, SEQ))
+    labels = torch.roll(tokens, -1, dims=1)
+    position_ids = torch.arange(SEQ).unsqueeze(0).expand(2, -1).contiguous()
+    results = {}
+    for cp in (1, WORLD):
+        _init_megatron(cp)
+        num_layers = 4 if pattern else 2
+        config = _config(cp, num_layers, gqa=True)
+        spec = _spec(config, pattern, strategy, stock=(cp == 1 and pattern is None))
+        torch.manual_seed(1)
+        model = GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ,
+                         position_embedding_type="learned_absolute")
+        if cp == 1:
+            state = _copy_state(model)
+        else:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            assert not [k for k in missing if "_extra_state" not in k] and not unexpected, (missing, unexpected)
+        batch = {"tokens": tokens.clone(), "labels": labels.clone(), "position_ids": position_ids.clone()}
+        if cp > 1:
+            batch = get_batch_on_this_cp_rank(batch)
+        loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])  # [b, s_local]
+        group = parallel_state.get_context_parallel_group() if cp > 1 else None
+        (loss.sum() / labels.numel()).backward()
+        total = loss.detach().sum()
+        if group is not None:
+            torch.distributed.all_reduce(total, group=group)
+        results[cp] = (loss.detach(), total, _grads(model, group))
+
+    l1, t1, g1 = results[1]
+    l2, t2, g2 = results[WORLD]
+    shard = get_batch_on_this_cp_rank({"l": l1})["l"]
+    torch.testing.assert_close(l2, shard, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(t2, t1, rtol=1e-5, atol=1e-5)
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    return True
+
+
+def test_layout_matches_megatron_batch_slicing(mpool):
+    assert all(mpool.run(case_layout_matches_megatron_slicing, WORLD))
+
+
+@pytest.mark.parametrize("strategy", ["ring", "allgather", "ulysses"])
+def test_transformer_layer_softmax_cp2_equals_cp1(mpool, strategy):
+    assert all(mpool.run(case_transformer_layer, WORLD, kind="softmax", strategy=strategy, gqa=True))
+
+
+@pytest.mark.parametrize("strategy", ["lasp2", "lasp1"])
+def test_transformer_layer_linear_cp2_equals_cp1(mpool, strategy):
+    assert all(mpool.run(case_transformer_layer, WORLD, kind="linear", strategy=strategy, gqa=False))
+
+
+@pytest.mark.parametrize("pattern,strategy", [(None, "ring"), ("LS", "allgather"), ("LLLS", "ulysses")])
+def test_gpt_model_cp2_equals_cp1(mpool, pattern, strategy):
+    assert all(mpool.run(case_gpt_model, WORLD, pattern=pattern, strategy=strategy))
+
+
+def test_specs_and_errors():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from seqpar.integrations.megatron import (
+        SeqparCoreAttention,
+        SeqparLinearCoreAttention,
+        expand_pattern,
+        hybrid_layer_specs,
+    )
+
+    assert expand_pattern("LS", 4) == "LSLS"
+    with pytest.raises(ValueError, match="does not tile"):
+        expand_pattern("LLS", 4)
+    with pytest.raises(ValueError, match="'S'"):
+        expand_pattern("LX", 2)
+    block = hybrid_layer_specs("LLLS", num_layers=8)
+    cores = [s.submodules.self_attention.submodules.core_attention.module for s in block.layer_specs]
+    assert cores == [SeqparLinearCoreAttention] * 3 + [SeqparCoreAttention] + [SeqparLinearCoreAttention] * 3 + [SeqparCoreAttention]
+    config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True)
+    with pytest.raises(ValueError, match="attention_dropout"):
+        SeqparCoreAttention(config, 1, None, pg_collection=object())
