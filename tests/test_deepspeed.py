@@ -155,7 +155,7 @@ def case_zero_step(ctx: WorkerContext, stage: int, strategy: str, layout: str) -
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
-    from seqpar.integrations.deepspeed import SequenceParallelMPU
+    from seqpar.integrations.deepspeed import SequenceParallelMPU, resolve_sequence_parallel_group
     from seqpar.layout import shard_tensor
 
     torch.manual_seed(0)
@@ -180,6 +180,7 @@ def case_zero_step(ctx: WorkerContext, stage: int, strategy: str, layout: str) -
         assert ds_comm.cdb.shm_comm_op is None  # no JIT build
         if sp > 1:  # the engine trains on the group the attention runs on
             assert engine.get_sequence_parallel_group() is mpu.get_sequence_parallel_group()
+            assert resolve_sequence_parallel_group(engine) is model.blocks[0].attn.group
         rank = mpu.get_sequence_parallel_rank()
         shard = lambda t: shard_tensor(t, layout if sp > 1 else "contiguous", rank, sp)  # noqa: E731
         logits = engine(shard(tokens), shard(positions))

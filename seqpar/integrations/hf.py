@@ -108,7 +108,8 @@ def apply_sequence_parallel(model: torch.nn.Module, group: Any, *, strategy: str
 
 
 def remove_sequence_parallel(model: torch.nn.Module, attn_implementation: str = "sdpa") -> torch.nn.Module:
-    """Undo :func:`apply_sequence_parallel`: drop the settings and select ``attn_implementation``."""
+    """Undo :func:`apply_sequence_parallel`: drop the settings and select ``attn_implementation``
+    (``config.use_cache`` stays False)."""
     for m in _attention_modules(model):
         if hasattr(m, "seqpar_attention"):
             del m.seqpar_attention
