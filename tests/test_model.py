@@ -60,7 +60,8 @@ def _compare(model: HybridLM, loss: float, ref_loss: float, ref_grads: dict) -> 
     return errs
 
 
-def case_step(ctx, model_kw: dict, sp_kw: dict, B: int = 2, T: int = 16, dp: int = 1, default_positions: bool = False):
+def case_step(ctx, model_kw: dict, sp_kw: dict, B: int = 2, T: int = 16, dp: int = 1, default_positions: bool = False,
+              activation_checkpointing: bool = False):
     """One step on the pool ranks; returns the loss / gradient errors against the unsharded model."""
     torch.manual_seed(0)
     model = HybridLM(_tiny_config(**model_kw)).double()
@@ -78,6 +79,7 @@ def case_step(ctx, model_kw: dict, sp_kw: dict, B: int = 2, T: int = 16, dp: int
     if cfg.softmax_strategy == "usp":
         attn_group = ctx.usp_groups[(cfg.ulysses_size, cfg.ring_size)]
     parallelize_model(model, cfg, attn_group)
+    model.activation_checkpointing = activation_checkpointing
     sb = shard_batch(tokens, labels, cfg.layout, groups.sp)
     logits = model(sb.tokens) if default_positions else model(sb.tokens, sb.positions)
     share, loss = sequence_parallel_loss(logits, sb.labels, groups)
@@ -117,6 +119,12 @@ def test_step_matches_unsharded(pool, world, model_kw, sp_kw):
 def test_step_default_positions(pool):
     """Without explicit positions the model derives RoPE positions from its context_parallel."""
     _check(pool.run(case_step, 2, model_kw=dict(linear_rope=True), sp_kw=dict(layout="zigzag"), default_positions=True))
+
+
+def test_step_activation_checkpointing(pool):
+    """Recomputing each layer in backward re-runs its collectives and changes nothing."""
+    _check(pool.run(case_step, 2, model_kw=dict(linear_decay="gate"), sp_kw=dict(layout="zigzag", softmax_strategy="allgather"),
+                    activation_checkpointing=True))
 
 
 def test_step_data_and_sequence_parallel(pool):
