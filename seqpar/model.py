@@ -212,8 +212,8 @@ class LinearAttention(nn.Module):
         elif self.decay == "fixed":
             g_gamma = retnet_log_decay(self.n_heads, device=x.device)
         o = self.mix(q, k, v, g, g_gamma)
-        if self.out_norm is not None:
-            o = self.out_norm(o)
+        if self.out_norm is not None:  # normalise in the parameters' dtype (fp32 under autocast)
+            o = self.out_norm(o.to(self.out_norm.weight.dtype))
         return self.wo(o.reshape(B, T, -1))
 
     def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,

@@ -165,6 +165,8 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
     groups = _local_groups(groups)
     if groups.sp_size != cfg.sp.sp_size:
         raise ValueError(f"the sequence-parallel group has {groups.sp_size} ranks but the config says sp_size={cfg.sp.sp_size}")
+    if cfg.batch_size % groups.dp_size != 0:
+        raise ValueError(f"global batch_size {cfg.batch_size} is not divisible by the data-parallel size {groups.dp_size}")
     if attention_group is None:
         attention_group = groups.sp
     rank0 = groups.dp_rank == 0 and groups.sp_rank == 0
