@@ -85,6 +85,73 @@ def _close(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# ahead-of-time compilation for an H100 (sm_90), no GPU needed: catches what the interpreter
+# cannot (dtype rules of tl.dot, layouts, register/shared-memory limits of the NVIDIA backend)
+# --------------------------------------------------------------------------------------------
+
+def _compile_main() -> None:
+    """Compile every kernel for sm_90 with Triton's bundled ptxas (run in a process where the
+    kernels were decorated for the JIT, not the interpreter)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def build(fn, ptrs: dict, floats: tuple, consts: dict, num_warps: int, num_stages: int) -> None:
+        sig, cst = {}, dict(consts)
+        for name in fn.arg_names:
+            if name in cst:
+                sig[name] = "constexpr"
+            elif name.startswith("stride_") and name.endswith("d"):
+                sig[name], cst[name] = "constexpr", 1  # unit inner stride, as the JIT specializes it
+            elif name.startswith("stride") or name in ("Tq", "Tk", "Hq", "Hkv", "G", "diag", "TQ_KEY", "TK_KEY",
+                                                       "T", "H", "NT"):
+                sig[name] = "i32"
+            elif name in floats:
+                sig[name] = "fp32"
+            else:
+                sig[name] = "*" + ptrs.get(name, ptrs["_"])
+        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cst), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": num_warps, "num_stages": num_stages})
+
+    st, lt = softmax_triton, linear_triton
+    for dt, D, mask in (("bf16", 128, True), ("fp16", 64, False), ("fp32", 24, True)):
+        prec = "ieee" if dt == "fp32" else "tf32"
+        c = dict(HEAD_DIM=D, HEAD_DV=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(D),
+                 HAS_MASK=mask, UPCAST=False, PRECISION=prec)
+        for acc in (False, True):
+            build(st._attn_fwd, {"_": dt, "O": "fp32", "LSE": "fp32"}, ("qk_scale",),
+                  {**c, "ACCUMULATE": acc, "BLOCK_M": 128 if dt != "fp32" else 64, "BLOCK_N": 64}, 8, 3)
+        build(st._attn_bwd_dkdv, {"_": dt, "LSE": "fp32", "DELTA": "fp32", "DK": "fp32", "DV": "fp32"},
+              ("qk_scale", "scale"), {**c, "BLOCK_M": 64, "BLOCK_N": 64}, 8, 3)
+        build(st._attn_bwd_dq, {"_": dt, "LSE": "fp32", "DELTA": "fp32", "DQ": "fp32"},
+              ("qk_scale", "scale"), {**c, "BLOCK_M": 128, "BLOCK_N": 64}, 8, 2)
+        hs = "bf16" if dt == "bf16" else "fp32"
+        lc = dict(DK=D, DV=D, BT=64, BK=min(64, triton.next_power_of_2(D)), BV=min(64, triton.next_power_of_2(D)),
+                  UPCAST=False, PRECISION=prec, USE_G=mask)
+        ph = {"PRECISION_H": "tf32" if hs == "fp32" and dt != "fp32" else prec}
+        build(lt._lin_fwd_h, {"_": dt, "GC": "fp32", "H0": "fp32", "HS": hs, "HT": "fp32"}, (),
+              {**lc, "USE_H0": True, "STORE_HT": True}, 8, 2)
+        build(lt._lin_fwd_o, {"_": dt, "GC": "fp32", "HS": hs, "O": "fp32"}, ("scale",), {**lc, **ph}, 8, 2)
+        build(lt._lin_bwd_dh, {"_": dt, "GC": "fp32", "DHT": "fp32", "DHS": hs, "DH0": "fp32"}, ("scale",),
+              {**lc, "USE_DHT": True, "STORE_DH0": True}, 8, 2)
+        build(lt._lin_bwd_dv, {"_": dt, "GC": "fp32", "DHS": hs, "DVo": "fp32"}, ("scale",), {**lc, **ph}, 8, 2)
+        build(lt._lin_bwd_dqk, {"_": dt, "GC": "fp32", "HS": hs, "DHS": hs, "DQ": "fp32", "DKo": "fp32",
+                                "DGP": "fp32"}, ("scale",), {**lc, **ph, "STORE_DG": mask}, 8, 2)
+    print("compiled all kernels for sm_90")
+
+
+def test_kernels_compile_for_sm90():
+    """Every kernel compiles for an H100 (ahead of time, in a subprocess: no GPU needed)."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("Triton's bundled ptxas is missing")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, "-c", "import test_triton_kernels as t; t._compile_main()"],
+                         cwd=os.path.dirname(os.path.abspath(__file__)), env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0 and "compiled all kernels" in res.stdout, res.stdout[-3000:] + res.stderr[-5000:]
+
+
+# --------------------------------------------------------------------------------------------
 # softmax attention block
 # --------------------------------------------------------------------------------------------
 
