@@ -329,22 +329,41 @@ def _lin_bwd_dqk(Q, K, V, DO, GC, HS, DHS, DQ, DKo, DGP,
         tl.store(DGP + row * NT * BT + offs_t, dgp, mask=t_ok)
 
 
-_tuned = {
-    name: triton.autotune(configs=_configs(), key=_KEY)(fn)
-    for name, fn in (("fwd_h", _lin_fwd_h), ("fwd_o", _lin_fwd_o), ("bwd_dh", _lin_bwd_dh),
-                     ("bwd_dv", _lin_bwd_dv), ("bwd_dqk", _lin_bwd_dqk))
-}
+def _state_configs():
+    # the sequential state kernels: more, smaller (BK, BV) tiles mean more programs in flight
+    return [triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
+            for bk in (32, 64) for bv in (32, 64) for w in (4, 8) for s in (2, 3)]
+
+
+def _prune_state(configs, named_args, **kwargs):
+    dk, dv = kwargs["DK"], kwargs["DV"]
+    kept = [c for c in configs
+            if c.kwargs["BK"] <= max(32, triton.next_power_of_2(dk)) and c.kwargs["BV"] <= max(32, triton.next_power_of_2(dv))]
+    return kept or configs[:1]
+
+
+_STATE_KERNELS = ("fwd_h", "bwd_dh")
 _raw = {"fwd_h": _lin_fwd_h, "fwd_o": _lin_fwd_o, "bwd_dh": _lin_bwd_dh, "bwd_dv": _lin_bwd_dv,
         "bwd_dqk": _lin_bwd_dqk}
+_tuned = {
+    name: (triton.autotune(configs=_state_configs(), key=["DK", "DV", "BT"],
+                           prune_configs_by={"early_config_prune": _prune_state})(fn)
+           if name in _STATE_KERNELS else triton.autotune(configs=_configs(), key=_KEY)(fn))
+    for name, fn in _raw.items()
+}
 
 
-def _launch(name: str, grid: tuple[int, ...], *args, **meta) -> None:
-    # Under the interpreter the autotuner would try to time configs (no driver): launch directly.
+def _launch(name: str, grid, *args, **meta) -> None:
+    """Launch kernel ``name``; ``grid`` is a tuple, or a function of the meta-parameters for the
+    state kernels, whose (BK, BV) tiles are autotuned."""
     if _interpreting():
-        _raw[name][grid](*args, **meta)
-    else:
-        with torch.cuda.device(args[0].device):  # launch on the tensors' GPU, not the current one
-            _tuned[name][grid](*args, **meta)
+        # Under the interpreter the autotuner would try to time configs (no driver): launch directly.
+        _raw[name][grid(meta) if callable(grid) else grid](*args, **meta)
+        return
+    if name in _STATE_KERNELS:
+        meta = {k: v for k, v in meta.items() if k not in ("BK", "BV")}
+    with torch.cuda.device(args[0].device):  # launch on the tensors' GPU, not the current one
+        _tuned[name][grid](*args, **meta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,7 +443,7 @@ def _states(k, v, gc, initial_state, B, T, H, Dk, Dv, NT, meta, store_final: boo
     ht = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=k.device) if store_final else hs
     h0 = initial_state.float().contiguous() if initial_state is not None else hs
     gptr = gc if gc is not None else hs
-    grid = (triton.cdiv(Dk, meta["BK"]), triton.cdiv(Dv, meta["BV"]), B * H)
+    grid = lambda META: (triton.cdiv(Dk, META["BK"]), triton.cdiv(Dv, META["BV"]), B * H)  # noqa: E731
     _launch("fwd_h", grid, k, v, gptr, h0, hs, ht, *_s4(k), *_s4(v), T, H, NT,
             USE_G=gc is not None, USE_H0=initial_state is not None, STORE_HT=store_final, **meta)
     return hs, (ht if store_final else None)
@@ -499,7 +518,7 @@ def chunk_linear_attention_backward_triton(do: torch.Tensor, q: torch.Tensor, k:
     dhs = torch.empty(B * H, NT, Dk, Dv, dtype=hs.dtype, device=q.device)
     dh0 = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=q.device) if initial_state is not None else None
     dht_c = dht.float().contiguous() if dht is not None else None
-    _launch("bwd_dh", (triton.cdiv(Dk, meta["BK"]), triton.cdiv(Dv, meta["BV"]), B * H),
+    _launch("bwd_dh", lambda META: (triton.cdiv(Dk, META["BK"]), triton.cdiv(Dv, META["BV"]), B * H),
             q, do, gptr, dht_c if dht_c is not None else hs, dhs, dh0 if dh0 is not None else hs,
             *_s4(q), *_s4(do), T, H, NT, float(scale),
             USE_G=gc is not None, USE_DHT=dht is not None, STORE_DH0=dh0 is not None, **meta)
