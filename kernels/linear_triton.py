@@ -391,6 +391,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g, g_gamma, initia
     Dv = v.shape[-1]
     if g is not None and g_gamma is not None:
         raise ValueError("give either g or g_gamma, not both")
+    for name, t in (("k", k), ("v", v), ("g", g), ("g_gamma", g_gamma), ("initial_state", initial_state)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     if q.device.type != "cuda" and not _interpreting():
         raise ValueError(f"the Triton kernels need CUDA tensors (got {q.device}); on CPU use the torch backend "
                          "or set TRITON_INTERPRET=1 before importing the kernel module")

@@ -507,6 +507,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int,
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"unsupported dtype {q.dtype} for the Triton kernel")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     if q.device.type != "cuda" and not _interpreting():
         raise ValueError(f"the Triton kernels need CUDA tensors (got {q.device}); on CPU use the torch backend "
                          "or set TRITON_INTERPRET=1 before importing the kernel module")
