@@ -125,7 +125,12 @@ def shard_batch(tokens: torch.Tensor, labels: torch.Tensor, layout: str, group: 
 
 
 def _all_reduce_sum(t: torch.Tensor, groups: SequenceParallelGroups | None) -> torch.Tensor:
+    """Sum ``t`` over every rank of the dp x sp world, in place (one collective when the
+    groups span the default group, else over sp then dp)."""
     if groups is None:
+        return t
+    if groups.sp_size > 1 and groups.dp_size > 1 and dist.get_world_size() == groups.sp_size * groups.dp_size:
+        dist.all_reduce(t)
         return t
     if groups.sp_size > 1:
         dist.all_reduce(t, group=groups.sp)

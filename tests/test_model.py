@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from seqpar.comm.groups import SequenceParallelGroups, make_data_sequence_groups
-from seqpar.config import ModelConfig, SequenceParallelConfig, TrainConfig, check_compatible
+from seqpar.config import MODEL_PRESETS, ModelConfig, SequenceParallelConfig, TrainConfig, check_compatible, preset
 from seqpar.model import HybridLM, local_linear_attention
 from seqpar.parallelize import (parallelize_model, sequence_parallel_loss, shard_batch, sync_gradients,
                                 unparallelize_model)
@@ -204,3 +204,15 @@ def test_compatibility_errors():
         parallelize_model(HybridLM(_tiny_config()), SequenceParallelConfig(softmax_strategy="usp"), None)
     with pytest.raises(ValueError, match="tokens .* and labels .* differ"):
         shard_batch(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long), "contiguous", None)
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_PRESETS))
+def test_presets(name):
+    """Every preset validates and builds (on the meta device: no memory); 1b is about 0.97B parameters."""
+    cfg = preset(name)
+    with torch.device("meta"):
+        model = HybridLM(cfg.model)
+    n = model.num_params()
+    assert n > 0
+    if name == "1b":
+        assert 0.9e9 < n < 1.1e9, n
