@@ -31,7 +31,8 @@ class ContextParallel:
     """How one attention layer mixes tokens across the sequence-parallel group.
 
     ``group`` is the sequence-parallel ProcessGroup (or :class:`seqpar.comm.UspGroups` for the
-    ``usp`` strategy); ``strategy`` one of the softmax or linear strategies.
+    ``usp`` strategy); ``strategy`` one of the softmax or linear strategies (on the model itself,
+    which only needs the layout and group for RoPE positions, it is ``"positions"``).
     """
 
     group: Any
