@@ -329,3 +329,53 @@ def test_linear_dispatcher_autograd_triton_backend():
     _close("o", o.detach(), ro, 5e-4)
     for name, x, r in zip(("dq", "dk", "dv", "dg", "dh0"), leaves, rgrads):
         _close(name, x.grad, r, 5e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU only: realistic sizes, so the autotuned (large) tiles see many blocks, tails and bands
+# --------------------------------------------------------------------------------------------
+
+gpu_only = pytest.mark.skipif(not CUDA, reason="needs a GPU")
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [(2, 1000, 1000, 8, 2, 128, 0), (1, 777, 1531, 4, 4, 64, 754),
+                                  (1, 1024, 1024, 4, 1, 128, None), (1, 513, 700, 2, 2, 128, -1)],
+                         ids=["causal_gqa", "offset", "full_mqa", "strict"])
+def test_softmax_gpu_sizes(case, dtype):
+    q, k, v, do, scale, m = _softmax_inputs(case, dtype)
+    o, lse = softmax_triton.attention_block_forward_triton(q, k, v, scale=scale, diagonal_offset=m)
+    ro, rlse = attention_block_forward_reference(q.float(), k.float(), v.float(), scale=scale, diagonal_offset=m)
+    _close("o", o, ro, TOL[dtype])
+    _close("lse", lse, rlse, TOL[dtype])
+    delta = (ro * do.float()).sum(-1).transpose(1, 2).contiguous()
+    grads = softmax_triton.attention_block_backward_triton(do, q, k, v, rlse, delta, scale=scale, diagonal_offset=m)
+    ref = attention_block_backward_reference(do.float(), q.float(), k.float(), v.float(), rlse, delta,
+                                             scale=scale, diagonal_offset=m)
+    for name, gt, rf in zip(("dq", "dk", "dv"), grads, ref):
+        _close(name, gt, rf, TOL[dtype])
+
+
+@gpu_only
+@pytest.mark.parametrize("gate", [None, "g", "gamma"])
+def test_linear_gpu_sizes(gate):
+    case = (2, 1000, 4, 128, 128, True)
+    q, k, v, g, g_gamma, h0, dht, do = _linear_inputs(case, gate, torch.bfloat16)
+    k = k * 128 ** -0.5
+    o, final = linear_triton.chunk_linear_attention_forward_triton(q, k, v, g=g, g_gamma=g_gamma, initial_state=h0,
+                                                                   output_final_state=True)
+    f = lambda x: None if x is None else x.float()  # noqa: E731
+    from seqpar.kernels.linear_reference import chunk_linear_attention_forward_reference
+
+    ro, rfinal = chunk_linear_attention_forward_reference(f(q), f(k), f(v), g=g, g_gamma=g_gamma, initial_state=h0,
+                                                          output_final_state=True)
+    _close("o", o, ro, TOL[torch.bfloat16])
+    _close("final_state", final, rfinal, TOL[torch.bfloat16])
+    got = linear_triton.chunk_linear_attention_backward_triton(do, q, k, v, g=g, g_gamma=g_gamma, initial_state=h0,
+                                                               dht=dht)
+    ref = chunk_linear_attention_backward_reference(f(do), f(q), f(k), f(v), g=g, g_gamma=g_gamma, initial_state=h0,
+                                                    dht=dht)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), got, ref):
+        if b is not None:
+            _close(name, a, b, TOL[torch.bfloat16])
