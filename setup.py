@@ -41,7 +41,7 @@ setup(
         "bench": ["tqdm", "matplotlib"],
         "megatron": ["megatron-core==0.16.1"],
         "deepspeed": ["deepspeed==0.19.8"],
-        "hf": ["transformers"],
+        "hf": ["transformers>=5.23,<6"],
     },
     entry_points={"console_scripts": ["seqpar-train=seqpar.train:main"]},
 )

@@ -10,6 +10,11 @@ import torch.distributed as dist
 
 from seqpar.comm.groups import group_rank_and_size
 
+# Newer torch names the dim-0 concatenating collectives *_single (the *_tensor names warn); older
+# releases only have *_tensor.
+_all_gather_dim0 = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_dim0 = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 class CommHandle:
     """A pending collective. ``wait()`` blocks until it is done and returns its result."""
@@ -111,7 +116,7 @@ def all_gather(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> CommHan
     send = _staged(tensor, stage)
     out = torch.empty((world_size * send.shape[0],) + tuple(send.shape[1:]) if send.dim() else (world_size,),
                       dtype=send.dtype, device=send.device)
-    work = dist.all_gather_into_tensor(out, send, group=group, async_op=True)
+    work = _all_gather_dim0(out, send, group=group, async_op=True)
 
     def finish():
         gathered = out.view((world_size,) + tuple(tensor.shape))
@@ -132,7 +137,7 @@ def reduce_scatter(stacked: torch.Tensor, group: dist.ProcessGroup | None) -> Co
     stage = _needs_host_staging(group, stacked)
     send = _staged(stacked, stage).view((-1,) + tuple(stacked.shape[2:])) if stacked.dim() > 1 else _staged(stacked, stage)
     out = torch.empty(tuple(stacked.shape[1:]), dtype=send.dtype, device=send.device)
-    work = dist.reduce_scatter_tensor(out.view((-1,) + tuple(stacked.shape[2:])) if stacked.dim() > 1 else out,
+    work = _reduce_scatter_dim0(out.view((-1,) + tuple(stacked.shape[2:])) if stacked.dim() > 1 else out,
                                       send, group=group, async_op=True)
 
     def finish():
