@@ -93,6 +93,10 @@ def _pruner(kind: str):
             need = elt * (bm * max(block_d, block_dv) + bn * (block_d + block_dv) * max(1, c.num_stages - 1))
             if need <= smem:
                 kept.append(c)
+        if elt == 4:
+            # fp32 IEEE dots are FMA loops: per ptxas (sm_90, D=128) 32x32 tiles on 8 warps spill
+            # 0-0.8 KB, anything larger 3-38 KB
+            kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 32 and c.num_warps == 8]
         if kept:
             return kept
         return [min(configs, key=lambda c: (_accumulator_elems(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
@@ -109,7 +113,7 @@ def _cfgs(rows) -> list:
 # D=128 bf16 on sm_90 checked offline with ptxas.
 def _fwd_configs():
     return _cfgs(((128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (128, 32, 8, 3),
-                  (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2)))
+                  (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2)))
 
 
 def _bwd_dkdv_configs():

@@ -115,15 +115,16 @@ def _compile_main() -> None:
     st, lt = softmax_triton, linear_triton
     for dt, D, mask in (("bf16", 128, True), ("fp16", 64, False), ("fp32", 24, True)):
         prec = "ieee" if dt == "fp32" else "tf32"
+        tiles = lambda bm, bn: {"BLOCK_M": 32, "BLOCK_N": 32} if dt == "fp32" else {"BLOCK_M": bm, "BLOCK_N": bn}  # noqa: E731
         c = dict(HEAD_DIM=D, HEAD_DV=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(D),
                  HAS_MASK=mask, UPCAST=False, PRECISION=prec)
         for acc in (False, True):
             build(st._attn_fwd, {"_": dt, "O": "fp32", "LSE": "fp32"}, ("qk_scale",),
-                  {**c, "ACCUMULATE": acc, "BLOCK_M": 128 if dt != "fp32" else 64, "BLOCK_N": 64}, 8, 3)
+                  {**c, "ACCUMULATE": acc, **tiles(128, 64)}, 8, 3)
         build(st._attn_bwd_dkdv, {"_": dt, "LSE": "fp32", "DELTA": "fp32", "DK": "fp32", "DV": "fp32"},
-              ("qk_scale", "scale"), {**c, "BLOCK_M": 64, "BLOCK_N": 64}, 8, 3)
+              ("qk_scale", "scale"), {**c, **tiles(64, 64)}, 8, 3)
         build(st._attn_bwd_dq, {"_": dt, "LSE": "fp32", "DELTA": "fp32", "DQ": "fp32"},
-              ("qk_scale", "scale"), {**c, "BLOCK_M": 128, "BLOCK_N": 64}, 8, 2)
+              ("qk_scale", "scale"), {**c, **tiles(128, 64)}, 8, 2)
         hs = "bf16" if dt == "bf16" else "fp32"
         lc = dict(DK=D, DV=D, BT=64, BK=min(64, triton.next_power_of_2(D)), BV=min(64, triton.next_power_of_2(D)),
                   UPCAST=False, PRECISION=prec, USE_G=mask)
