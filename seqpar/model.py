@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from seqpar.config import ModelConfig
+from seqpar.kernels.linear import chunk_linear_attention
 from seqpar.layout import local_positions
 
 
@@ -47,7 +48,8 @@ class ContextParallel:
 
 
 # ---------------------------------------------------------------------------------------------
-# Single-device token mixers (the default, and the oracle of the tests).
+# Single-device token mixing (the default): torch SDPA for softmax layers, the library's chunked
+# linear-attention kernel (Triton on CUDA, PyTorch elsewhere) for linear layers.
 
 
 def local_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -56,52 +58,6 @@ def local_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        is_causal=True, scale=scale, enable_gqa=k.shape[2] != q.shape[2])
     return o.transpose(1, 2)
-
-
-def _pick_chunk(T: int) -> int:
-    return 64 if T <= 16384 else 256
-
-
-def local_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, g: torch.Tensor | None = None,
-                           g_gamma: torch.Tensor | None = None, scale: float | None = None,
-                           initial_state: torch.Tensor | None = None, chunk_size: int | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked causal linear attention on one device (plain PyTorch, fp32 / fp64 compute).
-
-    Recurrence S_t = exp(g_t) S_{t-1} + k_t v_t^T, o_t = scale * S_t^T q_t, with ``g`` a log gate
-    [B, T, H] or ``g_gamma`` a per-head log decay [H] (or neither). Returns (o [B, T, H, Dv] in
-    q's dtype, final state [B, H, Dk, Dv] in the compute dtype).
-    """
-    B, T, H, Dk = q.shape
-    Dv = v.shape[-1]
-    cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scale = Dk ** -0.5 if scale is None else scale
-    if g is None:
-        g = (g_gamma.to(cdtype).view(1, 1, H).expand(B, T, H) if g_gamma is not None
-             else q.new_zeros(B, T, H, dtype=cdtype))
-    C = chunk_size or _pick_chunk(T)
-    pad = (-T) % C
-    qc, kc, vc, gc = (t.to(cdtype) for t in (q, k, v, g))
-    if pad:  # zero keys and zero log-decay at the end change neither the outputs nor the state
-        qc, kc, vc = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (qc, kc, vc))
-        gc = F.pad(gc, (0, 0, 0, pad))
-    N = (T + pad) // C
-    qc, kc, vc = (t.view(B, N, C, H, -1).permute(0, 3, 1, 2, 4) for t in (qc, kc, vc))  # [B, H, N, C, D]
-    b = gc.view(B, N, C, H).permute(0, 3, 1, 2).cumsum(-1)  # [B, H, N, C]
-    mask = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    decay = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~mask, float("-inf")).exp()
-    o = ((qc @ kc.transpose(-1, -2)) * decay) @ vc  # intra-chunk
-    b_last = b[..., -1:]
-    states = (kc * (b_last - b).exp().unsqueeze(-1)).transpose(-1, -2) @ vc  # [B, H, N, Dk, Dv]
-    gammas = b_last.squeeze(-1).exp()  # [B, H, N]
-    S = (initial_state.to(cdtype) if initial_state is not None else q.new_zeros(B, H, Dk, Dv, dtype=cdtype))
-    s_in = []
-    for n in range(N):
-        s_in.append(S)
-        S = gammas[:, :, n, None, None] * S + states[:, :, n]
-    o = o + (qc * b.exp().unsqueeze(-1)) @ torch.stack(s_in, dim=2)
-    o = (scale * o).permute(0, 2, 3, 1, 4).reshape(B, N * C, H, Dv)[:, :T]
-    return o.to(q.dtype), S
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +178,7 @@ class LinearAttention(nn.Module):
         """Token mixing: on one device, or across the group of ``context_parallel``."""
         cp = self.context_parallel
         if cp is None:
-            return local_linear_attention(q, k, v, g=g, g_gamma=g_gamma)[0]
+            return chunk_linear_attention(q, k, v, g=g, g_gamma=g_gamma)[0]
         import seqpar
 
         o, _ = seqpar.linear_attention(q, k, v, strategy=cp.strategy, layout=cp.layout, group=cp.sp_group,
