@@ -416,7 +416,8 @@ def _chunk(chunk_size: int | None) -> int:
 
 
 def _meta(q: torch.Tensor, Dk: int, Dv: int, BT: int) -> dict:
-    cap = 32 if _interpreting() else 64
+    # fp32 (IEEE FMA dots) spills with 64-wide tiles (ptxas, sm_90): 32 there; 64 for 16-bit inputs
+    cap = 32 if _interpreting() or q.dtype == torch.float32 else 64
     fp32 = q.dtype == torch.float32
     return dict(DK=Dk, DV=Dv, BT=BT,
                 BK=max(16, min(cap, triton.next_power_of_2(Dk))),
