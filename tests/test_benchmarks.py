@@ -1,0 +1,97 @@
+"""The benchmark scripts run end to end at tiny CPU sizes (subprocesses, a few seconds each).
+
+bench_strategies.py: one rank of a 4-rank job on torch's fake process group, every default
+strategy configuration, forward and forward+backward; it must exit 0 and write a JSON and a
+markdown table with a measured row per configuration and mode, each with the cost model's
+estimate. cost_model.py: the cost-model table. Both also run the skip paths that a GPU session
+relies on (a configuration the shape rejects becomes a row with a note, not a crash).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(seq_len=256, world_size=4, heads=4, kv_heads=2, head_dim=16, dtype="float32", device="cpu", warmup=0,
+            repeats=1, threads=1)
+
+
+def tiny(**overrides) -> list[str]:
+    """Command-line flags of the tiny CPU configuration, with ``overrides`` (names with _ for -)."""
+    flags = []
+    for name, value in {**TINY, **overrides}.items():
+        flags += [f"--{name.replace('_', '-')}", str(value)]
+    return flags
+
+DEFAULT_CONFIGS = ("ring:contiguous", "ring:zigzag", "ring:striped", "allgather:zigzag", "ulysses:contiguous",
+                   "usp:zigzag", "lasp2:g_gamma:contiguous", "lasp2:g:contiguous", "lasp1:g_gamma:contiguous",
+                   "lasp1:g:contiguous")
+
+
+def _run(script: str, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _table_rows(md: str) -> list[list[str]]:
+    """Data rows of the markdown table (cells stripped), header and rule excluded."""
+    lines = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:]]
+
+
+def test_bench_strategies_tiny_cpu(tmp_path):
+    out = tmp_path / "strategies_cpu"
+    proc = _run("bench_strategies.py", *tiny(), "--out", str(out))
+    expected = {(c, m) for c in DEFAULT_CONFIGS for m in ("fwd", "fwd+bwd")}
+
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["complete"] and data["setup"]["rank"] == 3 and data["setup"]["world_size"] == 4
+    rows = {(r["config"], r["mode"]): r for r in data["rows"]}
+    assert set(rows) == expected and len(data["rows"]) == len(expected)
+    for key, r in rows.items():
+        assert r["ms"] is not None and r["ms"] > 0, (key, r["note"])
+        assert r["model_fwd_ms"] is not None and r["model_fwd_ms"] > 0, key
+        assert r["model_serial_steps"] is not None, key
+        assert r["max_rss_mib"] is not None and r["peak_mib"] is None  # CPU: no allocator statistics
+        if r["family"] == "softmax":
+            assert r["tflops"] is not None and r["tflops"] > 0, key
+
+    md = out.with_suffix(".md").read_text()
+    assert "rank 3 of P=4" in md and "fake process group" in md
+    table = {(c[0], c[1]) for c in _table_rows(md)}
+    assert table == expected
+    assert "ring:zigzag" in proc.stdout  # the table is also printed
+
+
+def test_bench_strategies_skips_what_the_shape_rejects(tmp_path):
+    """2 query heads on 4 ranks: Ulysses cannot split them; its rows carry the reason, the rest run."""
+    out = tmp_path / "s"
+    _run("bench_strategies.py", *tiny(heads=2, kv_heads=2), "--configs", "ulysses:contiguous", "ring:contiguous", "lasp1_serial:none",
+         "--modes", "fwd", "--rank", "0", "--out", str(out))
+    rows = {r["config"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    assert rows["ulysses:contiguous"]["ms"] is None and "skipped" in rows["ulysses:contiguous"]["note"]
+    assert rows["ring:contiguous"]["ms"] > 0 and rows["lasp1_serial:none:contiguous"]["ms"] > 0
+
+
+@pytest.mark.parametrize("bad", [["--configs", "nope:zigzag"], ["--seq-len", "255"], ["--rank", "4"]])
+def test_bench_strategies_rejects_bad_arguments(bad):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_strategies.py"), *tiny(), *bad,
+                           "--out", "/dev/null/never"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+
+
+def test_cost_model_script(tmp_path):
+    out = tmp_path / "cost_model.md"
+    _run("cost_model.py", "--seq-len", "65536", "--world-sizes", "4", "8", "--out", str(out))
+    rows = _table_rows(out.read_text())
+    strategies = {(c[0], c[1], c[2]) for c in rows}
+    for P in ("4", "8"):
+        for s, layout in [("ring", "contiguous"), ("ring", "zigzag"), ("ring", "striped"), ("allgather", "zigzag"),
+                          ("ulysses", "contiguous"), ("lasp2", "contiguous"), ("lasp1", "contiguous")]:
+            assert (P, s, layout) in strategies, (P, s, layout)
