@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from seqpar.kernels.triton_common import check_int32_offsets, interpreting, strides4
+
 from seqpar.kernels.linear_reference import (
     chunk_linear_attention_backward_reference,
     chunk_linear_attention_forward_reference,
@@ -36,10 +38,6 @@ from seqpar.kernels.linear_reference import (
 __all__ = ["chunk_linear_attention_forward_triton", "chunk_linear_attention_backward_triton"]
 
 DEFAULT_CHUNK = 64
-
-
-def _interpreting() -> bool:
-    return bool(triton.knobs.runtime.interpret)
 
 
 def _configs():
@@ -356,7 +354,7 @@ _tuned = {
 def _launch(name: str, grid, *args, **meta) -> None:
     """Launch kernel ``name``; ``grid`` is a tuple, or a function of the meta-parameters for the
     state kernels, whose (BK, BV) tiles are autotuned."""
-    if _interpreting():
+    if interpreting():
         # Under the interpreter the autotuner would try to time configs (no driver): launch directly.
         _raw[name][grid(meta) if callable(grid) else grid](*args, **meta)
         return
@@ -369,16 +367,6 @@ def _launch(name: str, grid, *args, **meta) -> None:
 # --------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------
-
-def _check_offsets(**tensors: torch.Tensor) -> None:
-    """Offsets inside one batch entry are int32 in the kernels: refuse what would overflow."""
-    for name, t in tensors.items():
-        if t is None or t.numel() == 0:
-            continue
-        span = sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]))
-        if span >= 2**31:
-            raise ValueError(f"{name} {tuple(t.shape)} with strides {t.stride()} spans {span} elements per batch "
-                             f"entry; the Triton kernels index within a batch entry with int32 (< 2**31)")
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g, g_gamma, initial_state) -> None:
@@ -394,7 +382,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g, g_gamma, initia
     for name, t in (("k", k), ("v", v), ("g", g), ("g_gamma", g_gamma), ("initial_state", initial_state)):
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if q.device.type != "cuda" and not _interpreting():
+    if q.device.type != "cuda" and not interpreting():
         raise ValueError(f"the Triton kernels need CUDA tensors (got {q.device}); on CPU use the torch backend "
                          "or set TRITON_INTERPRET=1 before importing the kernel module")
     if g is not None and tuple(g.shape) != (B, T, H):
@@ -403,7 +391,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g, g_gamma, initia
         raise ValueError(f"g_gamma must be [H] = ({H},); got {tuple(g_gamma.shape)}")
     if initial_state is not None and tuple(initial_state.shape) != (B, H, Dk, Dv):
         raise ValueError(f"initial_state must be [B, H, Dk, Dv] = {(B, H, Dk, Dv)}; got {tuple(initial_state.shape)}")
-    _check_offsets(q=q, k=k, v=v)
+    check_int32_offsets(q=q, k=k, v=v)
     if Dk > 256 or Dv > 256:
         raise ValueError(f"head dims up to 256 are supported; got Dk={Dk}, Dv={Dv}")
 
@@ -417,12 +405,12 @@ def _chunk(chunk_size: int | None) -> int:
 
 def _meta(q: torch.Tensor, Dk: int, Dv: int, BT: int) -> dict:
     # fp32 (IEEE FMA dots) spills with 64-wide tiles (ptxas, sm_90): 32 there; 64 for 16-bit inputs
-    cap = 32 if _interpreting() or q.dtype == torch.float32 else 64
+    cap = 32 if interpreting() or q.dtype == torch.float32 else 64
     fp32 = q.dtype == torch.float32
     return dict(DK=Dk, DV=Dv, BT=BT,
                 BK=max(16, min(cap, triton.next_power_of_2(Dk))),
                 BV=max(16, min(cap, triton.next_power_of_2(Dv))),
-                UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+                UPCAST=interpreting() and q.dtype == torch.bfloat16,
                 PRECISION="ieee" if fp32 else "tf32")
 
 
@@ -437,18 +425,14 @@ def _gate_cumsum(g, g_gamma, B: int, T: int, H: int, NT: int, BT: int, device) -
     return gp.view(B * H, NT, BT).cumsum(-1).view(B * H, NT * BT)
 
 
-def _s4(t: torch.Tensor) -> tuple[int, int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
-
-
 def _states(k, v, gc, initial_state, B, T, H, Dk, Dv, NT, meta, store_final: bool):
-    hs_dtype = torch.bfloat16 if k.dtype == torch.bfloat16 and not _interpreting() else torch.float32
+    hs_dtype = torch.bfloat16 if k.dtype == torch.bfloat16 and not interpreting() else torch.float32
     hs = torch.empty(B * H, NT, Dk, Dv, dtype=hs_dtype, device=k.device)
     ht = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=k.device) if store_final else hs
     h0 = initial_state.float().contiguous() if initial_state is not None else hs
     gptr = gc if gc is not None else hs
     grid = lambda META: (triton.cdiv(Dk, META["BK"]), triton.cdiv(Dv, META["BV"]), B * H)  # noqa: E731
-    _launch("fwd_h", grid, k, v, gptr, h0, hs, ht, *_s4(k), *_s4(v), T, H, NT,
+    _launch("fwd_h", grid, k, v, gptr, h0, hs, ht, *strides4(k), *strides4(v), T, H, NT,
             USE_G=gc is not None, USE_H0=initial_state is not None, STORE_HT=store_final, **meta)
     return hs, (ht if store_final else None)
 
@@ -478,7 +462,7 @@ def chunk_linear_attention_forward_triton(q: torch.Tensor, k: torch.Tensor, v: t
     hs, ht = _states(k, v, gc, initial_state, B, T, H, Dk, Dv, NT, meta, output_final_state)
     prec_h = "tf32" if hs.dtype == torch.float32 and q.dtype != torch.float32 else meta["PRECISION"]
     _launch("fwd_o", (triton.cdiv(Dv, meta["BV"]), NT, B * H), q, k, v, gc if gc is not None else hs, hs, o,
-            *_s4(q), *_s4(k), *_s4(v), *_s4(o), T, H, NT, float(scale),
+            *strides4(q), *strides4(k), *strides4(v), *strides4(o), T, H, NT, float(scale),
             USE_G=gc is not None, PRECISION_H=prec_h, **meta)
     return o, ht
 
@@ -502,7 +486,7 @@ def chunk_linear_attention_backward_triton(do: torch.Tensor, q: torch.Tensor, k:
     if dht is not None and tuple(dht.shape) != (B, H, Dk, Dv):
         raise ValueError(f"dht must be [B, H, Dk, Dv] = {(B, H, Dk, Dv)}; got {tuple(dht.shape)}")
     do = do.to(q.dtype)
-    _check_offsets(do=do)
+    check_int32_offsets(do=do)
     scale = default_scale(q, scale)
     BT = _chunk(chunk_size)
     NT = triton.cdiv(T, BT)
@@ -524,16 +508,16 @@ def chunk_linear_attention_backward_triton(do: torch.Tensor, q: torch.Tensor, k:
     dht_c = dht.float().contiguous() if dht is not None else None
     _launch("bwd_dh", lambda META: (triton.cdiv(Dk, META["BK"]), triton.cdiv(Dv, META["BV"]), B * H),
             q, do, gptr, dht_c if dht_c is not None else hs, dhs, dh0 if dh0 is not None else hs,
-            *_s4(q), *_s4(do), T, H, NT, float(scale),
+            *strides4(q), *strides4(do), T, H, NT, float(scale),
             USE_G=gc is not None, USE_DHT=dht is not None, STORE_DH0=dh0 is not None, **meta)
     prec_h = "tf32" if hs.dtype == torch.float32 and q.dtype != torch.float32 else meta["PRECISION"]
     _launch("bwd_dv", (triton.cdiv(Dv, meta["BV"]), NT, B * H), q, k, do, gptr, dhs, dv,
-            *_s4(q), *_s4(k), *_s4(do), *_s4(dv), T, H, NT, float(scale),
+            *strides4(q), *strides4(k), *strides4(do), *strides4(dv), T, H, NT, float(scale),
             USE_G=gc is not None, PRECISION_H=prec_h, **meta)
     NK = triton.cdiv(Dk, meta["BK"])
     dgp = torch.empty(NK, B * H, NT * BT, dtype=torch.float32, device=q.device) if g is not None else hs
     _launch("bwd_dqk", (NK, NT, B * H), q, k, v, do, gptr, hs, dhs, dq, dk, dgp,
-            *_s4(q), *_s4(k), *_s4(v), *_s4(do), *_s4(dq), T, H, NT, float(scale),
+            *strides4(q), *strides4(k), *strides4(v), *strides4(do), *strides4(dq), T, H, NT, float(scale),
             USE_G=gc is not None, PRECISION_H=prec_h, STORE_DG=g is not None, **meta)
     dg = None
     if g is not None:

@@ -35,6 +35,7 @@ from seqpar.kernels.softmax_reference import (
     attention_block_backward_reference,
     attention_block_forward_reference,
 )
+from seqpar.kernels.triton_common import check_int32_offsets, interpreting, strides4
 
 __all__ = [
     "attention_block_forward_triton",
@@ -44,10 +45,6 @@ __all__ = [
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-
-
-def _interpreting() -> bool:
-    return bool(triton.knobs.runtime.interpret)
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,16 +478,6 @@ _attn_bwd_dq_tuned = triton.autotune(configs=_bwd_dq_configs(), key=_KEY,
 # host wrappers
 # --------------------------------------------------------------------------------------------
 
-def _check_offsets(**tensors: torch.Tensor) -> None:
-    """Offsets inside one batch entry are int32 in the kernels: refuse what would overflow."""
-    for name, t in tensors.items():
-        if t is None or t.numel() == 0:
-            continue
-        span = sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]))
-        if span >= 2**31:
-            raise ValueError(f"{name} {tuple(t.shape)} with strides {t.stride()} spans {span} elements per batch "
-                             f"entry; the Triton kernels index within a batch entry with int32 (< 2**31)")
-
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int, int]:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -504,7 +491,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int,
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
     Dv = v.shape[3]
-    _check_offsets(q=q, k=k, v=v)
+    check_int32_offsets(q=q, k=k, v=v)
     if not (1 <= D <= 256 and 1 <= Dv <= 256):
         raise ValueError(f"head dims must be in [1, 256]; got D={D}, Dv={Dv}")
     if not (q.dtype == k.dtype == v.dtype):
@@ -513,7 +500,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int,
         raise ValueError(f"unsupported dtype {q.dtype} for the Triton kernel")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
-    if q.device.type != "cuda" and not _interpreting():
+    if q.device.type != "cuda" and not interpreting():
         raise ValueError(f"the Triton kernels need CUDA tensors (got {q.device}); on CPU use the torch backend "
                          "or set TRITON_INTERPRET=1 before importing the kernel module")
     return B, Tq, Hq, D, Tk, Hkv, Dv
@@ -528,7 +515,7 @@ def _meta(q: torch.Tensor, D: int, Dv: int, Tq: int, Tk: int, diagonal_offset: i
         BLOCK_D=max(16, triton.next_power_of_2(D)),
         BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
         HAS_MASK=diagonal_offset is not None,
-        UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+        UPCAST=interpreting() and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
 
@@ -539,15 +526,11 @@ _INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 16}
 
 
 def _launch(tuned, raw, grid, *args, **meta) -> None:
-    if _interpreting():
+    if interpreting():
         raw[grid(_INTERPRET_BLOCKS)](*args, **meta, **_INTERPRET_BLOCKS)
     else:
         with torch.cuda.device(args[0].device):  # launch on the tensors' GPU, not the current one
             tuned[grid](*args, **meta)
-
-
-def _s4(t: torch.Tensor) -> tuple[int, int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
 def _s3(t: torch.Tensor) -> tuple[int, int, int]:
@@ -562,7 +545,7 @@ def _fwd_launch(q, k, v, o, lse, scale, diagonal_offset, accumulate: bool) -> No
     diag = 0 if diagonal_offset is None else int(diagonal_offset)
     grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * Hq)  # noqa: E731
     kernel = _attn_fwd_acc_tuned if accumulate else _attn_fwd_tuned
-    _launch(kernel, _attn_fwd, grid, q, k, v, o, lse, *_s4(q), *_s4(k), *_s4(v), *_s4(o), *_s3(lse),
+    _launch(kernel, _attn_fwd, grid, q, k, v, o, lse, *strides4(q), *strides4(k), *strides4(v), *strides4(o), *_s3(lse),
                  Tq, Tk, Hq, Hq // Hkv, float(scale) * LOG2E, diag, ACCUMULATE=accumulate, **meta)
 
 
@@ -597,7 +580,7 @@ def attention_block_accumulate_triton_(q: torch.Tensor, k: torch.Tensor, v: torc
     if tuple(o_acc.shape) != (B, Tq, Hq, Dv) or tuple(lse_acc.shape) != (B, Hq, Tq):
         raise ValueError(f"o_acc {tuple(o_acc.shape)} / lse_acc {tuple(lse_acc.shape)} do not match "
                          f"[B, Tq, Hq, Dv] = {[B, Tq, Hq, Dv]} / [B, Hq, Tq] = {[B, Hq, Tq]}")
-    _check_offsets(o_acc=o_acc)
+    check_int32_offsets(o_acc=o_acc)
     if Tk == 0:
         return
     _fwd_launch(q, k, v, o_acc, lse_acc, scale, diagonal_offset, accumulate=True)
@@ -619,7 +602,7 @@ def attention_block_backward_triton(do: torch.Tensor, q: torch.Tensor, k: torch.
         raise ValueError(f"lse {tuple(lse.shape)} / delta {tuple(delta.shape)} must be [B, Hq, Tq] = {(B, Hq, Tq)}")
     if do.dtype != q.dtype:
         do = do.to(q.dtype)
-    _check_offsets(do=do)
+    check_int32_offsets(do=do)
     lse = lse.float()
     delta = delta.float()
     dq = torch.zeros(B, Tq, Hq, D, dtype=torch.float32, device=q.device)
@@ -630,11 +613,11 @@ def attention_block_backward_triton(do: torch.Tensor, q: torch.Tensor, k: torch.
     meta = _meta(q, D, Dv, Tq, Tk, diagonal_offset)
     diag = 0 if diagonal_offset is None else int(diagonal_offset)
     G = Hq // Hkv
-    common = (*_s4(q), *_s4(k), *_s4(v), *_s4(do), *_s3(lse), *_s3(delta))
+    common = (*strides4(q), *strides4(k), *strides4(v), *strides4(do), *_s3(lse), *_s3(delta))
     grid_kv = lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * Hkv)  # noqa: E731
-    _launch(_attn_bwd_dkdv_tuned, _attn_bwd_dkdv, grid_kv, q, k, v, do, lse, delta, dk, dv, *common, *_s4(dk), *_s4(dv),
+    _launch(_attn_bwd_dkdv_tuned, _attn_bwd_dkdv, grid_kv, q, k, v, do, lse, delta, dk, dv, *common, *strides4(dk), *strides4(dv),
                                   Tq, Tk, Hkv, G, float(scale), float(scale) * LOG2E, diag, **meta)
     grid_q = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * Hq)  # noqa: E731
-    _launch(_attn_bwd_dq_tuned, _attn_bwd_dq, grid_q, q, k, v, do, lse, delta, dq, *common, *_s4(dq),
+    _launch(_attn_bwd_dq_tuned, _attn_bwd_dq, grid_q, q, k, v, do, lse, delta, dq, *common, *strides4(dq),
                                Tq, Tk, Hq, G, float(scale), float(scale) * LOG2E, diag, **meta)
     return dq, dk, dv

@@ -35,6 +35,7 @@ from seqpar.kernels.linear_reference import (  # noqa: E402
     linear_attention_recurrent_reference,
 )
 from seqpar.kernels.softmax import attention_block_forward, merge_partials_  # noqa: E402
+from seqpar.kernels.triton_common import check_int32_offsets  # noqa: E402
 from seqpar.kernels.softmax_reference import (  # noqa: E402
     attention_block_backward_reference,
     attention_block_forward_reference,
@@ -238,9 +239,11 @@ def test_softmax_fp64_falls_back_and_bad_input():
                                                       q[:, :, :1].float().expand(1, 5, 3, 16), scale=1.0)
     big = torch.empty(1, 2**20, 32, 128, device="meta")  # per-batch span > int32: refused, not wrapped
     with pytest.raises(ValueError, match="int32"):
-        softmax_triton._check_offsets(q=big)
+        check_int32_offsets(q=big)
+    with pytest.raises(ValueError, match="int32"):  # both host wrappers check before launching
+        softmax_triton.attention_block_forward_triton(big, big, big, scale=1.0, diagonal_offset=0)
     with pytest.raises(ValueError, match="int32"):
-        linear_triton._check_offsets(q=big)
+        linear_triton.chunk_linear_attention_forward_triton(big, big, big)
 
 
 @needs_kernels
