@@ -11,9 +11,12 @@ traceback. Every call has a timeout, so a collective mismatch fails the test ins
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 import queue
 import socket
+import subprocess
+import sys
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -133,3 +136,32 @@ class GlooPool:
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
+
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_case_on_new_pool(module: str, case: str, world_size: int) -> list[Any]:
+    """Run the pool case ``module.case`` on a pool of its own (entry point of the subprocess)."""
+    fn = getattr(importlib.import_module(module), case)
+    pool = GlooPool(size=world_size)
+    try:
+        results = pool.run(fn, world_size)
+    finally:
+        pool.close()
+    print(results)
+    return results
+
+
+def run_case_interpreted(module: str, case: str, world_size: int = 2, timeout_s: float = 170.0) -> None:
+    """Run a pool case in a fresh Python process with TRITON_INTERPRET=1, and assert it passed.
+
+    Triton decides whether to interpret when a kernel module is imported, and pytest may have
+    imported the kernels already, so the Triton-under-the-strategies cases get a process (and a
+    gloo pool) of their own.
+    """
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    code = f"import distributed_pool as d; d.run_case_on_new_pool({module!r}, {case!r}, {world_size})"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=TESTS_DIR, env=env, capture_output=True, text=True,
+                          timeout=timeout_s)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

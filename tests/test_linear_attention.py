@@ -18,6 +18,7 @@ import itertools
 import pytest
 import torch
 
+from distributed_pool import run_case_interpreted
 from seqpar.kernels.linear_reference import linear_attention_recurrent_reference
 from seqpar.layout import shard_tensor, unshard_tensor
 from seqpar.linear import STRATEGIES, CommStats, linear_attention
@@ -265,15 +266,9 @@ def test_low_precision_inputs(pool, strategy, layout, dtype, tol):
 TRITON_CASES = [("lasp2", "zigzag", "g"), ("lasp1", "contiguous", "g_gamma"), ("lasp1_serial", "zigzag", "none")]
 
 
-def _triton_rank(rank: int, world_size: int, port: int, results) -> None:
-    import datetime
-    import os
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+def case_triton_backend(ctx) -> dict[str, float]:
+    """One rank: fp32, backend='triton', each strategy on one layout and gate; asserts 1e-4 relative."""
+    rank, world_size = ctx.rank, ctx.world_size
     errors = {}
     for i, (strategy, layout, gate) in enumerate(TRITON_CASES):
         gen = torch.Generator().manual_seed(i)
@@ -296,39 +291,13 @@ def _triton_rank(rank: int, world_size: int, port: int, results) -> None:
         got = [o] + [l.grad for l in leaves]
         rel = max(((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want))
         errors[strategy] = max(rel, ((S.double() - S_ref.detach()).abs().max() / S_ref.abs().max()).item())
-    results.put((rank, errors))
-    dist.destroy_process_group()
-
-
-def triton_interpreter_main(world_size: int = 2) -> None:
-    """Entry point of the subprocess: run TRITON_CASES on ``world_size`` spawned gloo ranks."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    mp.start_processes(_triton_rank, args=(world_size, port, results), nprocs=world_size, start_method="spawn")
-    for _ in range(world_size):
-        rank, errors = results.get(timeout=60)
-        print(f"rank {rank}: {errors}")
-        assert all(e < 1e-4 for e in errors.values()), errors
+    assert all(e < 1e-4 for e in errors.values()), errors
+    return errors
 
 
 def test_triton_backend_under_the_strategies_interpreted():
     """backend='triton' (kernels/linear_triton.py, interpreted, fp32) under every strategy gives
     the fp64 recurrence's o, final state and dq, dk, dv to 1e-4 relative, on 2 ranks."""
-    import os
-    import subprocess
-    import sys
-
     pytest.importorskip("triton")
     pytest.importorskip("numpy")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, "-c", "import test_linear_attention as t; t.triton_interpreter_main()"],
-                          cwd=tests_dir, env=env, capture_output=True, text=True, timeout=170)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_case_interpreted("test_linear_attention", "case_triton_backend", world_size=2)

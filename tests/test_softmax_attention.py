@@ -18,6 +18,8 @@ import zlib
 import pytest
 import torch
 
+from distributed_pool import run_case_interpreted
+
 import seqpar
 from seqpar.comm import UspGroups
 from seqpar.kernels import attention_reference, merge_partials_
@@ -358,16 +360,9 @@ def test_kv_sources_visit_every_rank_once(pool, transport, world_size):
 # --- the Triton block kernels (CPU interpreter) under the multi-rank driver ------------------------
 
 
-def _triton_interpreter_rank(rank: int, world_size: int, port: int, results) -> None:
+def case_triton_backend(ctx) -> dict[str, float]:
     """One rank of the interpreter check: fp32, backend='triton', every strategy on one layout each."""
-    import datetime
-    import os
-
-    import torch.distributed as dist
-
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    rank, world_size = ctx.rank, ctx.world_size
     errors = {}
     for strategy, layout in [("ring", "zigzag"), ("allgather", "striped"), ("ulysses", "contiguous")]:
         case = _make_case(world_size, 4, 2, True, torch.float32, 21)
@@ -381,40 +376,13 @@ def _triton_interpreter_rank(rank: int, world_size: int, port: int, results) -> 
                     for i, e in enumerate(case["expected"])]
         errors[strategy] = max((got.double() - e).abs().max().item()
                                for got, e in zip([o, lse, q.grad, k.grad, v.grad], expected))
-    results.put((rank, errors))
-    dist.destroy_process_group()
-
-
-def triton_interpreter_main(world_size: int = 2) -> None:
-    """Entry point of the subprocess (TRITON_INTERPRET=1 must be set before triton is imported)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    mp.start_processes(_triton_interpreter_rank, args=(world_size, port, results), nprocs=world_size,
-                       start_method="spawn")
-    for _ in range(world_size):
-        rank, errors = results.get(timeout=60)
-        print(f"rank {rank}: {errors}")
-        assert all(e < FP32_TOL["atol"] for e in errors.values()), errors
+    assert all(e < FP32_TOL["atol"] for e in errors.values()), errors
+    return errors
 
 
 def test_triton_kernels_under_the_driver_interpreted():
     """The Triton backend (strided views, fused accumulate into slices of the running output)
     gives the same results as the reference under ring / allgather / ulysses, 2 ranks, fp32."""
-    import os
-    import subprocess
-    import sys
-
     pytest.importorskip("triton")
     pytest.importorskip("numpy")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, "-c", "import test_softmax_attention as t; t.triton_interpreter_main()"],
-                          cwd=tests_dir, env=env, capture_output=True, text=True, timeout=150)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_case_interpreted("test_softmax_attention", "case_triton_backend", world_size=2)
