@@ -10,16 +10,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from distributed_pool import GlooPool, WorkerContext  # noqa: E402
+from distributed_pool import WorkerContext  # noqa: E402
 
 WORLD = 2
-
-
-@pytest.fixture(scope="module")
-def hfpool():
-    p = GlooPool(size=WORLD, timeout_s=240.0)
-    yield p
-    p.close()
 
 
 def _tiny_llama(seed: int = 0):
@@ -84,12 +77,12 @@ def case_settings_are_per_model(ctx: WorkerContext) -> bool:
 
 @pytest.mark.parametrize("strategy,layout", [("ring", "zigzag"), ("allgather", "contiguous"), ("ulysses", "striped"),
                                              ("usp", "zigzag")])
-def test_llama_sharded_equals_unsharded(hfpool, strategy, layout):
-    assert all(hfpool.run(case_llama_sharded_equals_unsharded, WORLD, strategy=strategy, layout=layout))
+def test_llama_sharded_equals_unsharded(pool, strategy, layout):
+    assert all(pool.run(case_llama_sharded_equals_unsharded, WORLD, strategy=strategy, layout=layout))
 
 
-def test_settings_are_per_model(hfpool):
-    assert all(hfpool.run(case_settings_are_per_model, WORLD))
+def test_settings_are_per_model(pool):
+    assert all(pool.run(case_settings_are_per_model, WORLD))
 
 
 def test_errors():
