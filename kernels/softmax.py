@@ -1,4 +1,5 @@
-"""Blockwise softmax attention: one dispatcher over the reference (torch) and Triton backends.
+"""Blockwise softmax attention: one dispatcher over the reference (torch), Triton and fused-SDPA
+backends (``sdpa``: torch's fused attention ops, :mod:`seqpar.kernels.softmax_sdpa`).
 
 Every function works on one device and knows nothing about ranks. Conventions are those of
 :mod:`seqpar.kernels.softmax_reference`: q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D], o and grads in
@@ -14,16 +15,35 @@ from seqpar.kernels.softmax_reference import (
     attention_block_forward_reference,
 )
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "sdpa")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' -> 'triton' on CUDA, 'torch' elsewhere; validates explicit choices."""
+    """'auto' -> 'triton' on CUDA, 'sdpa' on CPU, 'torch' elsewhere; validates explicit choices.
+
+    'sdpa' is per block: a block that ``sdpa_supports`` refuses runs on the reference (CPU) or
+    Triton (CUDA) instead (see :func:`block_backend`)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return {"cuda": "triton", "cpu": "sdpa"}.get(device.type, "torch")
     return backend
+
+
+def _sdpa():
+    from seqpar.kernels import softmax_sdpa
+
+    return softmax_sdpa
+
+
+def block_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  diagonal_offset: int | None) -> str:
+    """The backend that computes this block: resolve_backend, with 'sdpa' falling back to
+    'triton' (CUDA) or 'torch' where the fused ops cannot do it."""
+    chosen = resolve_backend(backend, q.device)
+    if chosen == "sdpa" and not _sdpa().sdpa_supports(q, k, diagonal_offset, v):
+        return "triton" if q.device.type == "cuda" else "torch"
+    return chosen
 
 
 def _triton():
@@ -36,8 +56,11 @@ def attention_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
                             diagonal_offset: int | None = None, backend: str = "auto"
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, lse) of one block of softmax attention."""
-    if resolve_backend(backend, q.device) == "triton":
+    chosen = block_backend(backend, q, k, v, diagonal_offset)
+    if chosen == "triton":
         return _triton().attention_block_forward_triton(q, k, v, scale=scale, diagonal_offset=diagonal_offset)
+    if chosen == "sdpa":
+        return _sdpa().attention_block_forward_sdpa(q, k, v, scale=scale, diagonal_offset=diagonal_offset)
     return attention_block_forward_reference(q, k, v, scale=scale, diagonal_offset=diagonal_offset)
 
 
@@ -46,9 +69,13 @@ def attention_block_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                              diagonal_offset: int | None = None, backend: str = "auto"
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of one block given the row-global ``lse`` and ``delta = rowsum(o * do)``."""
-    if resolve_backend(backend, q.device) == "triton":
+    chosen = block_backend(backend, q, k, v, diagonal_offset)
+    if chosen == "triton":
         return _triton().attention_block_backward_triton(do, q, k, v, lse, delta, scale=scale,
                                                          diagonal_offset=diagonal_offset)
+    if chosen == "sdpa":
+        return _sdpa().attention_block_backward_sdpa(do, q, k, v, lse, delta, scale=scale,
+                                                     diagonal_offset=diagonal_offset)
     return attention_block_backward_reference(do, q, k, v, lse, delta, scale=scale, diagonal_offset=diagonal_offset)
 
 
@@ -73,7 +100,7 @@ def attention_block_accumulate_(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     """Compute one block and merge it into the running (o_acc, lse_acc) in place.
 
     The Triton backend fuses the merge into the kernel's epilogue (no extra pass over o)."""
-    if resolve_backend(backend, q.device) == "triton":
+    if block_backend(backend, q, k, v, diagonal_offset) == "triton":
         triton_mod = _triton()
         fused = getattr(triton_mod, "attention_block_accumulate_triton_", None)
         if fused is not None:
