@@ -2,8 +2,9 @@
 
 On machines without CUDA the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1,
 fp32 and fp16 only: the interpreter's bf16 arithmetic is broken). Triton reads TRITON_INTERPRET
-when a kernel is *decorated*, i.e. when the kernel module is imported; if another test module
-imported the kernel modules first without it, the in-process cases skip and
+when a function is *decorated*: for its own tl.* functions when triton is first imported, for
+ours when the kernel module is imported. tests/conftest.py sets it before any test module is
+imported; if triton or the kernels were imported without it anyway, the in-process cases skip and
 ``test_interpreter_subprocess`` reruns this file in a fresh interpreter process with the
 variable set, so the suite works whatever order pytest imports modules in.
 With CUDA the same cases run on the GPU, plus bf16 variants.
@@ -45,7 +46,10 @@ from seqpar.kernels.softmax_reference import (  # noqa: E402
 def _kernels_interpreted() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
-    return all(isinstance(f, InterpretedFunction) for f in (softmax_triton._attn_fwd, linear_triton._lin_fwd_h))
+    # triton.language's own jit functions (tl.cdiv, ...) must be interpreted too: they were
+    # decorated when triton was first imported, perhaps by another module before the variable was set
+    return all(isinstance(f, InterpretedFunction)
+               for f in (softmax_triton._attn_fwd, linear_triton._lin_fwd_h, triton.language.cdiv))
 
 
 # In-process cases run on CUDA, or on CPU when the kernels were decorated for the interpreter.
