@@ -99,54 +99,24 @@ def case_matches_distributed_attention(ctx: WorkerContext, strategy: str, batch_
 
 
 # ---------------------------------------------------------------------------------------------
-# A tiny hybrid model on DeepSpeed's sequence-parallel group.
+# ZeRO steps of the example's tiny hybrid model on DeepSpeed's sequence-parallel group.
 
 
-class _Block(nn.Module):
-    def __init__(self, kind: str, dim: int, heads: int, kv_heads: int, sp_source, strategy: str) -> None:
-        super().__init__()
-        from seqpar.integrations._common import retnet_decay
-        from seqpar.integrations.deepspeed import SeqparDistributedAttention, SeqparDistributedLinearAttention
+def _example_model(sp_source, layout: str, strategy: str) -> nn.Module:
+    """The tiny hybrid model of examples/deepspeed_train.py (so the example is what is tested):
+    pattern LS, the softmax layer on ``strategy`` and ``layout``; linear layers cannot be striped."""
+    import importlib.util
+    from pathlib import Path
 
-        self.kind, self.heads, self.kv_heads, self.hd = kind, heads, kv_heads, dim // heads
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * self.hd, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-        if kind == "S":
-            self.attn = SeqparDistributedAttention(None, sp_source, strategy=strategy)
-        else:
-            self.attn = SeqparDistributedLinearAttention(sp_source, strategy="lasp2", g_gamma=retnet_decay(heads))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [b, s, dim]
-        b, s, _ = x.shape
-        q, k, v = self.qkv(self.norm1(x)).split([self.heads * self.hd, self.kv_heads * self.hd,
-                                                 self.kv_heads * self.hd], dim=-1)
-        q, k, v = q.view(b, s, -1, self.hd), k.view(b, s, -1, self.hd), v.view(b, s, -1, self.hd)
-        if self.kind == "L":
-            rep = self.heads // self.kv_heads
-            q, k = nn.functional.silu(q), nn.functional.silu(k)
-            k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
-        o = self.attn(q, k, v, 0)
-        x = x + self.proj(o.reshape(b, s, -1))
-        return x + self.mlp(self.norm2(x))
-
-
-class TinyHybrid(nn.Module):
-    """Token + learned position embeddings, blocks by pattern (L linear, S softmax), LM head."""
-
-    def __init__(self, sp_source, pattern: str = "LS", vocab: int = 48, dim: int = 32, heads: int = 4,
-                 kv_heads: int = 2, max_len: int = 64, strategy: str = "ulysses") -> None:
-        super().__init__()
-        self.embed, self.pos = nn.Embedding(vocab, dim), nn.Embedding(max_len, dim)
-        self.blocks = nn.ModuleList(_Block(c, dim, heads, kv_heads, sp_source, strategy) for c in pattern)
-        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab, bias=False)
-
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens) + self.pos(positions)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x))
+    path = Path(__file__).resolve().parents[1] / "examples" / "deepspeed_train.py"
+    spec = importlib.util.spec_from_file_location("seqpar_example_deepspeed_train", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    model = example.HybridLM(sp_source, pattern="LS", vocab=48, dim=32, heads=4, kv_heads=2, max_len=64,
+                             strategy=strategy, layout=layout)
+    for blk in model.blocks:
+        blk.attn.layout = layout if blk.kind == "S" or layout != "striped" else "contiguous"
+    return model
 
 
 def case_zero_step(ctx: WorkerContext, stage: int, strategy: str, layout: str) -> bool:
@@ -170,9 +140,7 @@ def case_zero_step(ctx: WorkerContext, stage: int, strategy: str, layout: str) -
     for sp in (1, WORLD):
         mpu = SequenceParallelMPU(sp)
         torch.manual_seed(1)
-        model = TinyHybrid(mpu, pattern="LS", strategy=strategy)
-        for blk in model.blocks:
-            blk.attn.layout = layout if blk.kind == "S" or layout != "striped" else "contiguous"
+        model = _example_model(mpu, layout, strategy)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=mpu)
         from deepspeed.comm import comm as ds_comm
