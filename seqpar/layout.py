@@ -132,6 +132,63 @@ def concat_segments(per_rank: Sequence[Sequence[Segment]]) -> list[Segment]:
     return merged
 
 
+def sort_row(per_rank: Sequence[Sequence[Segment]]) -> tuple[torch.Tensor, list[Segment] | None]:
+    """Reorder a row of concatenated shards (what a rank holds after the Ulysses exchange) into
+    increasing global position, when that gives fewer segments than :func:`concat_segments`.
+
+    Returns ``(order, sorted_segments)``: ``x.index_select(dim, order)`` puts the concatenated
+    tokens in increasing global position, and ``sorted_segments`` describes that order as maximal
+    runs of consecutive positions. The runs have stride 1 (not arbitrary arithmetic runs) so that
+    every sorted row shares one stride and the causal plan between rows stays possible. If sorting
+    does not reduce the number of segments, ``order`` is the identity and ``sorted_segments`` None:
+    keep the concatenation as it is.
+    """
+    concat = concat_segments(per_rank)
+    length = sum(seg.length for seg in concat)
+    identity = torch.arange(length, dtype=torch.long)
+    strides = {seg.stride for seg in concat if seg.length > 1}
+    if len(concat) <= 1:
+        return identity, None
+    if strides <= {1}:
+        # runs of consecutive positions: sort and merge the segments themselves (no per-token work)
+        by_start = sorted(concat, key=lambda seg: seg.global_start)
+        runs: list[list[Segment]] = []
+        for seg in by_start:
+            end = runs[-1][-1].global_start + runs[-1][-1].length if runs else None
+            if end is not None and seg.global_start < end:
+                raise ValueError(f"a row holds global position {seg.global_start} twice; its shards overlap")
+            if end == seg.global_start:
+                runs[-1].append(seg)
+            else:
+                runs.append([seg])
+        if len(runs) >= len(concat):
+            return identity, None
+        order = torch.cat([torch.arange(seg.local_start, seg.local_start + seg.length) for seg in by_start])
+        sorted_segments, start = [], 0
+        for run in runs:
+            run_len = sum(seg.length for seg in run)
+            sorted_segments.append(Segment(start, run_len, run[0].global_start, 1))
+            start += run_len
+        return order, sorted_segments
+    if len(strides) == 1 and min(strides) > len(concat) and length >= len(concat) ** 2:
+        # k segments of one stride s > k cover at most k residues mod s, so a run of consecutive
+        # positions is at most k long and sorting gives at least length / k >= k runs
+        return identity, None
+    positions = torch.empty(length, dtype=torch.long)
+    for seg in concat:
+        positions[seg.local_start:seg.local_start + seg.length] = seg.positions()
+    values, order = torch.sort(positions, stable=True)
+    gaps = values[1:] - values[:-1]
+    if bool((gaps == 0).any()):
+        raise ValueError(f"a row of {length} tokens holds a global position twice; its shards overlap")
+    breaks = (torch.nonzero(gaps != 1).flatten() + 1).tolist()
+    if len(breaks) + 1 >= len(concat):
+        return identity, None
+    starts, ends = [0] + breaks, breaks + [length]
+    firsts = values[starts].tolist()
+    return order, [Segment(a, b - a, g, 1) for a, b, g in zip(starts, ends, firsts)]
+
+
 @dataclass(frozen=True)
 class BlockTask:
     """Queries [q_start, q_start+q_len) against keys [k_start, k_start+k_len) (local indices).

@@ -7,6 +7,7 @@ import torch
 
 from seqpar.layout import (
     LAYOUTS,
+    Segment,
     check_global_length,
     concat_segments,
     global_positions,
@@ -14,6 +15,7 @@ from seqpar.layout import (
     plan_blocks,
     segments,
     shard_tensor,
+    sort_row,
     unshard_tensor,
 )
 
@@ -93,22 +95,90 @@ def test_plan_blocks_reproduces_the_mask_of_global_positions(layout, world_size,
             assert torch.equal(cover, expected.long()), (layout, world_size, q_rank, k_rank)
 
 
+def _positions(segs) -> torch.Tensor:
+    return torch.cat([s.positions() for s in segs])
+
+
+def _held_row(layout, ring_rank, ulysses_size, world_size, local_len):
+    """(segments, positions) of a row as a rank holds it: sorted where ``sort_row`` says so."""
+    per_rank = [segments(layout, ring_rank * ulysses_size + u, world_size, local_len) for u in range(ulysses_size)]
+    concat = concat_segments(per_rank)
+    order, sorted_segs = sort_row(per_rank)
+    return (concat, _positions(concat)) if sorted_segs is None else (sorted_segs, _positions(concat)[order])
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("ulysses_size,ring_size", [(2, 1), (4, 1), (2, 2), (1, 4), (3, 1)])
-def test_plan_blocks_over_concatenated_rows(layout, ulysses_size, ring_size):
-    """After the Ulysses exchange a rank holds the tokens of its row of ranks (concat_segments);
-    the plan over rows must again reproduce the global causal mask exactly."""
+@pytest.mark.parametrize("ulysses_size,ring_size", [(2, 1), (4, 1), (2, 2), (1, 4), (3, 1), (2, 3), (4, 2)])
+@pytest.mark.parametrize("sort", [False, True])
+def test_plan_blocks_over_concatenated_rows(layout, ulysses_size, ring_size, sort):
+    """After the Ulysses exchange a rank holds the tokens of its row of ranks (concat_segments, or
+    sorted by sort_row); the plan over rows must again reproduce the global causal mask exactly."""
     world_size, local_len = ulysses_size * ring_size, 6
-    rows = [_row_segments(layout, i * ulysses_size, ulysses_size, world_size, local_len) for i in range(ring_size)]
-    row_pos = [torch.cat([global_positions(layout, i * ulysses_size + u, world_size, local_len)
-                          for u in range(ulysses_size)]) for i in range(ring_size)]
+    if sort:
+        rows, row_pos = zip(*[_held_row(layout, i, ulysses_size, world_size, local_len) for i in range(ring_size)])
+    else:
+        rows = [_row_segments(layout, i * ulysses_size, ulysses_size, world_size, local_len) for i in range(ring_size)]
+        row_pos = [torch.cat([global_positions(layout, i * ulysses_size + u, world_size, local_len)
+                              for u in range(ulysses_size)]) for i in range(ring_size)]
     for q_row in range(ring_size):
-        assert torch.equal(torch.cat([s.positions() for s in rows[q_row]]), row_pos[q_row])
+        assert torch.equal(_positions(rows[q_row]), row_pos[q_row])
         for k_row in range(ring_size):
             n = ulysses_size * local_len
             cover = _mask_from_plan(plan_blocks(rows[q_row], rows[k_row], True), n, n)
             expected = (row_pos[k_row].unsqueeze(0) <= row_pos[q_row].unsqueeze(1)).long()
             assert torch.equal(cover, expected)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("ulysses_size,ring_size", [(1, 1), (1, 4), (2, 1), (3, 1), (4, 1), (8, 1), (2, 2),
+                                                    (2, 4), (4, 2), (3, 2)])
+@pytest.mark.parametrize("local_len", [2, 6])
+def test_sort_row_properties(layout, ulysses_size, ring_size, local_len):
+    """sort_row gives a permutation into increasing global position whose segments cover the same
+    positions, and only when that means strictly fewer segments (else identity / None)."""
+    world_size = ulysses_size * ring_size
+    for ring_rank in range(ring_size):
+        per_rank = [segments(layout, ring_rank * ulysses_size + u, world_size, local_len)
+                    for u in range(ulysses_size)]
+        concat = concat_segments(per_rank)
+        n = ulysses_size * local_len
+        order, sorted_segs = sort_row(per_rank)
+        assert sorted(order.tolist()) == list(range(n))
+        if sorted_segs is None:
+            assert torch.equal(order, torch.arange(n))
+            continue
+        assert len(sorted_segs) < len(concat)
+        held = _positions(concat)[order]
+        assert torch.equal(held, _positions(sorted_segs))
+        assert torch.equal(held, torch.sort(_positions(concat)).values)
+        assert [s.local_start for s in sorted_segs] == [sum(t.length for t in sorted_segs[:i])
+                                                        for i in range(len(sorted_segs))]
+        assert all(s.stride == 1 for s in sorted_segs)
+        assert all(a.global_start + a.length < b.global_start for a, b in zip(sorted_segs, sorted_segs[1:]))
+
+
+@pytest.mark.parametrize("world_size", (2, 3, 4, 8))
+def test_sort_row_segment_counts(world_size):
+    """Ulysses rows (all ranks) become one contiguous segment for every layout; usp zigzag rows
+    become at most 2 (chunks i*U.. and their mirror); usp striped rows (U < P) and ring rows
+    (U = 1) are left as they are."""
+    local_len = 4
+    for layout in LAYOUTS:
+        per_rank = [segments(layout, r, world_size, local_len) for r in range(world_size)]
+        order, segs = sort_row(per_rank)
+        if layout == "contiguous":
+            assert segs is None  # already one segment
+            assert len(concat_segments(per_rank)) == 1
+        else:
+            assert segs == [Segment(0, world_size * local_len, 0, 1)]
+        for rank in range(world_size):  # ring rows: one rank's shard is already in order
+            assert sort_row([segments(layout, rank, world_size, local_len)])[1] is None
+    for ulysses_size in (u for u in (2, 4) if u < world_size and world_size % u == 0):
+        for ring_rank in range(world_size // ulysses_size):
+            ranks = range(ring_rank * ulysses_size, (ring_rank + 1) * ulysses_size)
+            zig = sort_row([segments("zigzag", r, world_size, local_len) for r in ranks])[1]
+            assert zig is not None and len(zig) <= 2
+            assert sort_row([segments("striped", r, world_size, local_len) for r in ranks])[1] is None
 
 
 def test_concat_segments_merges_contiguous_runs():

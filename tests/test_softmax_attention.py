@@ -303,6 +303,34 @@ def test_ulysses_repeats_kv_heads_only_when_needed(pool, world_size, num_q_heads
         == [repeat] * world_size
 
 
+def case_block_counts(ctx, strategy: str, layout: str, usp: tuple[int, int] | None):
+    """Block tasks this rank plans against each K/V source, and whether it reorders its tokens."""
+    from seqpar.layout import plan_blocks
+
+    q, k, v = _qkv(T=4)
+    group = ctx.usp_groups[usp] if usp is not None else ctx.group
+    plan = build_plan(q, k, v, strategy=strategy, layout=layout, group=group, causal=True, scale=None,
+                      backend="auto")
+    return [len(plan_blocks(plan.q_segments, segs, True)) for segs in plan.segments_of_source], \
+        plan.token_order is not None
+
+
+@pytest.mark.parametrize("strategy,layout,usp,counts,reordered", [
+    # ulysses: the zigzag / striped row is sorted into one contiguous segment -> 1 task per K/V block
+    ("ulysses", "zigzag", None, [[1]] * 4, True),
+    ("ulysses", "striped", None, [[1]] * 4, True),
+    ("ulysses", "contiguous", None, [[1]] * 4, False),
+    # usp 2x2 zigzag: row 0 holds chunks 0, 1, 6, 7 (2 segments), row 1 chunks 2..5 (1 segment)
+    ("usp", "zigzag", (2, 2), [[3, 1], [3, 1], [1, 1], [1, 1]], True),
+])
+def test_reordering_plans_few_blocks(pool, strategy, layout, usp, counts, reordered):
+    """Sorting the head-sharded tokens by global position (layout.sort_row) leaves few block tasks
+    per K/V block (ulysses zigzag at P = 4 planned 19 before: 7 segments of the rank-major order)."""
+    results = pool.run(case_block_counts, 4, strategy=strategy, layout=layout, usp=usp)
+    assert [r[0] for r in results] == counts
+    assert all(r[1] == reordered for r in results)
+
+
 # --- K/V sources: which block a rank holds at each step ------------------------------------------
 
 

@@ -26,7 +26,10 @@ class ParallelPlan:
 
     ``q_segments``: global positions of the tokens this rank holds after the head exchange.
     ``segments_of_source[i]``: the same for rank i of ``kv_group``. ``kv_repeat`` > 1 only for the
-    Ulysses fallback when the KV heads do not divide over the Ulysses group.
+    Ulysses fallback when the KV heads do not divide over the Ulysses group. ``token_order``: the
+    local token indices that put the head-sharded tokens (rank-major after the all-to-all) into the
+    order of ``q_segments`` (sorted by global position), ``token_inverse`` its inverse; both None
+    when the rank-major order is kept.
     """
 
     causal: bool
@@ -42,6 +45,8 @@ class ParallelPlan:
     q_segments: Sequence[Segment]
     segments_of_source: Sequence[Sequence[Segment]]
     kv_head_groups: int
+    token_order: torch.Tensor | None = None
+    token_inverse: torch.Tensor | None = None
 
     def kv_source(self, k: torch.Tensor, v: torch.Tensor) -> KVSource:
         if self.kv_transport == "allgather":
@@ -58,21 +63,25 @@ class ParallelPlan:
                    for t in tensors]
         return [h.wait() for h in handles]
 
+    @staticmethod
+    def _reorder(x: torch.Tensor, index: torch.Tensor | None, dim: int) -> torch.Tensor:
+        return x if index is None else x.index_select(dim, index)
+
     def to_head_shards(self, *xs: torch.Tensor) -> list[torch.Tensor]:
-        """[B, T, H, D] token shards -> [B, U*T, H/U, D] head shards (rank-major token order)."""
-        return self._exchange(xs, scatter_dim=2, gather_dim=1)
+        """[B, T, H, D] token shards -> [B, U*T, H/U, D] head shards, tokens in ``q_segments`` order."""
+        return [self._reorder(x, self.token_order, 1) for x in self._exchange(xs, scatter_dim=2, gather_dim=1)]
 
     def to_token_shards(self, *xs: torch.Tensor) -> list[torch.Tensor]:
         """Inverse of :meth:`to_head_shards`."""
-        return self._exchange(xs, scatter_dim=1, gather_dim=2)
+        return self._exchange([self._reorder(x, self.token_inverse, 1) for x in xs], scatter_dim=1, gather_dim=2)
 
     def lse_to_token_shards(self, lse: torch.Tensor) -> torch.Tensor:
-        """[B, H/U, U*T] -> [B, H, T]."""
-        return self._exchange([lse], scatter_dim=2, gather_dim=1)[0]
+        """[B, H/U, U*T] (``q_segments`` order) -> [B, H, T]."""
+        return self._exchange([self._reorder(lse, self.token_inverse, 2)], scatter_dim=2, gather_dim=1)[0]
 
     def lse_to_head_shards(self, lse: torch.Tensor) -> torch.Tensor:
-        """[B, H, T] -> [B, H/U, U*T]."""
-        return self._exchange([lse], scatter_dim=1, gather_dim=2)[0]
+        """[B, H, T] -> [B, H/U, U*T] (``q_segments`` order)."""
+        return self._reorder(self._exchange([lse], scatter_dim=1, gather_dim=2)[0], self.token_order, 2)
 
     def expand_kv(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.kv_repeat == 1 else x.repeat_interleave(self.kv_repeat, dim=2)

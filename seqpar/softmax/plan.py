@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from seqpar.comm import UspGroups, group_rank_and_size
 from seqpar.kernels import resolve_backend
-from seqpar.layout import check_layout, check_local_length, concat_segments, segments
+from seqpar.layout import Segment, check_layout, check_local_length, concat_segments, segments, sort_row
 from seqpar.softmax.function import ParallelPlan
 
 STRATEGIES = ("ring", "allgather", "ulysses", "usp")
@@ -53,11 +53,17 @@ def _group_size(group: dist.ProcessGroup | None) -> int:
     return group_rank_and_size(group)[1]
 
 
-def _row_segments(layout: str, ring_rank: int, ulysses_size: int, world_size: int, local_len: int):
-    """Tokens held after the Ulysses exchange by the ranks of ring position ``ring_rank``: the
-    shards of sp ranks ring_rank * U + u, u = 0..U-1, concatenated in that order."""
-    return concat_segments([segments(layout, ring_rank * ulysses_size + u, world_size, local_len)
-                            for u in range(ulysses_size)])
+def _row(layout: str, ring_rank: int, ulysses_size: int, world_size: int,
+         local_len: int) -> tuple[torch.Tensor | None, list[Segment]]:
+    """Token order and segments of what the ranks of ring position ``ring_rank`` hold after the
+    Ulysses exchange: the shards of sp ranks ring_rank * U + u, u = 0..U-1, concatenated in that
+    order, then sorted by global position where that gives fewer segments (``layout.sort_row``).
+    The order is None when the concatenation is kept (no reordering)."""
+    per_rank = [segments(layout, ring_rank * ulysses_size + u, world_size, local_len) for u in range(ulysses_size)]
+    order, sorted_segments = sort_row(per_rank)
+    if sorted_segments is None:
+        return None, concat_segments(per_rank)
+    return order, sorted_segments
 
 
 def build_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: str, layout: str, group,
@@ -113,12 +119,21 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: s
             # fallback: repeat each KV head so that lcm(Hkv, U) heads split evenly (and still divide Hq)
             kv_repeat = math.lcm(num_kv_heads, ulysses_size) // num_kv_heads
 
-    rows = [_row_segments(layout, i, ulysses_size, world_size, local_len) for i in range(ring_size)]
+    # every ring rank holds its row in that row's order (q and its own K/V alike), so the segments
+    # of every source are those of its (possibly sorted) row
+    rows = [_row(layout, i, ulysses_size, world_size, local_len) for i in range(ring_size)]
+    order = rows[ring_rank][0]
+    inverse = None
+    if order is not None:
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel())
+        order, inverse = order.to(q.device, non_blocking=True), inverse.to(q.device, non_blocking=True)
     return ParallelPlan(
         causal=bool(causal), scale=scale, backend=backend,
         ulysses_group=ulysses_group, ulysses_size=ulysses_size, kv_repeat=kv_repeat,
         kv_transport="allgather" if strategy == "allgather" else "ring",
         kv_group=ring_group, kv_rank=ring_rank, kv_size=ring_size,
-        q_segments=rows[ring_rank], segments_of_source=rows,
+        q_segments=rows[ring_rank][1], segments_of_source=[segs for _, segs in rows],
+        token_order=order, token_inverse=inverse,
         kv_head_groups=ALLGATHER_KV_HEAD_GROUPS,
     )
