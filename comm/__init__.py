@@ -14,6 +14,7 @@ from seqpar.comm.collectives import (
     ring_exchange,
     send_recv,
 )
+from seqpar.comm.consistency import check_same_on_all_ranks
 from seqpar.comm.groups import (
     SequenceParallelGroups,
     UspGroups,
@@ -31,6 +32,7 @@ __all__ = [
     "reduce_scatter",
     "ring_exchange",
     "send_recv",
+    "check_same_on_all_ranks",
     "SequenceParallelGroups",
     "UspGroups",
     "build_usp_groups",

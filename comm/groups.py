@@ -21,7 +21,13 @@ def group_rank_and_size(group) -> tuple[int, int]:
         if group is not None:
             raise RuntimeError("a process group was given but torch.distributed is not initialised")
         return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        # new_group hands non-members a placeholder object, so the group's ranks are unknown here
+        raise ValueError(f"this process (global rank {dist.get_rank()} of {dist.get_world_size()}) is not a "
+                         f"member of the sequence-parallel group it was given (its rank in it is {rank}); "
+                         f"call seqpar only on the ranks of the group")
+    return rank, dist.get_world_size(group)
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> tuple[int, int]:

@@ -119,6 +119,10 @@ class SequenceParallelConfig:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
+        for name in ("sp_size", "ulysses_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
         if self.sp_size < 1:
             raise ValueError(f"sp_size must be >= 1, got {self.sp_size}")
         if self.layout not in LAYOUTS:

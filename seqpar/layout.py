@@ -256,9 +256,18 @@ def unshard_tensor(shards: Sequence[torch.Tensor], layout: str, dim: int = 1) ->
     return stacked.index_select(dim, inverse)
 
 
+def _check_token_dim(name: str, x: torch.Tensor, dim: int) -> None:
+    """Raise a TypeError / ValueError unless ``x`` is a tensor with a token axis ``dim``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"token dim {dim!r} is out of range for {name} of shape {tuple(x.shape)} ({x.dim()} dims)")
+
+
 def shard(x: torch.Tensor, *, layout: str = "contiguous", group: dist.ProcessGroup | None = None,
           dim: int = 1) -> torch.Tensor:
     """Return this rank's tokens of the full tensor ``x`` (every rank passes the same ``x``)."""
+    _check_token_dim("x", x, dim)
     rank, world_size = group_rank_and_size(group)
     return shard_tensor(x, layout, rank, world_size, dim=dim)
 
@@ -283,6 +292,7 @@ def unshard(x_local: torch.Tensor, *, layout: str = "contiguous", group: dist.Pr
     """Gather every rank's shard and restore global token order (differentiable; the gradient
     of the full tensor is assumed identical on every rank, as after any replicated loss)."""
     check_layout(layout)
+    _check_token_dim("x_local", x_local, dim)
     _, world_size = group_rank_and_size(group)
     if world_size == 1:
         return x_local
@@ -293,5 +303,10 @@ def unshard(x_local: torch.Tensor, *, layout: str = "contiguous", group: dist.Pr
 def local_positions(local_len: int, *, layout: str = "contiguous", group: dist.ProcessGroup | None = None,
                     device: torch.device | str | None = None) -> torch.Tensor:
     """Global positions of this rank's ``local_len`` tokens (for RoPE and position ids)."""
+    if isinstance(local_len, (bool, float)) or not hasattr(local_len, "__index__"):
+        raise TypeError(f"local_len must be an int, got {type(local_len).__name__} {local_len!r}")
+    if local_len.__index__() < 1:
+        raise ValueError(f"local_len must be >= 1, got {local_len.__index__()}")
+    local_len = local_len.__index__()
     rank, world_size = group_rank_and_size(group)
     return global_positions(layout, rank, world_size, local_len, device=device)

@@ -40,6 +40,7 @@ class ContextParallel:
     layout: str = "contiguous"
     strategy: str = "ring"
     backend: str = "auto"
+    validate: bool = False  # cross-rank agreement check on every call (see seqpar.attention)
 
     @property
     def sp_group(self) -> Any:
@@ -122,7 +123,8 @@ class SoftmaxAttention(nn.Module):
         import seqpar
 
         group = cp.group if cp.strategy == "usp" else cp.sp_group
-        o = seqpar.attention(q, k, v, strategy=cp.strategy, layout=cp.layout, group=group, causal=True, backend=cp.backend)
+        o = seqpar.attention(q, k, v, strategy=cp.strategy, layout=cp.layout, group=group, causal=True, backend=cp.backend,
+                            validate=cp.validate)
         return o.to(q.dtype)
 
 
@@ -182,7 +184,7 @@ class LinearAttention(nn.Module):
         import seqpar
 
         o, _ = seqpar.linear_attention(q, k, v, strategy=cp.strategy, layout=cp.layout, group=cp.sp_group,
-                                g=g, g_gamma=g_gamma, backend=cp.backend)
+                                g=g, g_gamma=g_gamma, backend=cp.backend, validate=cp.validate)
         return o.to(q.dtype)
 
 

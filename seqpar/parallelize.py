@@ -39,13 +39,16 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
             and hasattr(m, "context_parallel")]
 
 
-def parallelize_model(model: nn.Module, config: SequenceParallelConfig, group: Any) -> nn.Module:
+def parallelize_model(model: nn.Module, config: SequenceParallelConfig, group: Any, *,
+                      validate: bool = False) -> nn.Module:
     """Switch ``model``'s attention layers to sequence parallelism over ``group`` (in place).
 
     ``group`` is the sequence-parallel ProcessGroup of this rank, or :class:`UspGroups` when
     ``config.softmax_strategy == "usp"``. Returns the model. Raises ValueError when the model's
     layers, the strategies and the layout do not fit together, or the group size is not
-    ``config.sp_size``.
+    ``config.sp_size``. ``validate=True`` makes every attention call check that the ranks
+    agree (``seqpar.attention(validate=True)``: one small extra collective per layer call; for
+    debugging or a first step, then call again without it).
     """
     model_config = getattr(model, "config", None)
     if model_config is not None:
@@ -67,9 +70,11 @@ def parallelize_model(model: nn.Module, config: SequenceParallelConfig, group: A
     sp_group = getattr(group, "sp", group)
     for m in modules:
         if m.kind == "softmax":
-            m.context_parallel = ContextParallel(group, config.layout, config.softmax_strategy, config.backend)
+            m.context_parallel = ContextParallel(group, config.layout, config.softmax_strategy, config.backend,
+                                                 validate)
         else:
-            m.context_parallel = ContextParallel(sp_group, config.layout, config.linear_strategy, config.backend)
+            m.context_parallel = ContextParallel(sp_group, config.layout, config.linear_strategy, config.backend,
+                                                 validate)
     if hasattr(model, "context_parallel"):
         model.context_parallel = ContextParallel(sp_group, config.layout, "positions", config.backend)
     return model
@@ -116,8 +121,13 @@ class ShardedBatch(NamedTuple):
 def shard_batch(tokens: torch.Tensor, labels: torch.Tensor, layout: str, group: Any) -> ShardedBatch:
     """Cut the full ``tokens`` / ``labels`` [B, T] (the same on every rank of ``group``) into
     this rank's tokens for ``layout``, without communication. ``group`` None means one rank."""
+    for name, t in (("tokens", tokens), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if tokens.shape != labels.shape:
         raise ValueError(f"tokens {tuple(tokens.shape)} and labels {tuple(labels.shape)} differ in shape")
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens and labels must be [B, T], got {tokens.dim()} dims with shape {tuple(tokens.shape)}")
     rank, world = group_rank_and_size(group) if group is not None else (0, 1)
     local_len = check_global_length(layout, tokens.shape[1], world)
     positions = global_positions(layout, rank, world, local_len, device=tokens.device)

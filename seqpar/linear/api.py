@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from seqpar.attention import check_flag, check_scale
+from seqpar.comm import check_same_on_all_ranks
 from seqpar.comm.groups import group_rank_and_size
 from seqpar.kernels.linear import DEFAULT_CHUNK_SIZE, check_linear_inputs
 from seqpar.kernels.linear_reference import default_scale
@@ -61,8 +63,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strat
                      g: torch.Tensor | None = None, g_gamma: torch.Tensor | None = None,
                      scale: float | None = None, initial_state: torch.Tensor | None = None,
                      output_final_state: bool = False, backend: str = "auto",
-                     chunk_size: int = DEFAULT_CHUNK_SIZE, comm_stats: CommStats | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     chunk_size: int = DEFAULT_CHUNK_SIZE, comm_stats: CommStats | None = None,
+                     validate: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sequence-parallel linear attention on this rank's shard (DESIGN.md section 6).
 
     S_t = exp(g_t) S_{t-1} + k_t v_t^T, o_t = scale * S_t^T q_t over the *global* sequence.
@@ -80,10 +82,85 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strat
     Returns (o in q's dtype, final state or None). The final state (fp32; fp64 for fp64 inputs)
     is the state after the last global token, on every rank, and differentiable on every rank:
     the gradient it receives is the sum over ranks (as for a tensor broadcast from one rank).
+
+    ``validate=True`` (pass it on every rank alike) adds one small ``all_gather_object`` that
+    checks the ranks agree on shapes, dtype, strategy, layout, gates given, g_gamma's values,
+    initial_state (a checksum), scale and output_final_state, and that the log gates are
+    finite and <= 0; every rank then raises the same ValueError instead of a crash, hang or
+    wrong answer in the collectives. Local checks always run.
     """
+    layout = "contiguous" if layout is None else layout
+    error: Exception | None = None
+    try:
+        run, strat = _prepare(q, k, v, strategy=strategy, layout=layout, group=group, g=g, g_gamma=g_gamma,
+                              scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                              backend=backend, chunk_size=chunk_size, comm_stats=comm_stats)
+        if validate:
+            _check_gates(g, g_gamma)
+    except (ValueError, TypeError) as e:
+        if not validate:
+            raise
+        error = e
+    if validate:
+        check_same_on_all_ranks(_fingerprint(q, k, v, strategy, layout, g, g_gamma, initial_state, scale,
+                                             output_final_state), group,
+                                what="seqpar.linear_attention(validate=True)", local_error=error)
+    o, final = _LinearAttentionSP.apply(q, k, v, g, initial_state, run, strat)
+    return o, (final if output_final_state else None)
+
+
+def _shape(x: object) -> object:
+    return None if x is None else tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _fingerprint(q, k, v, strategy, layout, g, g_gamma, initial_state, scale, output_final_state) -> dict:
+    """What every rank of one call must agree on (see ``validate``)."""
+    def values(t):  # small exact summary of a tensor that must be equal on every rank
+        if not isinstance(t, torch.Tensor) or t.numel() == 0 or not t.is_floating_point():
+            return _shape(t)
+        t64 = t.detach().to(torch.float64)
+        return (tuple(t.shape), float(t64.sum()), float((t64 * t64).sum()))
+    return dict(q=_shape(q), k=_shape(k), v=_shape(v), dtype=str(getattr(q, "dtype", None)), strategy=strategy,
+                layout=layout, g=_shape(g), g_gamma=(tuple(g_gamma.detach().double().tolist())
+                                                     if isinstance(g_gamma, torch.Tensor) and g_gamma.dim() == 1
+                                                     else _shape(g_gamma)),
+                initial_state=values(initial_state), scale=scale,
+                output_final_state=(output_final_state if isinstance(output_final_state, (bool, int))
+                                    else repr(output_final_state)))
+
+
+def _check_gates(g: torch.Tensor | None, g_gamma: torch.Tensor | None) -> None:
+    """Log gates must be finite and <= 0 (the kernels' stability guarantee); reads the data, so it
+    synchronises a GPU: only under ``validate=True``."""
+    for name, t in (("g", g), ("g_gamma", g_gamma)):
+        if t is None or t.numel() == 0:
+            continue
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} has {int((~torch.isfinite(t)).sum())} non-finite values (log gates must be finite)")
+        top = float(t.max())
+        if top > 0:
+            raise ValueError(f"{name} has positive log gates (max {top:g}, {int((t > 0).sum())} values > 0): "
+                             f"decays exp(g) > 1 grow the state and the kernels are only stable for g <= 0")
+
+
+def _prepare(q, k, v, *, strategy, layout, group, g, g_gamma, scale, initial_state, output_final_state, backend,
+             chunk_size, comm_stats) -> tuple[Run, object]:
+    """Every local check, then the :class:`Run` and the strategy object of one call."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("g", g), ("g_gamma", g_gamma), ("initial_state", initial_state)):
+        if t is not None and not isinstance(t, torch.Tensor) or t is None and name in ("q", "k", "v"):
+            optional = "" if name in ("q", "k", "v") else " or None"
+            raise TypeError(f"{name} must be a torch.Tensor{optional}, got {type(t).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() == 4 and min(t.shape[2], t.shape[3]) == 0:
+            raise ValueError(f"{name} has an empty head or feature axis: shape {tuple(t.shape)} [B, T, H, D] "
+                             f"needs H >= 1 and D >= 1")
+    if isinstance(chunk_size, bool) or not hasattr(chunk_size, "__index__"):
+        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__} {chunk_size!r}")
+    chunk_size = chunk_size.__index__()
+    check_flag("output_final_state", output_final_state)
+    check_scale(scale)
     check_linear_inputs(q, k, v, g, g_gamma, initial_state)
     strat = _strategy(strategy)
-    layout = "contiguous" if layout is None else layout
     check_layout(layout)
     if layout == "striped":
         raise ValueError("linear attention does not support the 'striped' layout (each rank would hold "
@@ -100,5 +177,4 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strat
               chunk_size=chunk_size, backend=backend, g_gamma=None if g_gamma is None else g_gamma.detach(),
               data_dependent=g is not None, output_final_state=output_final_state, stats=comm_stats,
               cd=compute_dtype(q.dtype), B=B, H=H, Dk=Dk, Dv=v.shape[-1], local_len=T_local)
-    o, final = _LinearAttentionSP.apply(q, k, v, g, initial_state, run, strat)
-    return o, (final if output_final_state else None)
+    return run, strat
