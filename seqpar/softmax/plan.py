@@ -107,8 +107,6 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: s
             ulysses_size, ring_size, ring_rank = 1, world_size, sp_rank
             ulysses_group, ring_group = None, sp_group
 
-    if sp_rank < 0:
-        raise ValueError("this process is not a member of the sequence-parallel group it was given")
     check_local_length(layout, local_len, world_size)
     kv_repeat = 1
     if ulysses_size > 1:
