@@ -143,6 +143,12 @@ def gate_grad(q: torch.Tensor, dq: torch.Tensor, k: torch.Tensor, dk: torch.Tens
 # Token-by-token oracle.
 
 
+def state_or_zeros(state: torch.Tensor | None, B: int, H: int, Dk: int, Dv: int, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+    """``state`` [B, H, Dk, Dv] in ``dtype``, or zeros of that shape when it is None."""
+    return state.to(dtype) if state is not None else torch.zeros(B, H, Dk, Dv, dtype=dtype, device=device)
+
+
 def linear_attention_recurrent_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                                          g: torch.Tensor | None = None, g_gamma: torch.Tensor | None = None,
                                          scale: float | None = None, initial_state: torch.Tensor | None = None,
@@ -155,8 +161,7 @@ def linear_attention_recurrent_reference(q: torch.Tensor, k: torch.Tensor, v: to
     cd = compute_dtype(q.dtype)
     scale = default_scale(q, scale)
     qf, kf, vf = q.to(cd), k.to(cd), v.to(cd)
-    S = (initial_state.to(cd) if initial_state is not None
-         else torch.zeros(B, H, Dk, Dv, dtype=cd, device=q.device))
+    S = state_or_zeros(initial_state, B, H, Dk, Dv, cd, q.device)
     outs = []
     for t in range(T):
         if g is not None:
@@ -202,8 +207,7 @@ def chunk_linear_attention_forward_reference(q: torch.Tensor, k: torch.Tensor, v
     cd = compute_dtype(q.dtype)
     scale = default_scale(q, scale)
     qf, kf, vf = q.to(cd), k.to(cd), v.to(cd)
-    S = (initial_state.to(cd) if initial_state is not None
-         else torch.zeros(B, H, Dk, Dv, dtype=cd, device=q.device))
+    S = state_or_zeros(initial_state, B, H, Dk, Dv, cd, q.device)
     o = torch.empty(B, T, H, Dv, dtype=cd, device=q.device)
     for s in range(0, T, chunk_size):
         e = min(T, s + chunk_size)
@@ -231,10 +235,9 @@ def chunk_linear_attention_backward_reference(do: torch.Tensor, q: torch.Tensor,
     cd = compute_dtype(q.dtype)
     scale = default_scale(q, scale)
     qf, kf, vf, dof = q.to(cd), k.to(cd), v.to(cd), do.to(cd)
-    S0 = (initial_state.to(cd) if initial_state is not None
-          else torch.zeros(B, H, Dk, Dv, dtype=cd, device=q.device))
+    S0 = state_or_zeros(initial_state, B, H, Dk, Dv, cd, q.device)
     starts, S_final = _chunk_states(kf, vf, g, g_gamma, S0, chunk_size, cd)
-    dH = dht.to(cd) if dht is not None else torch.zeros(B, H, Dk, Dv, dtype=cd, device=q.device)
+    dH = state_or_zeros(dht, B, H, Dk, Dv, cd, q.device)
     dq, dk, dv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(vf)
     for c, s in reversed(list(enumerate(range(0, T, chunk_size)))):
         e = min(T, s + chunk_size)
