@@ -1,8 +1,6 @@
 """Public API: exact softmax attention on sequence-parallel shards (see docs/softmax.md)."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
@@ -14,38 +12,6 @@ __all__ = ["attention", "STRATEGIES"]
 
 def _shape(x: object) -> object:
     return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-
-
-def check_scale(scale: object) -> None:
-    """Raise unless ``scale`` is None or a finite number > 0 (0, negative or NaN give NaN / garbage)."""
-    if scale is None:
-        return
-    if isinstance(scale, (bool, str, bytes)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__} {scale!r}")
-    try:
-        value = float(scale)
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__} {scale!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"scale must be a finite number > 0 (or None for D ** -0.5), got {value}")
-
-
-def check_flag(name: str, value: object) -> None:
-    """Raise a TypeError for a flag that is a string, bytes or float (``causal="False"`` is true)."""
-    if isinstance(value, (str, bytes, float)) or value is None:
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-
-
-def _check_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: object, scale: object) -> None:
-    """Checks besides those of ``build_plan``: options' types and empty head / feature dims."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() == 4 and (x.shape[2] == 0 or x.shape[3] == 0):
-            raise ValueError(f"{name} has an empty head or head-dim axis: shape {tuple(x.shape)} "
-                             f"[B, T, H, D] needs H >= 1 and D >= 1")
-    check_flag("causal", causal)
-    check_scale(scale)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: str,
@@ -71,7 +37,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: st
     layout = "contiguous" if layout is None else layout
     error: Exception | None = None
     try:
-        _check_arguments(q, k, v, causal, scale)
         plan = build_plan(q, k, v, strategy=strategy, layout=layout, group=group, causal=causal, scale=scale,
                           backend=backend)
     except (ValueError, TypeError) as e:

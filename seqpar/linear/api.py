@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from seqpar.attention import check_flag, check_scale
+from seqpar.validation import check_flag, check_scale
 from seqpar.comm import check_same_on_all_ranks
 from seqpar.comm.groups import group_rank_and_size
 from seqpar.kernels.linear import DEFAULT_CHUNK_SIZE, check_linear_inputs

@@ -14,6 +14,7 @@ from seqpar.comm import UspGroups, group_rank_and_size
 from seqpar.kernels import resolve_backend
 from seqpar.layout import Segment, check_layout, check_local_length, concat_segments, segments, sort_row
 from seqpar.softmax.function import ParallelPlan
+from seqpar.validation import check_flag, check_scale
 
 STRATEGIES = ("ring", "allgather", "ulysses", "usp")
 
@@ -23,12 +24,17 @@ ALLGATHER_KV_HEAD_GROUPS = 4
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Raise a ValueError naming the numbers if q [B, T, Hq, D], k / v [B, T, Hkv, D] don't fit."""
+    """Raise a ValueError naming the numbers if q [B, T, Hq, D], k / v [B, T, Hkv, D] don't fit
+    (a TypeError if one is not a tensor)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4:
             raise ValueError(f"{name} must have 4 dims [B, T, H, D], got {x.dim()} dims with shape {tuple(x.shape)}")
+        if x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f"{name} has an empty head or head-dim axis: shape {tuple(x.shape)} "
+                             f"[B, T, H, D] needs H >= 1 and D >= 1")
         if not x.is_floating_point():
             raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
     if k.shape != v.shape:
@@ -70,6 +76,8 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: s
                causal: bool, scale: float | None, backend: str) -> ParallelPlan:
     """Validate everything that can be checked locally and return the strategy's plan."""
     check_inputs(q, k, v)
+    check_flag("causal", causal)
+    check_scale(scale)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
     check_layout(layout)
