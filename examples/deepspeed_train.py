@@ -43,7 +43,7 @@ class Block(nn.Module):
             self.attn = SeqparDistributedAttention(None, mpu, strategy=strategy, layout=layout)
         else:
             self.attn = SeqparDistributedLinearAttention(mpu, strategy="lasp2", layout=layout,
-                                                         g_gamma=retnet_decay(heads))
+                                                         g_gamma=retnet_decay(heads, dtype=torch.float64))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from seqpar.config import ModelConfig
 from seqpar.kernels.linear import chunk_linear_attention
+from seqpar.kernels.softmax_reference import compute_dtype
 from seqpar.layout import local_positions
 
 
@@ -80,10 +81,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def retnet_log_decay(n_heads: int, device: torch.device | None = None) -> torch.Tensor:
-    """RetNet's per-head decay ladder in log space: log(1 - 2^(-5-h)), h = 0..H-1 (fp32)."""
+def retnet_log_decay(n_heads: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+                     ) -> torch.Tensor:
+    """RetNet's per-head decay ladder in log space: log(1 - 2^(-5-h)), h = 0..H-1, computed in fp64
+    and returned in ``dtype`` (the compute dtype: fp32, or fp64 for fp64 models)."""
     h = torch.arange(n_heads, dtype=torch.float64, device=device)
-    return torch.log1p(-torch.pow(2.0, -5.0 - h)).float()  # fp32, like every decay / gate
+    return torch.log1p(-torch.pow(2.0, -5.0 - h)).to(dtype)
 
 
 _FEATURE_MAPS = {
@@ -169,7 +172,7 @@ class LinearAttention(nn.Module):
             gate = self.gate(x)
             g = F.logsigmoid(gate if gate.dtype == torch.float64 else gate.float()) / self.gate_normalizer
         elif self.decay == "fixed":
-            g_gamma = retnet_log_decay(self.n_heads, device=x.device)
+            g_gamma = retnet_log_decay(self.n_heads, device=x.device, dtype=compute_dtype(q.dtype))
         o = self.mix(q, k, v, g, g_gamma)
         if self.out_norm is not None:  # normalise in the parameters' dtype (fp32 under autocast)
             o = self.out_norm(o.to(self.out_norm.weight.dtype))

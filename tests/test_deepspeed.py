@@ -105,14 +105,9 @@ def case_matches_distributed_attention(ctx: WorkerContext, strategy: str, batch_
 def _example_model(sp_source, layout: str, strategy: str) -> nn.Module:
     """The tiny hybrid model of examples/deepspeed_train.py (so the example is what is tested):
     pattern LS, the softmax layer on ``strategy`` and ``layout``; linear layers cannot be striped."""
-    import importlib.util
-    from pathlib import Path
+    from example_loader import load_example
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "deepspeed_train.py"
-    spec = importlib.util.spec_from_file_location("seqpar_example_deepspeed_train", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    model = example.HybridLM(sp_source, pattern="LS", vocab=48, dim=32, heads=4, kv_heads=2, max_len=64,
+    model = load_example("deepspeed_train").HybridLM(sp_source, pattern="LS", vocab=48, dim=32, heads=4, kv_heads=2, max_len=64,
                              strategy=strategy, layout=layout)
     for blk in model.blocks:
         blk.attn.layout = layout if blk.kind == "S" or layout != "striped" else "contiguous"

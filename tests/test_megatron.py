@@ -5,6 +5,8 @@ Megatron's parallel_state is per process, so this file starts its own pool of 2 
 """
 from __future__ import annotations
 
+import argparse
+import copy
 import os
 import warnings
 
@@ -14,6 +16,7 @@ import torch
 pytest.importorskip("megatron.core")
 
 from distributed_pool import GlooPool, WorkerContext  # noqa: E402
+from example_loader import load_example  # noqa: E402
 
 WORLD = 2
 SEQ = 16
@@ -207,6 +210,103 @@ def case_gpt_model(ctx: WorkerContext, pattern: str | None, strategy: str | None
     return True
 
 
+def _max_rel_err(got: dict, ref: dict) -> float:
+    """Largest |got - ref| of each tensor relative to that tensor's largest reference entry."""
+    assert got.keys() == ref.keys()
+    return max(float((got[n] - ref[n]).abs().max()) / (float(ref[n].abs().max()) or 1.0) for n in ref)
+
+
+def case_example_sgd_step(ctx: WorkerContext, pattern: str, strategy: str, linear_strategy: str) -> dict:
+    """One SGD step of examples/megatron_train.py's own model, loss function, schedule and gradient
+    finalisation, in fp64, at cp=1 (dp=2, both replicas fed the same batches) and at cp=2, against
+    an oracle that knows nothing of Megatron's schedules: plain autograd of the global mean loss
+    (masked token losses of every micro-batch summed, over the global token count) on the
+    unsharded model. Loss masks are random, so every
+    micro-batch and every cp rank has its own token count (a mean of per-rank means would be wrong).
+    Returns the relative errors."""
+    example = load_example("megatron_train")
+    args = argparse.Namespace(pattern=pattern, strategy=strategy, linear_strategy=linear_strategy, layers=4,
+                              hidden=32, heads=4, query_groups=2, vocab=VOCAB, seq_len=SEQ, micro_batch=2)
+    gen = torch.Generator().manual_seed(5)
+    batches = [example.synthetic_batch(args, gen) for _ in range(3)]
+    for b in batches:
+        b["loss_mask"] = (torch.rand(b["loss_mask"].shape, generator=gen) > 0.3).to(torch.float64)
+    lr = 0.1
+    errors = {}
+    for cp in (1, WORLD):
+        _init_megatron(cp)
+        torch.manual_seed(1)
+        model = example.build_model(args, cp, dtype=torch.float64)
+        if cp == 1:
+            state = _copy_state(model)
+            oracle = example.build_model(args, cp, dtype=torch.float64)
+            oracle.load_state_dict(state, strict=False)
+            losses = [oracle(b["tokens"], b["position_ids"], None, labels=b["labels"]) for b in batches]
+            total_tokens = sum(b["loss_mask"].sum() for b in batches)
+            ref_sum = sum((l * b["loss_mask"]).sum() for l, b in zip(losses, batches))
+            # Megatron's cross entropy runs in fp32 even for an fp64 model: back-propagate the sum
+            # and divide after, so that no fp32 rounding of 1 / total_tokens enters the oracle.
+            ref_sum.backward()
+            ref_loss = ref_sum / total_tokens
+            ref_grads = {n: p.grad / total_tokens for n, p in oracle.named_parameters()}
+        else:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            assert not [k for k in missing if "_extra_state" not in k] and not unexpected, (missing, unexpected)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        loss = example.train_step(model, optimizer, copy.deepcopy(batches), SEQ, args.micro_batch)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        steps = {n: (before[n] - p.detach()) / lr for n, p in model.named_parameters()}
+        errors[cp] = {"loss": abs(loss - float(ref_loss)) / float(ref_loss),
+                      "grad": _max_rel_err(grads, ref_grads), "sgd_step": _max_rel_err(steps, ref_grads)}
+    return errors
+
+
+def case_linear_core_fp64(ctx: WorkerContext, strategy: str) -> dict:
+    """SeqparLinearCoreAttention in fp64 (cp=1 and cp=2, GQA) against the token-by-token fp64
+    recurrence with the decay ladder log(1 - 2^(-5 - 5h/H)) written out here in fp64, the silu
+    feature map and the RMS norm: outputs and q/k/v gradients. Returns the relative errors."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from seqpar.integrations.megatron import MEGATRON_CP_LAYOUT, SeqparLinearCoreAttention
+    from seqpar.kernels.linear_reference import linear_attention_recurrent_reference
+    from seqpar.layout import shard_tensor
+
+    S, B, H, HKV, D, eps = 20, 2, 4, 2, 8, 1e-6
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(S, B, n, D, generator=gen, dtype=torch.float64) for n in (H, HKV, HKV))
+    w = torch.randn(S, B, H * D, generator=gen, dtype=torch.float64)
+
+    # The oracle: [s, b, n, d] -> [b, s, n, d], heads repeated, recurrence, RMS norm.
+    qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
+    bshd = lambda t: t.transpose(0, 1).repeat_interleave(H // t.shape[2], dim=2)  # noqa: E731
+    log_decay = torch.log(1.0 - 2.0 ** (-5.0 - 5.0 * torch.arange(H, dtype=torch.float64) / H))
+    o_ref, _ = linear_attention_recurrent_reference(torch.nn.functional.silu(bshd(qr)),
+                                                    torch.nn.functional.silu(bshd(kr)), bshd(vr),
+                                                    g_gamma=log_decay, scale=D ** -0.5)
+    o_ref = o_ref * torch.rsqrt(o_ref.pow(2).mean(-1, keepdim=True) + eps)
+    o_ref = o_ref.transpose(0, 1).reshape(S, B, H * D)
+    (o_ref * w).sum().backward()
+
+    errors = {}
+    for cp in (1, WORLD):
+        _init_megatron(cp)
+        rank = parallel_state.get_context_parallel_rank()
+        shard = lambda t: shard_tensor(t, MEGATRON_CP_LAYOUT, rank, cp, dim=0)  # noqa: E731
+        config = _config(cp, 1, gqa=True)
+        config.params_dtype = torch.float64
+        core = SeqparLinearCoreAttention(config, 1, AttnMaskType.causal, strategy=strategy)
+        ql, kl, vl = (shard(t).clone().requires_grad_(True) for t in (q, k, v))
+        o = core(ql, kl, vl, attention_mask=None)
+        assert o.dtype == torch.float64
+        (o * shard(w)).sum().backward()
+        rel = lambda a, b: float((a - b).abs().max()) / float(b.abs().max())  # noqa: E731
+        errors[cp] = {"o": rel(o.detach(), shard(o_ref.detach())),
+                      **{f"d{n}": rel(t.grad, shard(r.grad)) for n, t, r in (("q", ql, qr), ("k", kl, kr), ("v", vl, vr))}}
+    return errors
+
+
 def test_layout_matches_megatron_batch_slicing(mpool):
     assert all(mpool.run(case_layout_matches_megatron_slicing, WORLD))
 
@@ -247,3 +347,36 @@ def test_specs_and_errors():
     config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True)
     with pytest.raises(ValueError, match="attention_dropout"):
         SeqparCoreAttention(config, 1, None, pg_collection=object())
+
+
+# Tolerances of the fp64 cases: rounding only (the bug these guard against gave 2.0 and 7e-7).
+FP64_REL_TOL = 1e-10
+
+
+@pytest.mark.parametrize("pattern,strategy,linear_strategy", [("LS", "ring", "lasp2"), ("SL", "ulysses", "lasp1")])
+def test_example_sgd_step_cp2_equals_cp1_and_global_mean(mpool, pattern, strategy, linear_strategy):
+    """examples/megatron_train.py's loss convention gives the gradient of the global mean loss:
+    cp=2 equals cp=1 equals plain autograd (a cp-times scale would show as an error of 1.0)."""
+    for errors in mpool.run(case_example_sgd_step, WORLD, pattern=pattern, strategy=strategy,
+                            linear_strategy=linear_strategy):
+        for cp, errs in errors.items():
+            assert max(errs.values()) < FP64_REL_TOL, (cp, errs)
+
+
+@pytest.mark.parametrize("strategy", ["lasp2", "lasp1"])
+def test_linear_core_fp64_matches_recurrence(mpool, strategy):
+    for errors in mpool.run(case_linear_core_fp64, WORLD, strategy=strategy):
+        for cp, errs in errors.items():
+            assert max(errs.values()) < FP64_REL_TOL, (cp, errs)
+
+
+def test_retnet_decay_dtype():
+    """The decay ladder is computed in fp64 and returned in the asked dtype."""
+    from seqpar.integrations._common import retnet_decay
+
+    exact = torch.log(1.0 - 2.0 ** (-5.0 - 5.0 * torch.arange(2, 6, dtype=torch.float64) / 8))
+    d64 = retnet_decay(4, head_offset=2, total_heads=8, dtype=torch.float64)
+    assert d64.dtype == torch.float64
+    torch.testing.assert_close(d64, exact, rtol=1e-12, atol=0)  # log(1 - x) loses ~1e-13 to log1p(-x)
+    d32 = retnet_decay(4, head_offset=2, total_heads=8)
+    assert d32.dtype == torch.float32 and torch.equal(d32, d64.float())

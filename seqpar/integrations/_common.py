@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from seqpar.kernels.softmax_reference import compute_dtype
+
 SOFTMAX_STRATEGIES = ("ring", "allgather", "ulysses", "usp")
 LINEAR_STRATEGIES = ("lasp2", "lasp1")
 FEATURE_MAPS = ("identity", "silu", "elu1", "relu")
@@ -31,12 +33,15 @@ def feature_map(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def retnet_decay(num_heads: int, head_offset: int = 0, total_heads: int | None = None,
-                 device: torch.device | str | None = None) -> torch.Tensor:
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Per-head constant log-decay ``log(1 - 2**(-5 - 5 h / H))`` (RetNet / Lightning style), shape
-    [num_heads], for heads ``head_offset .. head_offset + num_heads - 1`` of ``total_heads``."""
+    [num_heads], for heads ``head_offset .. head_offset + num_heads - 1`` of ``total_heads``.
+
+    Computed in fp64 and returned in ``dtype``: pass the compute dtype of the layer (fp32, or fp64
+    for fp64 inputs) so that fp64 models keep fp64 accuracy."""
     total = num_heads if total_heads is None else total_heads
     h = torch.arange(head_offset, head_offset + num_heads, dtype=torch.float64, device=device)
-    return torch.log1p(-torch.pow(2.0, -5.0 - 5.0 * h / max(total, 1))).float()
+    return torch.log1p(-torch.pow(2.0, -5.0 - 5.0 * h / max(total, 1))).to(dtype)
 
 
 def linear_attention_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: str, layout: str,
@@ -60,8 +65,8 @@ def linear_attention_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     k = feature_map(k, feature)
     o, _ = seqpar.linear_attention(q, k, v, strategy=strategy, layout=layout, group=group,
                                    g_gamma=g_gamma, scale=scale)
-    if normalize:
-        of = o.float()
+    if normalize:  # in fp32, or fp64 for fp64 outputs
+        of = o.to(compute_dtype(o.dtype))
         o = (of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + eps)).to(o.dtype)
     return o
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from seqpar.integrations._common import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, check_choice
+from seqpar.kernels.softmax_reference import compute_dtype
 
 
 def resolve_sequence_parallel_group(source: Any) -> Optional[dist.ProcessGroup]:
@@ -178,6 +179,11 @@ class SeqparDistributedLinearAttention(_GroupResolver):
     per-token log-decay ``g`` ``[b, s/p, h]`` (or ``[s/p, b, h]``) and the module's per-head
     constant log-decay ``g_gamma`` ``[h]``. Layouts: contiguous or zigzag. With
     ``output_final_state`` returns ``(o, final_state [b, h, dk, dv])``.
+
+    ``g_gamma`` is kept as given (a plain attribute, not a buffer, so that the engine's
+    ``module.bfloat16()`` / ``half()`` cannot round it) and used in the compute dtype of each
+    call: fp32, or fp64 for fp64 inputs. Give it in fp64 (``retnet_decay(h, dtype=torch.float64)``)
+    for fp64 accuracy.
     """
 
     def __init__(self, sequence_process_group: Any = None, *, strategy: str = "lasp2", layout: str = "contiguous",
@@ -185,7 +191,7 @@ class SeqparDistributedLinearAttention(_GroupResolver):
         super().__init__(sequence_process_group)
         self.strategy = check_choice("linear strategy", strategy, LINEAR_STRATEGIES)
         self.layout = check_choice("linear layout", layout, ("contiguous", "zigzag"))
-        self.register_buffer("g_gamma", g_gamma, persistent=False)
+        self.g_gamma = g_gamma
         self.scale = scale
         self.backend = backend
 
@@ -197,8 +203,13 @@ class SeqparDistributedLinearAttention(_GroupResolver):
         q, k, v = (_to_bshd(t, batch_dim_idx) for t in (query, key, value))
         if g is not None and batch_dim_idx == 1:
             g = g.transpose(0, 1)
+        g_gamma = None
+        if self.g_gamma is not None:
+            if self.g_gamma.device != q.device:  # moved once: a plain attribute does not follow .to(device)
+                self.g_gamma = self.g_gamma.to(q.device)
+            g_gamma = self.g_gamma.to(compute_dtype(q.dtype))
         o, state = seqpar.linear_attention(q, k, v, strategy=self.strategy, layout=self.layout, group=self.group,
-                                           g=g, g_gamma=self.g_gamma, scale=self.scale, initial_state=initial_state,
+                                           g=g, g_gamma=g_gamma, scale=self.scale, initial_state=initial_state,
                                            output_final_state=output_final_state, backend=self.backend)
         o = o if batch_dim_idx == 0 else o.transpose(0, 1)
         return (o, state) if output_final_state else o

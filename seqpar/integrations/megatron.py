@@ -48,6 +48,7 @@ from seqpar.integrations._common import (
     linear_attention_heads,
     retnet_decay,
 )
+from seqpar.kernels.softmax_reference import compute_dtype
 
 #: The seqpar layout of Megatron's context-parallel batch slicing (get_batch_on_this_cp_rank).
 MEGATRON_CP_LAYOUT = "zigzag"
@@ -184,8 +185,7 @@ class SeqparLinearCoreAttention(_SeqparCoreBase):
         self.strategy = check_choice("linear strategy", strategy, LINEAR_STRATEGIES)
         self.feature_map = check_choice("feature map", feature_map, FEATURE_MAPS)
         self.normalize = normalize
-        gamma = retnet_decay(self.num_heads_per_partition, self.head_offset, config.num_attention_heads) if decay else None
-        self.register_buffer("g_gamma", gamma, persistent=False)
+        self.decay = decay
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                 attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,
@@ -193,7 +193,12 @@ class SeqparLinearCoreAttention(_SeqparCoreBase):
         """[s, b, n, d] query, [s, b, n_kv, d] key/value (local shards) -> [s, b, n * d]."""
         if not self._causal(attention_mask, attn_mask_type, attention_bias, packed_seq_params):
             raise NotImplementedError("seqpar linear core attention is causal only")
-        gamma = None if self.g_gamma is None else self.g_gamma.to(query.device)
+        # The decay is made per call in the compute dtype (fp32, fp64 for fp64 inputs), not held as
+        # a buffer that Float16Module / model.bfloat16() would round to bf16.
+        gamma = None
+        if self.decay:
+            gamma = retnet_decay(self.num_heads_per_partition, self.head_offset, self.config.num_attention_heads,
+                                 device=query.device, dtype=compute_dtype(query.dtype))
         o = linear_attention_heads(self._to_bshd(query), self._to_bshd(key), self._to_bshd(value),
                                    strategy=self.strategy, layout=self.layout, group=self.cp_group,
                                    feature=self.feature_map, g_gamma=gamma, scale=self.softmax_scale,
