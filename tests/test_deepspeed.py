@@ -186,3 +186,14 @@ def test_group_resolution_errors():
         resolve_sequence_parallel_group(object())
     with pytest.raises(ValueError, match="strategy"):
         SeqparDistributedAttention(None, None, strategy="nope")
+
+
+def test_linear_attention_decay_is_not_rounded_by_module_casts():
+    """The engine casts the module (``bfloat16()`` / ``half()``): the constant decay must keep the
+    precision it was given (it is used in the compute dtype of each call)."""
+    from seqpar.integrations._common import retnet_decay
+    from seqpar.integrations.deepspeed import SeqparDistributedLinearAttention
+
+    decay = retnet_decay(4, dtype=torch.float64)
+    attn = SeqparDistributedLinearAttention(None, g_gamma=decay).bfloat16()
+    assert attn.g_gamma.dtype == torch.float64 and torch.equal(attn.g_gamma, decay)

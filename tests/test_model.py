@@ -152,6 +152,37 @@ def test_unparallelize_and_single_device_linear_mixer():
         torch.testing.assert_close(o[:, t], torch.einsum("bhkv,bhk->bhv", state, q[:, t]) * D ** -0.5)
 
 
+def test_fixed_decay_linear_layer_keeps_fp64_accuracy():
+    """The linear layer with the fixed RetNet decay, in fp64, equals projections + feature map +
+    the token-by-token fp64 recurrence with the decay log(1 - 2^(-5-h)) written out here + RMSNorm +
+    output projection, in output and input gradient, to rounding (an fp32 decay gave ~1e-7)."""
+    from seqpar.kernels.linear_reference import linear_attention_recurrent_reference
+    from seqpar.model import rope_cos_sin
+
+    cfg = _tiny_config(linear_decay="fixed", feature_map="elu1")
+    torch.manual_seed(0)
+    layer = LinearAttention(cfg).double()
+    B, T, H, Hkv, D = 2, 37, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    x = torch.randn(B, T, cfg.dim, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(B, T, cfg.dim, dtype=torch.float64)
+    cos, sin = rope_cos_sin(torch.arange(T), D, cfg.rope_theta, torch.float64)
+    out = layer(x, cos, sin)
+    assert out.dtype == torch.float64
+    (dx,) = torch.autograd.grad((out * w).sum(), x)
+
+    phi = lambda t: torch.nn.functional.elu(t) + 1.0  # noqa: E731
+    q = phi(x @ layer.wq.weight.T).view(B, T, H, D)
+    k = phi(x @ layer.wk.weight.T).view(B, T, Hkv, D).repeat_interleave(H // Hkv, dim=2)
+    v = (x @ layer.wv.weight.T).view(B, T, Hkv, D).repeat_interleave(H // Hkv, dim=2)
+    log_decay = torch.log(1.0 - 2.0 ** (-5.0 - torch.arange(H, dtype=torch.float64)))
+    o, _ = linear_attention_recurrent_reference(q, k, v, g_gamma=log_decay)
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * layer.out_norm.weight
+    ref = o.reshape(B, T, H * D) @ layer.wo.weight.T
+    (ref_dx,) = torch.autograd.grad((ref * w).sum(), x)
+    for got, want in ((out, ref), (dx, ref_dx)):
+        assert float((got - want).abs().max()) <= 1e-12 * float(want.abs().max())
+
+
 # ---------------------------------------------------------------------------------------------
 # Configuration errors.
 
