@@ -5,7 +5,7 @@ attention_block_backward_triton) vs torch SDPA with the flash backend and with t
 (torch.nn.attention.sdpa_kernel), forward and forward+backward.
 Linear (decay per head, g_gamma): ours vs fla.ops.simple_gla.chunk_simple_gla when importable.
 
-Timing: triton.testing.do_bench, median. FLOPs of causal attention (DESIGN section 9): forward
+Timing: triton.testing.do_bench, median. FLOPs of causal attention (the usual convention): forward
 2*B*H*T^2*D, backward 2.5x forward, so fwd+bwd = 3.5 * 2*B*H*T^2*D. Peak memory is the peak
 allocated during one call minus what was allocated before it (inputs excluded).
 
@@ -47,7 +47,7 @@ class Row:
 
 
 def attention_flops(B: int, H: int, T: int, D: int, mode: str) -> float:
-    """Causal attention FLOPs by the DESIGN convention (fwd 2*B*H*T^2*D, bwd 2.5x fwd)."""
+    """Causal attention FLOPs by the usual convention (fwd 2*B*H*T^2*D, bwd 2.5x fwd)."""
     fwd = 2.0 * B * H * T * T * D
     return fwd if mode == "fwd" else 3.5 * fwd
 

@@ -4,8 +4,8 @@
 #   bash benchmarks/gpu_session.sh                 # on the device machine, from the repository root
 #   (device tool: command "bash benchmarks/gpu_session.sh", timeout_s 600, carry [".whl"] if wheels exist)
 #
-# Needs no network. If .whl/*.whl exist (e.g. flash-linear-attention + fla-core 0.6.0, see DESIGN
-# section 9), they are installed --no-deps into /tmp/site and put on PYTHONPATH. seqpar itself is
+# Needs no network. If .whl/*.whl exist (e.g. flash-linear-attention + fla-core 0.6.0, downloaded
+# here beforehand), they are installed --no-deps into /tmp/site and put on PYTHONPATH. seqpar itself is
 # installed editable without dependencies (or, failing that, put on PYTHONPATH as a package tree).
 #
 # Every step runs under `timeout`, bounded by what is left of SESSION_BUDGET_S (default 560 s), so

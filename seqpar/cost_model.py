@@ -22,7 +22,7 @@ class Machine:
     """Sustained rates of one rank and its links."""
 
     name: str = "H100 (cuDNN-level attention, NVLink 4 intra-node)"
-    attention_tflops: float = 500.0  # sustained softmax-attention rate, fwd (DESIGN.md section 9)
+    attention_tflops: float = 500.0  # sustained softmax-attention rate, fwd (H100 reference points: benchmarks/README.md)
     linear_tflops: float = 300.0  # sustained rate of chunked linear-attention matmuls
     link_gbytes_s: float = 200.0  # per-direction bandwidth a rank sees for collectives
     latency_us: float = 10.0  # fixed cost of one message / collective step

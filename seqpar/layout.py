@@ -1,6 +1,6 @@
 """Token layouts: which global tokens each rank of a sequence-parallel group holds.
 
-This module owns every index map of the library (DESIGN.md section 4):
+This module owns every index map of the library (docs/softmax.md, "Layouts"):
 
 - ``contiguous``: rank r holds tokens [r*T/P, (r+1)*T/P).
 - ``zigzag`` (head-tail): the sequence is cut into 2P chunks; rank r holds chunk r and

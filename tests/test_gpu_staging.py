@@ -1,4 +1,4 @@
-"""Several gloo ranks sharing ONE GPU (DESIGN section 8): CUDA tensors through every strategy.
+"""Several gloo ranks sharing ONE GPU: CUDA tensors through every strategy.
 
 NCCL refuses two ranks on one GPU, so multi-rank runs on a one-GPU machine use gloo, and
 ``seqpar.comm`` stages gloo traffic of CUDA tensors through host memory

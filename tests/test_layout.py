@@ -24,7 +24,7 @@ LOCAL_LENGTHS = (6, 10)
 
 
 def _expected_positions(layout: str, rank: int, world_size: int, local_len: int) -> list[int]:
-    """Positions straight from the definitions of DESIGN.md section 4."""
+    """Positions straight from the definitions in docs/softmax.md ("Layouts")."""
     length = world_size * local_len
     if layout == "contiguous" or world_size == 1:
         return list(range(rank * local_len, (rank + 1) * local_len))

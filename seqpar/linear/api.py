@@ -65,7 +65,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strat
                      output_final_state: bool = False, backend: str = "auto",
                      chunk_size: int = DEFAULT_CHUNK_SIZE, comm_stats: CommStats | None = None,
                      validate: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sequence-parallel linear attention on this rank's shard (DESIGN.md section 6).
+    """Sequence-parallel linear attention on this rank's shard (docs/linear.md).
 
     S_t = exp(g_t) S_{t-1} + k_t v_t^T, o_t = scale * S_t^T q_t over the *global* sequence.
     q, k [B, T_local, H, Dk], v [B, T_local, H, Dv] are this rank's tokens in ``layout``

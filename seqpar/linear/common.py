@@ -1,6 +1,6 @@
 """What the linear-attention strategies share: the run's configuration, the local chunks of a
 rank in global order, packing of states for the wire, a recorder of the bytes sent, and the scans
-that carry states forward and state gradients backward across chunks (DESIGN.md section 6).
+that carry states forward and state gradients backward across chunks (docs/linear.md).
 
 Notation: the sequence is cut into N global chunks (P for the contiguous layout, 2P for zigzag);
 chunk c has the state-from-zero M_c and the log decay log Gamma_c. The state entering chunk c is
