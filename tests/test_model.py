@@ -179,7 +179,7 @@ def test_fixed_decay_linear_layer_keeps_fp64_accuracy():
     o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * layer.out_norm.weight
     ref = o.reshape(B, T, H * D) @ layer.wo.weight.T
     (ref_dx,) = torch.autograd.grad((ref * w).sum(), x)
-    for got, want in ((out, ref), (dx, ref_dx)):
+    for got, want in ((out.detach(), ref.detach()), (dx, ref_dx)):
         assert float((got - want).abs().max()) <= 1e-12 * float(want.abs().max())
 
 
