@@ -107,7 +107,8 @@ def _example_model(sp_source, layout: str, strategy: str) -> nn.Module:
     pattern LS, the softmax layer on ``strategy`` and ``layout``; linear layers cannot be striped."""
     from example_loader import load_example
 
-    model = load_example("deepspeed_train").HybridLM(sp_source, pattern="LS", vocab=48, dim=32, heads=4, kv_heads=2, max_len=64,
+    example = load_example("deepspeed_train")
+    model = example.HybridLM(sp_source, pattern="LS", vocab=48, dim=32, heads=4, kv_heads=2, max_len=64,
                              strategy=strategy, layout=layout)
     for blk in model.blocks:
         blk.attn.layout = layout if blk.kind == "S" or layout != "striped" else "contiguous"
