@@ -20,6 +20,14 @@ def group_rank_and_size(group) -> tuple[int, int]:
     if not dist.is_available() or not dist.is_initialized():
         if group is not None:
             raise RuntimeError("a process group was given but torch.distributed is not initialised")
+        launched = os.environ.get("WORLD_SIZE", "1")
+        if launched.isdigit() and int(launched) > 1:
+            # under torchrun without a process group every rank would silently compute alone
+            raise RuntimeError(
+                f"WORLD_SIZE={launched} in the environment (torchrun started {launched} processes) but "
+                f"torch.distributed is not initialised, so this rank would treat its tokens as the whole "
+                f"sequence: call torch.distributed.init_process_group() (or seqpar.comm.init_distributed()) "
+                f"first, or unset WORLD_SIZE to compute on one process")
         return 0, 1
     rank = dist.get_rank(group)
     if rank < 0:

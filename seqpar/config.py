@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from seqpar.kernels.softmax import BACKENDS
 from seqpar.layout import LAYOUTS
 
 LAYER_KINDS = {"S": "softmax", "L": "linear"}
@@ -202,6 +203,7 @@ class TrainConfig:
     checkpoint_interval: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     resume: str | None = None  # "auto" (latest in run_dir), a checkpoint path, or None
+    overwrite: bool = False  # start afresh in a run_dir that already holds a run (deletes its logs and checkpoints)
     progress: bool = True
     plot: bool = True
     device: str = "auto"
@@ -225,6 +227,9 @@ class TrainConfig:
             raise ValueError(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got lr={self.lr}, min_lr_ratio={self.min_lr_ratio}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {DTYPES}")
+        if self.overwrite and self.resume is not None:
+            raise ValueError(f"overwrite=True deletes the run in run_dir but resume={self.resume!r} continues it: "
+                             "choose one")
         if self.data == "stdlib" and self.model.vocab_size < 256:
             raise ValueError(f"byte-level data needs vocab_size >= 256, got {self.model.vocab_size}")
         check_compatible(self.model, self.sp, self.seq_len)
@@ -235,6 +240,80 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------
+# One line of help per field (the command line of ``python -m seqpar.train`` shows these), and
+# the allowed values of the fields that take a name.
+
+FIELD_HELP: dict[str, str] = {
+    # ModelConfig
+    "vocab_size": "vocabulary size (byte-level data needs >= 256)",
+    "dim": "model width",
+    "n_layers": "number of decoder layers",
+    "n_heads": "query heads per attention layer",
+    "n_kv_heads": "key/value heads (GQA: must divide n_heads)",
+    "ffn_dim": "SwiGLU hidden size (none: 8/3 dim rounded up to ffn_multiple_of)",
+    "ffn_multiple_of": "round the default SwiGLU hidden size up to a multiple of this",
+    "pattern": "layer kinds, repeated over the layers: S = softmax attention, L = linear attention (e.g. LLLS)",
+    "norm_eps": "RMSNorm epsilon",
+    "rope_theta": "RoPE base",
+    "tie_embeddings": "share the input embedding with the output head",
+    "linear_decay": "decay of linear-attention layers: fixed (per-head RetNet ladder), gate (data-dependent, GLA) or none",
+    "feature_map": "feature map applied to q and k in linear-attention layers",
+    "linear_output_norm": "RMSNorm on each head's linear-attention output",
+    "linear_rope": "apply RoPE to q and k in linear-attention layers too",
+    "gate_rank": "rank of the low-rank gate projection (linear_decay=gate)",
+    "gate_normalizer": "divide the log-sigmoid gate by this (linear_decay=gate)",
+    "init_std": "standard deviation of the initial weights",
+    # SequenceParallelConfig
+    "sp_size": "sequence-parallel ranks per sequence (must divide the number of processes)",
+    "layout": "which tokens each rank holds: contiguous, zigzag (balanced causal work) or striped (softmax only)",
+    "softmax_strategy": "how softmax layers attend across ranks",
+    "linear_strategy": "how linear-attention layers pass states across ranks",
+    "ulysses_size": "Ulysses axis of softmax_strategy=usp (the ring axis is sp / ulysses_size)",
+    "backend": "block kernels: auto (Triton on CUDA, torch SDPA on CPU), torch, sdpa or triton",
+    # TrainConfig
+    "data": "training data: stdlib (bytes of Python's standard library) or synthetic (long-range copy task)",
+    "seq_len": "tokens per sequence (global, before it is split over the sp ranks)",
+    "batch_size": "sequences per step, global (split over the data-parallel replicas)",
+    "max_corpus_bytes": "read at most this many bytes of the stdlib corpus",
+    "val_fraction": "fraction of the corpus held out for evaluation",
+    "steps": "optimizer steps in all (a resumed run continues up to this step)",
+    "lr": "peak learning rate (AdamW)",
+    "min_lr_ratio": "final learning rate of the cosine schedule, as a fraction of lr",
+    "warmup_steps": "linear warm-up steps",
+    "weight_decay": "AdamW weight decay (matrices only)",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "grad_clip": "clip the global gradient norm to this (0: no clipping)",
+    "seed": "seed of the initial parameters and of the data order",
+    "dtype": "parameter dtype (on CUDA the forward runs under bf16 autocast when float32 and --amp)",
+    "amp": "bf16 autocast on CUDA",
+    "activation_checkpointing": "recompute each layer in backward to save activation memory",
+    "run_dir": "directory for config.json, train.log, train.jsonl, loss.png and checkpoints/",
+    "log_interval": "write a train record every this many steps",
+    "eval_interval": "evaluate on held-out data every this many steps (0: only at the end)",
+    "eval_batches": "held-out batches per evaluation",
+    "checkpoint_interval": "save a checkpoint every this many steps (0: only at the end)",
+    "keep_checkpoints": "keep this many newest checkpoints (0: save none)",
+    "resume": "continue a run: auto (the newest checkpoint in run_dir) or a checkpoint path",
+    "overwrite": "start afresh in a run_dir that already holds a run, deleting its logs and checkpoints",
+    "progress": "show a progress bar (a plain line every few steps when the output is not a terminal)",
+    "plot": "write loss.png at the end",
+    "device": "auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu or cuda[:N]",
+}
+
+FIELD_CHOICES: dict[str, tuple[str, ...]] = {
+    "linear_decay": DECAYS,
+    "feature_map": FEATURE_MAPS,
+    "layout": LAYOUTS,
+    "softmax_strategy": SOFTMAX_STRATEGIES,
+    "linear_strategy": LINEAR_STRATEGIES,
+    "data": ("stdlib", "synthetic"),
+    "dtype": DTYPES,
+    "backend": BACKENDS,
+}
 
 
 # ---------------------------------------------------------------------------------------------

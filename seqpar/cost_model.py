@@ -11,6 +11,7 @@ its compute and its communication.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -147,3 +148,57 @@ def linear_estimate(strategy: str, world_size: int, shape: Shape, machine: Machi
         raise ValueError(f"unknown linear strategy {strategy!r}")
     return Estimate(strategy, "contiguous" if chunks_per_rank == 1 else "zigzag", world_size, flop / 1e12, 1.0,
                     sent, steps, time * 1e3)
+
+
+@dataclass(frozen=True)
+class StepBytes:
+    """Bytes one rank sends in one training step of a model (cost-model estimates)."""
+
+    attention_forward: float  # every attention layer's forward collectives
+    attention_backward: float  # their backward collectives
+    gradient_all_reduce: float  # summing the replicated gradients over sp, then dp (ring all-reduce)
+
+    @property
+    def total(self) -> float:
+        return self.attention_forward + self.attention_backward + self.gradient_all_reduce
+
+
+def _backward_bytes(strategy: str, forward_bytes: float, world_size: int, element_bytes: int) -> float:
+    """Backward bytes of one layer from its forward bytes (see docs/softmax.md, docs/linear.md):
+    ring / allgather move K/V again plus dK/dV in fp32 (ring: one extra hop home); Ulysses / USP
+    move dO, dQ, dK, dV (as many bytes as forward); LASP-2 / LASP move dS states (as forward)."""
+    if strategy in ("ring", "allgather") and world_size > 1:
+        grad = forward_bytes * max(1.0, 4 / element_bytes)
+        if strategy == "ring":
+            grad *= world_size / (world_size - 1)
+        return forward_bytes + grad
+    return forward_bytes
+
+
+def step_bytes_per_rank(model: Any, sp: Any, seq_len: int, batch_per_replica: int, element_bytes: int,
+                        num_params: int, dp_size: int = 1) -> StepBytes:
+    """Estimate what one rank sends per training step of a :class:`seqpar.config.ModelConfig` run
+    under a :class:`seqpar.config.SequenceParallelConfig`: every softmax layer by
+    :func:`softmax_estimate`, every linear layer by :func:`linear_estimate` (fp32 states), and the
+    gradient all-reduce of ``num_params`` fp32 gradients (ring all-reduce: 2 (n-1)/n of the bytes
+    over the sp group, then over the dp group)."""
+    P = sp.sp_size
+    machine = Machine()
+    shape = Shape(batch=batch_per_replica, seq_len=seq_len, heads=model.n_heads, kv_heads=model.n_kv_heads,
+                  head_dim=model.head_dim, element_bytes=element_bytes)
+    fwd = bwd = 0.0
+    if P > 1:
+        for kind in model.layer_kinds:
+            if kind == "softmax":
+                strategy = sp.softmax_strategy
+                est = softmax_estimate(strategy, sp.layout, P, shape, machine, causal=True,
+                                       ulysses_size=sp.ulysses_size)
+            else:
+                strategy = sp.linear_strategy
+                est = linear_estimate(strategy, P, shape, machine,
+                                      chunks_per_rank=2 if sp.layout == "zigzag" else 1)
+            fwd += est.bytes_sent_per_rank
+            bwd += _backward_bytes(strategy, est.bytes_sent_per_rank, P, element_bytes)
+    grads = 4.0 * num_params
+    all_reduce = sum(2 * (n - 1) / n * grads for n in (P, dp_size) if n > 1)
+    return StepBytes(fwd, bwd, all_reduce)

@@ -17,12 +17,15 @@ time of that rank are those of the real job (minus communication).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -34,10 +37,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from seqpar.checkpoint import (checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints,
-                               save_checkpoint)
+from seqpar.checkpoint import (CHECKPOINT_DIR, checkpoint_path, latest_checkpoint, list_checkpoints,
+                               load_checkpoint, prune_checkpoints, save_checkpoint)
 from seqpar.comm.groups import SequenceParallelGroups
-from seqpar.config import MODEL_PRESETS, TRAIN_PRESETS, ModelConfig, SequenceParallelConfig, TrainConfig
+from seqpar.config import (FIELD_CHOICES, FIELD_HELP, MODEL_PRESETS, TRAIN_PRESETS, ModelConfig,
+                           SequenceParallelConfig, TrainConfig, preset)
 from seqpar.data import make_dataset
 from seqpar.model import HybridLM
 from seqpar.parallelize import (make_groups, parallelize_model, sequence_parallel_loss, shard_batch,
@@ -62,6 +66,7 @@ class TrainResult:
     mean_step_time_s: float
     num_params: int
     model: nn.Module | None = field(default=None, repr=False)
+    state_memory_mb: float = 0.0  # kept between steps (see _state_memory_mb)
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -158,10 +163,79 @@ def evaluate(model: nn.Module, dataset: Any, cfg: TrainConfig, groups: SequenceP
     return total / cfg.eval_batches
 
 
+RUN_FILES = ("config.json", "train.jsonl", "train.log", "loss.png")
+
+
+def existing_run(run_dir: str) -> str | None:
+    """A short description of the run that ``run_dir`` already holds, or None when it holds none."""
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(run_dir, name))]
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints:
+        found.append(f"{len(checkpoints)} checkpoint(s), the newest at step {checkpoints[-1][0]}")
+    return ", ".join(found) if found else None
+
+
+class RunDirectoryError(FileExistsError):
+    """The run directory holds another run (raised alike on every rank)."""
+
+
+def prepare_run_dir(cfg: TrainConfig, writer: bool) -> None:
+    """Refuse to start a new run in a directory that holds one (unless ``cfg.overwrite``, which
+    deletes it; ``cfg.resume`` continues it). Only the ``writer`` rank looks at and touches the
+    files; its verdict reaches every rank (one small exchange over the world), so all of them
+    raise the same :class:`RunDirectoryError` and none is left waiting."""
+    problem = ""
+    if writer and cfg.resume is None:
+        found = existing_run(cfg.run_dir)
+        if found and not cfg.overwrite:
+            problem = (f"run directory {cfg.run_dir!r} already holds a run ({found}); pass --resume auto to "
+                       f"continue it, --overwrite to delete it and start again, or another --run-dir")
+        elif found:
+            for name in RUN_FILES:
+                path = os.path.join(cfg.run_dir, name)
+                if os.path.exists(path):
+                    os.remove(path)
+            shutil.rmtree(os.path.join(cfg.run_dir, CHECKPOINT_DIR), ignore_errors=True)
+    if dist.is_initialized() and dist.get_backend() != "fake" and dist.get_world_size() > 1:
+        verdicts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(verdicts, problem)
+        problem = next((v for v in verdicts if v), "")
+    if problem:
+        raise RunDirectoryError(problem)
+
+
+class Progress:
+    """A tqdm bar on a terminal; elsewhere (torchrun --tee, a log file, CI) a plain line every
+    ``~steps / 20`` steps, so the output never breaks into carriage-return fragments."""
+
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self.enabled, self.total, self.done = enabled, total, initial
+        self.every = max(1, (total - initial) // 20)
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, desc="train", unit="step")
+
+    def update(self, **fields: str) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(**fields)
+        elif self.enabled and (self.done % self.every == 0 or self.done == self.total):
+            print(f"step {self.done}/{self.total} " + " ".join(f"{k}={v}" for k, v in fields.items()), flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attention_group: Any = None,
-          return_model: bool = False) -> TrainResult:
+          return_model: bool = False, dry_run: bool = False) -> TrainResult:
     """Run ``cfg`` on this rank. ``groups`` (dp x sp) default to one process; ``attention_group``
-    (what :func:`parallelize_model` gets) defaults to ``groups.sp``."""
+    (what :func:`parallelize_model` gets) defaults to ``groups.sp``.
+
+    ``dry_run`` (one real rank on the fake process group): no evaluation, checkpoint, plot or
+    loss (the collectives are no-ops, so they would be meaningless); steps record time and memory,
+    and the result carries the memory the rank keeps between steps (``state_memory_mb``)."""
     groups = _local_groups(groups)
     if groups.sp_size != cfg.sp.sp_size:
         raise ValueError(f"the sequence-parallel group has {groups.sp_size} ranks but the config says sp_size={cfg.sp.sp_size}")
@@ -189,6 +263,9 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
                            vocab_size=cfg.model.vocab_size)
 
     run_dir = cfg.run_dir
+    if rank0:
+        os.makedirs(run_dir, exist_ok=True)
+    prepare_run_dir(cfg, writer=rank0)
     os.makedirs(run_dir, exist_ok=True)
     jsonl_path = os.path.join(run_dir, "train.jsonl")
     log_path = os.path.join(run_dir, "train.log")
@@ -203,7 +280,10 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
             raise ValueError(f"checkpoint {resume}: data position {state['data']} disagrees with step {start_step}")
 
     logger = _text_logger(log_path) if rank0 else None
-    jsonl = open(jsonl_path, "a") if rank0 else None
+    jsonl = open(jsonl_path, "w") if rank0 else None  # rewritten from the checkpoint's history on resume
+    if rank0:
+        for rec in history:
+            jsonl.write(json.dumps(rec) + "\n")
     n_params = model.num_params()
 
     def record(rec: dict[str, Any]) -> None:
@@ -222,12 +302,13 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
     sp_group = groups.sp if groups.sp_size > 1 else None
     params = [p for p in model.parameters() if p.requires_grad]
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (rank0 and cfg.progress), dynamic_ncols=True,
-               desc="train", unit="step")
+    bar = Progress(cfg.steps, start_step, enabled=rank0 and cfg.progress)
     step_times: list[float] = []
     last_ckpt = None
+    state_mb = 0.0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    before_first_step_mb = peak_memory_mb(device)
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
         batch = dataset.batch(step, cfg.batch_size, cfg.seq_len, seed=cfg.seed, dp_rank=groups.dp_rank,
@@ -253,12 +334,21 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
         dt = time.perf_counter() - t0
         step_times.append(dt)
         done = step + 1
+        if step == start_step:
+            state_mb = _state_memory_mb(device, before_first_step_mb, optimizer)
         if done % cfg.log_interval == 0 or done == cfg.steps:
-            record({"kind": "train", "step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                    "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
-                    "peak_memory_mb": peak_memory_mb(device)})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+            rec = {"kind": "train", "step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                   "step_time_s": dt, "tokens_per_s": tokens_per_step / dt, "peak_memory_mb": peak_memory_mb(device)}
+            if dry_run:
+                for key in ("loss", "grad_norm"):
+                    rec.pop(key)
+            record(rec)
+        if dry_run:
+            bar.update(step_s=f"{dt:.2f}", peak_mib=f"{peak_memory_mb(device):,.0f}")
+        else:
+            bar.update(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+        if dry_run:
+            continue
         if cfg.eval_interval and done % cfg.eval_interval == 0 and done != cfg.steps:
             record({"kind": "eval", "step": done, "val_loss": evaluate(model, dataset, cfg, groups, device, autocast)})
         if cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0 and done != cfg.steps:
@@ -266,20 +356,28 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
     bar.close()
 
     final_val = None
-    if start_step < cfg.steps or not any(h.get("kind") == "eval" and h["step"] == cfg.steps for h in history):
+    if dry_run:
+        pass
+    elif start_step < cfg.steps or not any(h.get("kind") == "eval" and h["step"] == cfg.steps for h in history):
         final_val = evaluate(model, dataset, cfg, groups, device, autocast)
         record({"kind": "eval", "step": cfg.steps, "val_loss": final_val})
-    if start_step < cfg.steps:
+    if start_step < cfg.steps and not dry_run:
         last_ckpt = _save(cfg, rank0, model, optimizer, scheduler, cfg.steps, history)
-    train_losses = [h["loss"] for h in history if h.get("kind") == "train"]
+    train_losses = [h["loss"] for h in history if h.get("kind") == "train" and "loss" in h]
     final_loss = train_losses[-1] if train_losses else float("nan")
     plot = None
-    if rank0 and cfg.plot:
+    if rank0 and cfg.plot and not dry_run:
         plot = plot_history(history, os.path.join(run_dir, "loss.png"),
                             title=f"{cfg.model.pattern} x{cfg.model.n_layers}, dp={groups.dp_size} sp={groups.sp_size}")
     peak = peak_memory_mb(device)
     mean_dt = sum(step_times[1:]) / max(1, len(step_times) - 1) if len(step_times) > 1 else (step_times[0] if step_times else 0.0)
-    if rank0:
+    if rank0 and dry_run:
+        logger.info(f"dry run: peak memory/rank {peak:.0f} MiB; state kept between steps {state_mb:.0f} MiB; "
+                    f"step time {mean_dt:.3f} s")
+        for h in logger.handlers:
+            h.close()
+        jsonl.close()
+    elif rank0:
         summary = (f"final train loss {final_loss:.4f}, held-out loss {final_val if final_val is None else round(final_val, 4)}; "
                    f"peak memory/rank {peak:.0f} MiB; step time {mean_dt:.3f} s; run dir {os.path.abspath(run_dir)} "
                    f"(log {log_path}, metrics {jsonl_path}, plot {plot}, checkpoint {last_ckpt})")
@@ -288,7 +386,18 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
             h.close()
         jsonl.close()
     return TrainResult(final_loss, final_val, history, run_dir, log_path, jsonl_path, plot, last_ckpt, peak, mean_dt,
-                       n_params, model if return_model else None)
+                       n_params, model if return_model else None, state_mb)
+
+
+def _state_memory_mb(device: torch.device, before_first_step_mb: float, optimizer: torch.optim.Optimizer) -> float:
+    """Memory this rank keeps between steps (parameters, optimizer state, the process itself):
+    allocated CUDA memory after the first step, or on CPU the RSS before it plus the optimizer
+    state the first step created (the RSS itself never shrinks)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2 ** 20
+    state = sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
+                if isinstance(t, torch.Tensor))
+    return before_first_step_mb + state / 2 ** 20
 
 
 def _save(cfg: TrainConfig, rank0: bool, model: nn.Module, optimizer: Any, scheduler: Any, step: int,
@@ -318,18 +427,57 @@ def _arg_type(type_str: str):
     return str
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Every field of ModelConfig, SequenceParallelConfig and TrainConfig as ``--field-name``
-    (unset flags keep the preset's value)."""
-    p = argparse.ArgumentParser(prog="python -m seqpar.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=sorted(TRAIN_PRESETS), help="model + training preset")
-    p.add_argument("--config", default=None, help="a JSON TrainConfig (as written to run_dir/config.json); flags override it")
-    p.add_argument("--fake-world-size", type=int, default=0,
-                   help="run ONE rank of a job of this many ranks on torch's fake process group (no-op collectives)")
-    p.add_argument("--fake-rank", type=int, default=0, help="the rank to run with --fake-world-size")
-    for title, cls, skip in (("model", ModelConfig, ()), ("sequence parallelism", SequenceParallelConfig, ()),
-                             ("training", TrainConfig, ("model", "sp"))):
+def program_name(argv0: str | None = None) -> str:
+    """How the user started the trainer, for usage lines: ``seqpar-train``,
+    ``python -m seqpar.train`` or the script's name."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    norm = argv0.replace(os.sep, "/")
+    if norm.endswith("seqpar/train.py") or norm in ("-m", "-c", ""):
+        return "python -m seqpar.train"
+    if os.path.basename(argv0) == "seqpar-train":
+        return "seqpar-train"
+    return argv0  # a script, as typed (examples/train_hybrid.py)
+
+
+def _preset_summary(name: str) -> str:
+    m, t = MODEL_PRESETS[name], TRAIN_PRESETS[name]
+    return f"{name} (dim {m['dim']}, {m['n_layers']} layers {m['pattern']}, {t['batch_size']} x {t['seq_len']} tokens)"
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "none" if value is None else str(value)
+
+
+def build_parser(defaults: TrainConfig | None = None, prog: str | None = None) -> argparse.ArgumentParser:
+    """Every field of ModelConfig, SequenceParallelConfig and TrainConfig as ``--field-name``, one
+    line of help each, with the allowed values and the value it takes when not given (that of
+    ``defaults``: the preset, a ``--config`` file and the flags already given). Unset flags parse
+    as None, so :func:`config_from_args` can tell them from the preset's values."""
+    defaults = defaults if defaults is not None else preset("tiny")
+    p = argparse.ArgumentParser(
+        prog=prog or program_name(), usage="%(prog)s [--preset NAME] [--sp N] [--FIELD VALUE ...]",
+        description="Train the hybrid softmax / linear-attention model with data x sequence parallelism.",
+        epilog="Under torchrun every process runs this program; --sp must divide the number of processes "
+               "(the rest are data-parallel replicas). Defaults shown are those of the chosen preset and "
+               "of the flags already given.")
+    p.add_argument("--preset", default="tiny", choices=sorted(TRAIN_PRESETS), metavar="{" + ",".join(TRAIN_PRESETS) + "}",
+                   help="model + training preset: " + "; ".join(_preset_summary(n) for n in TRAIN_PRESETS)
+                   + " (default: tiny)")
+    p.add_argument("--config", default=None, metavar="JSON",
+                   help="start from a TrainConfig JSON (as written to run_dir/config.json) instead of a preset; flags override it")
+    p.add_argument("--fake-world-size", type=int, default=0, metavar="N",
+                   help="dry run: ONE real rank of an N-rank job on torch's fake process group (no-op collectives); "
+                        "reports memory, step time, bytes sent and the longest sequence that fits")
+    p.add_argument("--fake-rank", type=int, default=0, metavar="R", help="the rank a dry run runs (default: 0)")
+    p.add_argument("--fake-memory-gib", type=float, default=None, metavar="GIB",
+                   help="dry run: memory per rank of the real job, for the longest-sequence estimate "
+                        "(default: this GPU's memory, or this host's)")
+    sections = (("model", ModelConfig, defaults.model, ()),
+                ("sequence parallelism", SequenceParallelConfig, defaults.sp, ()),
+                ("training", TrainConfig, defaults, ("model", "sp")))
+    for title, cls, values, skip in sections:
         g = p.add_argument_group(title)
         for f in dataclasses.fields(cls):
             if f.name in skip:
@@ -337,12 +485,14 @@ def build_parser() -> argparse.ArgumentParser:
             flags = ["--" + f.name.replace("_", "-")]
             if f.name == "sp_size":
                 flags.append("--sp")
+            help_text = f"{FIELD_HELP[f.name]} (default: {_shown(getattr(values, f.name))})"
             t = _arg_type(str(f.type))
             if t is bool:
-                g.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+                g.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             else:
-                g.add_argument(*flags, dest=f.name, type=t, default=None, help=f"(default: preset / {f.default!r})"
-                               if f.default is not dataclasses.MISSING else None)
+                metavar = {int: "N", float: "X"}.get(t, "PATH" if f.name in ("run_dir", "resume") else "NAME")
+                g.add_argument(*flags, dest=f.name, type=t, default=None, choices=FIELD_CHOICES.get(f.name),
+                               metavar=None if f.name in FIELD_CHOICES else metavar, help=help_text)
     return p
 
 
@@ -368,16 +518,131 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(model=ModelConfig(**model), sp=SequenceParallelConfig(**sp), **base)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m seqpar.train`` / ``seqpar-train`` (torchrun sets the ranks)."""
-    args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
+def _requested_sp(args: argparse.Namespace) -> int:
+    if args.sp_size is not None:
+        return args.sp_size
+    if args.config:
+        with open(args.config) as fh:
+            return int(json.load(fh).get("sp", {}).get("sp_size", 1))
+    return 1
+
+
+def world_error(sp: int, world: int, prog: str, fake: bool) -> str | None:
+    """What is wrong (and what to do) when ``sp`` ranks per sequence cannot be cut from ``world``
+    processes; None when they can."""
+    if sp < 1:
+        return f"--sp must be >= 1, got {sp}"
+    if sp > world and world == 1 and not fake:
+        target = "-m seqpar.train" if prog in ("python -m seqpar.train", "seqpar-train") else prog
+        return (f"--sp {sp} splits each sequence over {sp} processes, but this is a single process. Start {sp} "
+                f"with torchrun: torchrun --nproc-per-node {sp} {target} --sp {sp} ... (on CPU they use gloo), "
+                f"or check the split on one process with --fake-world-size {sp}")
+    if sp > world:
+        return (f"--sp {sp} is larger than the number of processes ({world}{' fake' if fake else ''}): "
+                f"use --sp <= {world} or start {sp} processes (torchrun --nproc-per-node {sp})")
+    if world % sp != 0:
+        divisors = [d for d in range(1, world + 1) if world % d == 0]
+        return (f"--sp {sp} does not divide the number of processes ({world}): the processes form world / sp "
+                f"data-parallel replicas of sp ranks each; use --sp in {divisors}")
+    return None
+
+
+def cpu_threads_per_rank(cfg: TrainConfig, world: int, local_ranks: int, cpus: int | None = None) -> int:
+    """Intra-op threads for one CPU rank when the user has not set OMP_NUM_THREADS: the cores
+    shared evenly among this host's ranks, but one thread for small steps (fewer than 2^18
+    token x width elements per rank), whose work is too small to split and which several
+    threads per process on a busy machine slow down several-fold."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, cpus // max(1, local_ranks))
+    dp = max(1, world // cfg.sp.sp_size)
+    local_tokens = max(1, cfg.batch_size // dp) * cfg.seq_len // cfg.sp.sp_size
+    if local_tokens * cfg.model.dim < 2 ** 18:
+        return 1
+    return share
+
+
+def dry_run_report(cfg: TrainConfig, result: TrainResult, world: int, rank: int, memory_gib: float | None,
+                   device: torch.device) -> str:
+    """What a dry run is for: this rank's peak memory and step time, the bytes it would send per
+    step (cost model) and the longest sequence that would fit (linear extrapolation)."""
+    from seqpar.cost_model import step_bytes_per_rank
+
+    sp, dp = cfg.sp.sp_size, world // cfg.sp.sp_size
+    batch_per_replica = max(1, cfg.batch_size // dp)
+    local_tokens = batch_per_replica * cfg.seq_len // sp
+    amp = device.type == "cuda" and cfg.amp and cfg.dtype == "float32"
+    element_bytes = 2 if amp or cfg.dtype == "bfloat16" else (8 if cfg.dtype == "float64" else 4)
+    bytes_ = step_bytes_per_rank(cfg.model, cfg.sp, cfg.seq_len, batch_per_replica, element_bytes,
+                                 result.num_params, dp_size=dp)
+    if memory_gib is None:
+        if device.type == "cuda":
+            memory_gib = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+            where = f"this GPU's {memory_gib:.1f} GiB"
+        else:
+            memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+            where = f"this host's {memory_gib:.1f} GiB"
+    else:
+        where = f"{memory_gib:.1f} GiB (--fake-memory-gib)"
+    per_token_mb = max(result.peak_memory_mb - result.state_memory_mb, 1e-9) / local_tokens
+    fits_local = (memory_gib * 1024 - result.state_memory_mb) / per_token_mb / batch_per_replica
+    divisor = sp * (2 if cfg.sp.layout == "zigzag" and sp > 1 else 1)
+    fits = int(fits_local * sp) // divisor * divisor
+    mib = 2 ** 20
+    peak_what = "CUDA allocator peak" if device.type == "cuda" else "process max RSS"
+    lines = [
+        f"dry run: rank {rank} of {world} (dp {dp} x sp {sp}, layout {cfg.sp.layout}) on torch's fake process group. "
+        "Collectives are no-ops, so losses and gradient norms are meaningless and not shown; memory and "
+        "compute are this rank's real ones.",
+        f"  sequence: {cfg.seq_len:,} tokens x {batch_per_replica} per replica; this rank holds {local_tokens:,} tokens",
+        f"  peak memory of this rank: {result.peak_memory_mb / 1024:.2f} GiB ({peak_what}); "
+        f"kept between steps: {result.state_memory_mb / 1024:.2f} GiB",
+        f"  step time: {result.mean_step_time_s:.3f} s (mean after the first step; communication not included)",
+        f"  bytes this rank sends per step (cost model, {element_bytes}-byte activations): attention forward "
+        f"{bytes_.attention_forward / mib:,.1f} MiB, backward {bytes_.attention_backward / mib:,.1f} MiB, gradient "
+        f"all-reduce {bytes_.gradient_all_reduce / mib:,.1f} MiB",
+        f"  longest sequence that fits in {where} per rank: about {fits:,} tokens "
+        f"(activation memory grows linearly with the local length: {per_token_mb * 1024:.2f} KiB per local token here)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Entry point of ``python -m seqpar.train`` / ``seqpar-train`` (torchrun sets the ranks).
+    ``prog`` names the program in usage and error messages (default: how it was started)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = prog or program_name()
+    parser = build_parser(prog=prog)
+    if "-h" in argv or "--help" in argv:
+        # show the defaults of the chosen preset / config and of the flags given before --help
+        given = [a for a in argv if a not in ("-h", "--help")]
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                shown = config_from_args(parser.parse_args(given))
+        except (SystemExit, ValueError, TypeError, OSError):
+            shown = None
+        build_parser(shown, prog=prog).parse_args(["--help"])
+    args = parser.parse_args(argv)
     fake = args.fake_world_size > 0
+    world = args.fake_world_size if fake else int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        problem = world_error(_requested_sp(args), world, prog, fake)
+    except (OSError, ValueError) as e:
+        problem = f"--config {args.config}: {e}"
+    if problem is None and fake and not 0 <= args.fake_rank < args.fake_world_size:
+        problem = f"--fake-rank {args.fake_rank} is outside 0..{args.fake_world_size - 1}"
+    if problem is not None:
+        parser.error(problem)
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+    if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(cpu_threads_per_rank(cfg, world, local_ranks))
     if fake:
         from torch.testing._internal.distributed.fake_pg import FakeStore
 
-        if not 0 <= args.fake_rank < args.fake_world_size:
-            raise ValueError(f"--fake-rank {args.fake_rank} outside 0..{args.fake_world_size - 1}")
         dist.init_process_group("fake", store=FakeStore(), rank=args.fake_rank, world_size=args.fake_world_size)
         # no-op collectives leave receive buffers uninitialised: keep denormal garbage from
         # slowing the CPU arithmetic down (the numbers are meaningless anyway)
@@ -392,15 +657,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         groups, attn_group = None, None
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0 or fake:
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        print(f"seqpar.train: world {world}{' (fake)' if fake else ''} = dp {world // cfg.sp.sp_size} x sp {cfg.sp.sp_size}; "
-              f"preset {args.preset}; pattern {cfg.model.pattern} x {cfg.model.n_layers} layers", flush=True)
+        threads = torch.get_num_threads()
+        print(f"{prog}: world {world}{' (fake)' if fake else ''} = dp {world // cfg.sp.sp_size} x sp {cfg.sp.sp_size}; "
+              f"preset {args.preset if not args.config else args.config}; pattern {cfg.model.pattern} x "
+              f"{cfg.model.n_layers} layers; {threads} CPU thread{'s' if threads > 1 else ''} per rank", flush=True)
     try:
-        result = train(cfg, groups, attn_group)
+        try:
+            result = train(cfg, groups, attn_group, dry_run=fake)
+        except RunDirectoryError as e:
+            if rank == 0 or fake:
+                print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+            return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if rank == 0 or fake:
+    if fake:
+        print(dry_run_report(cfg, result, world, args.fake_rank, args.fake_memory_gib, _device(cfg)), flush=True)
+    elif rank == 0:
         print(f"final train loss {result.final_loss:.4f}; held-out loss "
               f"{'n/a' if result.final_val_loss is None else f'{result.final_val_loss:.4f}'}; "
               f"{result.num_params:,} parameters; peak memory/rank {result.peak_memory_mb:.0f} MiB; "
