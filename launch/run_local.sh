@@ -7,7 +7,9 @@
 #
 # Environment: NGPU or NPROC (ranks on this node), SP (sequence-parallel size, default NPROC),
 # PRESET (default tiny), RUN_DIR (default runs/local), MASTER_PORT (default 29500),
-# LOG_RANK (ranks whose output is shown, default 0), TORCHRUN (default torchrun).
+# LOG_RANK (only show these local ranks' output, e.g. 0; default: every rank, so that an error on
+# any rank is seen; only rank 0 prints progress), TORCHRUN (default torchrun).
+# The workers write straight to this terminal (no --tee), so rank 0's progress bar stays one line.
 set -euo pipefail
 
 if [ -z "${NPROC:-}" ]; then
@@ -21,14 +23,15 @@ fi
 SP=${SP:-$NPROC}
 PRESET=${PRESET:-tiny}
 RUN_DIR=${RUN_DIR:-runs/local}
-LOG_RANK=${LOG_RANK:-0}
+FILTER=()
+if [ -n "${LOG_RANK:-}" ]; then FILTER=(--local-ranks-filter="$LOG_RANK"); fi
 TORCHRUN=${TORCHRUN:-torchrun}
-# CPU ranks share the cores: one thread each unless told otherwise (gloo is picked automatically
-# when CUDA is unavailable, NCCL otherwise).
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Threads: torchrun gives each of several processes one thread unless OMP_NUM_THREADS is set (a
+# single process started without torchrun picks its own count); set OMP_NUM_THREADS for large CPU steps
+# (gloo is picked automatically when CUDA is unavailable, NCCL otherwise).
 
 set -x
 exec "$TORCHRUN" --standalone --nnodes=1 --nproc-per-node="$NPROC" \
     --master-port="${MASTER_PORT:-29500}" \
-    --local-ranks-filter="$LOG_RANK" --role rank --tee 3 \
+    "${FILTER[@]}" \
     -m seqpar.train --preset "$PRESET" --sp "$SP" --run-dir "$RUN_DIR" "$@"

@@ -203,7 +203,6 @@ class TrainConfig:
     checkpoint_interval: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     resume: str | None = None  # "auto" (latest in run_dir), a checkpoint path, or None
-    overwrite: bool = False  # start afresh in a run_dir that already holds a run (deletes its logs and checkpoints)
     progress: bool = True
     plot: bool = True
     device: str = "auto"
@@ -227,9 +226,6 @@ class TrainConfig:
             raise ValueError(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got lr={self.lr}, min_lr_ratio={self.min_lr_ratio}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {DTYPES}")
-        if self.overwrite and self.resume is not None:
-            raise ValueError(f"overwrite=True deletes the run in run_dir but resume={self.resume!r} continues it: "
-                             "choose one")
         if self.data == "stdlib" and self.model.vocab_size < 256:
             raise ValueError(f"byte-level data needs vocab_size >= 256, got {self.model.vocab_size}")
         check_compatible(self.model, self.sp, self.seq_len)
@@ -298,7 +294,6 @@ FIELD_HELP: dict[str, str] = {
     "checkpoint_interval": "save a checkpoint every this many steps (0: only at the end)",
     "keep_checkpoints": "keep this many newest checkpoints (0: save none)",
     "resume": "continue a run: auto (the newest checkpoint in run_dir) or a checkpoint path",
-    "overwrite": "start afresh in a run_dir that already holds a run, deleting its logs and checkpoints",
     "progress": "show a progress bar (a plain line every few steps when the output is not a terminal)",
     "plot": "write loss.png at the end",
     "device": "auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu or cuda[:N]",

@@ -179,15 +179,15 @@ class RunDirectoryError(FileExistsError):
     """The run directory holds another run (raised alike on every rank)."""
 
 
-def prepare_run_dir(cfg: TrainConfig, writer: bool) -> None:
-    """Refuse to start a new run in a directory that holds one (unless ``cfg.overwrite``, which
+def prepare_run_dir(cfg: TrainConfig, groups: SequenceParallelGroups, writer: bool, overwrite: bool = False) -> None:
+    """Refuse to start a new run in a directory that holds one (unless ``overwrite``, which
     deletes it; ``cfg.resume`` continues it). Only the ``writer`` rank looks at and touches the
-    files; its verdict reaches every rank (one small exchange over the world), so all of them
-    raise the same :class:`RunDirectoryError` and none is left waiting."""
+    files; its verdict reaches every rank of ``groups`` (one small exchange over sp, then dp), so
+    all of them raise the same :class:`RunDirectoryError` and none is left waiting."""
     problem = ""
     if writer and cfg.resume is None:
         found = existing_run(cfg.run_dir)
-        if found and not cfg.overwrite:
+        if found and not overwrite:
             problem = (f"run directory {cfg.run_dir!r} already holds a run ({found}); pass --resume auto to "
                        f"continue it, --overwrite to delete it and start again, or another --run-dir")
         elif found:
@@ -196,10 +196,12 @@ def prepare_run_dir(cfg: TrainConfig, writer: bool) -> None:
                 if os.path.exists(path):
                     os.remove(path)
             shutil.rmtree(os.path.join(cfg.run_dir, CHECKPOINT_DIR), ignore_errors=True)
-    if dist.is_initialized() and dist.get_backend() != "fake" and dist.get_world_size() > 1:
-        verdicts: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(verdicts, problem)
-        problem = next((v for v in verdicts if v), "")
+    if dist.is_initialized() and dist.get_backend() != "fake":
+        for group, size in ((groups.sp, groups.sp_size), (groups.dp, groups.dp_size)):
+            if size > 1:  # after sp, every sp rank of the writer's replica knows; dp then reaches all
+                verdicts: list[Any] = [None] * size
+                dist.all_gather_object(verdicts, problem, group=group)
+                problem = next((v for v in verdicts if v), "")
     if problem:
         raise RunDirectoryError(problem)
 
@@ -229,9 +231,10 @@ class Progress:
 
 
 def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attention_group: Any = None,
-          return_model: bool = False, dry_run: bool = False) -> TrainResult:
+          return_model: bool = False, dry_run: bool = False, overwrite: bool = False) -> TrainResult:
     """Run ``cfg`` on this rank. ``groups`` (dp x sp) default to one process; ``attention_group``
-    (what :func:`parallelize_model` gets) defaults to ``groups.sp``.
+    (what :func:`parallelize_model` gets) defaults to ``groups.sp``. A ``cfg.run_dir`` that holds
+    another run is refused unless ``overwrite`` (delete it) or ``cfg.resume`` (continue it).
 
     ``dry_run`` (one real rank on the fake process group): no evaluation, checkpoint, plot or
     loss (the collectives are no-ops, so they would be meaningless); steps record time and memory,
@@ -265,7 +268,9 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
     run_dir = cfg.run_dir
     if rank0:
         os.makedirs(run_dir, exist_ok=True)
-    prepare_run_dir(cfg, writer=rank0)
+    if overwrite and cfg.resume is not None:
+        raise ValueError(f"overwrite deletes the run in {run_dir!r} but resume={cfg.resume!r} continues it: choose one")
+    prepare_run_dir(cfg, groups, writer=rank0, overwrite=overwrite)
     os.makedirs(run_dir, exist_ok=True)
     jsonl_path = os.path.join(run_dir, "train.jsonl")
     log_path = os.path.join(run_dir, "train.log")
@@ -474,6 +479,8 @@ def build_parser(defaults: TrainConfig | None = None, prog: str | None = None) -
     p.add_argument("--fake-memory-gib", type=float, default=None, metavar="GIB",
                    help="dry run: memory per rank of the real job, for the longest-sequence estimate "
                         "(default: this GPU's memory, or this host's)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run dir that already holds a run, deleting its logs and checkpoints")
     sections = (("model", ModelConfig, defaults.model, ()),
                 ("sequence parallelism", SequenceParallelConfig, defaults.sp, ()),
                 ("training", TrainConfig, defaults, ("model", "sp")))
@@ -629,6 +636,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         problem = world_error(_requested_sp(args), world, prog, fake)
     except (OSError, ValueError) as e:
         problem = f"--config {args.config}: {e}"
+    if problem is None and args.overwrite and args.resume is not None:
+        problem = f"--overwrite deletes the run in the run dir but --resume {args.resume} continues it: choose one"
     if problem is None and fake and not 0 <= args.fake_rank < args.fake_world_size:
         problem = f"--fake-rank {args.fake_rank} is outside 0..{args.fake_world_size - 1}"
     if problem is not None:
@@ -663,7 +672,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
               f"{cfg.model.n_layers} layers; {threads} CPU thread{'s' if threads > 1 else ''} per rank", flush=True)
     try:
         try:
-            result = train(cfg, groups, attn_group, dry_run=fake)
+            result = train(cfg, groups, attn_group, dry_run=fake, overwrite=args.overwrite)
         except RunDirectoryError as e:
             if rank == 0 or fake:
                 print(f"{prog}: error: {e}", file=sys.stderr, flush=True)

@@ -343,3 +343,21 @@ def case_model_validate(ctx, mismatch: bool) -> object:
 @pytest.mark.parametrize("mismatch", [False, True])
 def test_parallelize_model_validate(pool, mismatch):
     assert pool.run(case_model_validate, 2, mismatch=mismatch) == [True, True]
+
+
+def test_world_size_without_a_process_group_is_an_error(monkeypatch):
+    """Under torchrun (WORLD_SIZE > 1) but before init_process_group, every public call refuses
+    instead of silently treating this rank's tokens as the whole sequence."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    q, k, v = _qkv(T=4)
+    calls = {
+        "attention": lambda: seqpar.attention(q, k, v, strategy="ring"),
+        "linear_attention": lambda: seqpar.linear_attention(q, k, v, strategy="lasp2"),
+        "shard": lambda: seqpar.shard(q, layout="zigzag"),
+        "local_positions": lambda: seqpar.local_positions(4, layout="contiguous"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=r"WORLD_SIZE=2 in the environment.*init_process_group"):
+            call()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert seqpar.attention(q, k, v, strategy="ring").shape == q.shape

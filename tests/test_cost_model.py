@@ -40,3 +40,23 @@ def test_balanced_layouts_and_volumes():
     assert lasp2.bytes_sent_per_rank == 7 * state and lasp1.bytes_sent_per_rank == state
     with pytest.raises(ValueError, match="not divisible"):
         softmax_estimate("ring", "zigzag", 3, Shape(seq_len=100), machine)
+
+
+def test_step_bytes_per_rank():
+    """Bytes one rank sends per step: softmax K/V bytes grow with the length, linear states do
+    not; the values follow the per-layer estimates (ring: K/V forward; backward K/V again plus
+    dK/dV in fp32 on one more hop) and a ring all-reduce of fp32 gradients."""
+    from seqpar.config import ModelConfig, SequenceParallelConfig
+    from seqpar.cost_model import step_bytes_per_rank
+
+    model = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, pattern="LS")
+    sp = SequenceParallelConfig(sp_size=4, layout="zigzag", softmax_strategy="ring", linear_strategy="lasp2")
+    short = step_bytes_per_rank(model, sp, 1024, 1, 2, num_params=1000, dp_size=2)
+    long = step_bytes_per_rank(model, sp, 4096, 1, 2, num_params=1000, dp_size=2)
+    kv = 2 * 1 * (1024 // 4) * 2 * 16 * 2  # K and V of the local block: B T/P Hkv D, 2 bytes
+    state = 1 * 4 * 16 * 16 * 4
+    assert short.attention_forward == 3 * kv + 2 * 3 * state  # ring: P-1 hops; lasp2: 2 zigzag chunks x (P-1)
+    assert short.attention_backward == 3 * kv + 2 * kv * 4 + 2 * 3 * state
+    assert short.gradient_all_reduce == pytest.approx(2 * 3 / 4 * 4000 + 2 * 1 / 2 * 4000)
+    assert long.attention_forward - 6 * state == 4 * (short.attention_forward - 6 * state)
+    assert step_bytes_per_rank(model, SequenceParallelConfig(), 1024, 1, 2, num_params=1000).total == 0

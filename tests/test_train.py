@@ -7,16 +7,22 @@ uninterrupted one to rounding: losses within 1e-9, parameters within 1e-8 absolu
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from seqpar.comm.groups import SequenceParallelGroups, make_data_sequence_groups
-from seqpar.config import preset
-from seqpar.train import build_parser, config_from_args, main, train
+from seqpar.config import FIELD_HELP, ModelConfig, SequenceParallelConfig, TrainConfig, preset
+from seqpar.train import (RunDirectoryError, build_parser, config_from_args, cpu_threads_per_rank, main,
+                          program_name, train, world_error)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RESUME_LOSS_TOL = 1e-9
 RESUME_PARAM_TOL = 1e-8
@@ -109,13 +115,151 @@ def test_command_line(tmp_path, capsys):
 
 
 def test_fake_process_group_dry_run(tmp_path):
-    """One real rank of an 8-rank job (dp=2 x sp=4) on the fake backend runs and reports memory."""
-    cmd = [sys.executable, "-m", "seqpar.train", "--fake-world-size", "8", "--fake-rank", "5", "--sp", "4",
-           "--preset", "tiny", "--seq-len", "256", "--batch-size", "2", "--steps", "2", "--no-progress",
-           "--max-corpus-bytes", "200000", "--run-dir", str(tmp_path / "fake"), "--eval-batches", "1"]
+    """One real rank of an 8-rank job (dp=2 x sp=4) on the fake backend reports what a dry run is
+    for (memory, step time, bytes from the cost model, the longest sequence that fits) and hides
+    the meaningless loss; off a terminal its progress is plain lines, never carriage returns."""
+    run_dir = tmp_path / "fake"
+    cmd = [sys.executable, "-m", "seqpar.train", "--fake-world-size", "8", "--fake-rank", "0", "--sp", "4",
+           "--preset", "tiny", "--seq-len", "256", "--batch-size", "2", "--steps", "3",
+           "--max-corpus-bytes", "200000", "--run-dir", str(run_dir), "--fake-memory-gib", "16"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "world 8 (fake) = dp 2 x sp 4" in proc.stdout
-    assert "peak memory/rank" in proc.stdout
+    out = proc.stdout
+    assert "world 8 (fake) = dp 2 x sp 4" in out
+    assert "dry run: rank 0 of 8 (dp 2 x sp 4" in out and "this rank holds 64 tokens" in out
+    for what in ("peak memory of this rank:", "step time:", "bytes this rank sends per step (cost model",
+                 "longest sequence that fits in 16.0 GiB"):
+        assert what in out, (what, out)
+    fits = int(re.search(r"about ([\d,]+) tokens", out).group(1).replace(",", ""))
+    assert fits > 256 and fits % 4 == 0, out
+    assert "final train loss" not in out and "loss=" not in out
+    assert [line for line in out.splitlines() if line.startswith("step ")] == [
+        line for line in out.splitlines() if re.fullmatch(r"step [123]/3 step_s=\S+ peak_mib=\S+", line)]
+    assert "step 3/3" in out and "\r" not in out + proc.stderr
+    records = [json.loads(line) for line in open(run_dir / "train.jsonl")]
+    assert [r["step"] for r in records] == [1, 2, 3] and all("loss" not in r and "grad_norm" not in r for r in records)
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "loss.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line a newcomer meets.
+
+
+def _help(argv, capsys, prog="seqpar-train") -> str:
+    with pytest.raises(SystemExit) as stop:
+        main(argv + ["--help"], prog=prog)
+    assert stop.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_has_one_line_per_flag_with_choices_and_the_real_defaults(capsys):
+    names = {f.name for cls in (ModelConfig, SequenceParallelConfig, TrainConfig) for f in dataclasses.fields(cls)}
+    assert set(FIELD_HELP) == names - {"model", "sp"}
+    out = _help(["--preset", "small"], capsys)
+    flat = re.sub(r"-\s+", "-", " ".join(out.split()))  # argparse wraps lines after hyphens too
+    assert out.startswith("usage: seqpar-train ")
+    assert "(default: None)" not in out and "preset /" not in out
+    for name in FIELD_HELP:
+        assert re.search(rf"--{name.replace('_', '-')}\b", out), name
+        assert FIELD_HELP[name] in flat, name
+    # the chosen preset's values, not the dataclass defaults
+    assert "--seq-len N tokens per sequence (global, before it is split over the sp ranks) (default: 1024)" in flat
+    assert "--steps N optimizer steps in all (a resumed run continues up to this step) (default: 500)" in flat
+    for choices in ("{contiguous,zigzag,striped}", "{fixed,gate,none}", "{ring,allgather,ulysses,usp}",
+                    "{lasp2,lasp1}", "{auto,torch,triton,sdpa}", "{stdlib,synthetic}"):
+        assert choices in out, choices
+    # flags given before --help are the defaults shown
+    assert "(default: 7)" in " ".join(_help(["--steps", "7"], capsys).split())
+
+
+def test_example_help_shows_the_example_defaults_and_its_own_name():
+    proc = subprocess.run([sys.executable, "examples/train_hybrid.py", "--help"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    flat = " ".join(proc.stdout.split())
+    assert proc.stdout.startswith("usage: examples/train_hybrid.py ")
+    assert "(default: 60)" in flat and "(default: LLLS)" in flat and "(default: runs/train_hybrid)" in flat
+
+
+def test_program_name():
+    assert program_name("/venv/bin/seqpar-train") == "seqpar-train"
+    assert program_name("/src/seqpar/seqpar/train.py") == "python -m seqpar.train"
+    assert program_name("examples/train_hybrid.py") == "examples/train_hybrid.py"
+
+
+def test_sequence_parallel_size_against_the_process_count(monkeypatch, capsys):
+    """--sp that the processes cannot provide is a usage error that says what to do, checked
+    before the config (so --sp 3 on 2 processes does not report a seq_len divisibility)."""
+    assert world_error(2, 2, "x", False) is None and world_error(2, 4, "x", False) is None
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cases = [(None, ["--sp", "2"], "torchrun --nproc-per-node 2 -m seqpar.train --sp 2"),
+             ("2", ["--sp", "3", "--layout", "zigzag"], "--sp 3 is larger than the number of processes (2)"),
+             ("4", ["--sp", "3"], "use --sp in [1, 2, 4]"),
+             (None, ["--dim", "30"], "dim 30 is not divisible by n_heads 4"),
+             (None, ["--sp", "2", "--fake-world-size", "2", "--fake-rank", "2"], "--fake-rank 2 is outside 0..1"),
+             (None, ["--resume", "auto", "--overwrite"], "choose one")]
+    for world, argv, message in cases:
+        if world is None:
+            monkeypatch.delenv("WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("WORLD_SIZE", world)
+        with pytest.raises(SystemExit) as stop:
+            main(argv, prog="seqpar-train")
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err and "Traceback" not in err, (argv, err)
+
+
+def test_example_without_torchrun_says_how_to_start_it():
+    proc = subprocess.run([sys.executable, "examples/train_hybrid.py", "--sp", "2"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env={k: v for k, v in os.environ.items() if k != "WORLD_SIZE"})
+    assert proc.returncode == 2
+    assert "torchrun --nproc-per-node 2 examples/train_hybrid.py --sp 2" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_run_directory_is_never_reused_by_accident(tmp_path, capsys):
+    """A second run into the same directory is refused with a hint; --overwrite starts afresh
+    (one run's records, not two mixed); --resume continues without duplicating records."""
+    run_dir = tmp_path / "twice"
+    argv = ["--steps", "2", "--seq-len", "32", "--batch-size", "2", "--run-dir", str(run_dir), "--no-progress",
+            "--max-corpus-bytes", "200000", "--eval-batches", "1", "--no-plot"]
+    assert main(argv) == 0
+    before = (run_dir / "train.jsonl").read_text()
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume auto" in err and "--overwrite" in err
+    assert (run_dir / "train.jsonl").read_text() == before
+    assert main(argv + ["--overwrite", "--seed", "1"]) == 0
+    records = [json.loads(line) for line in open(run_dir / "train.jsonl")]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
+    assert (run_dir / "train.jsonl").read_text() != before
+    assert main(argv[:1] + ["3"] + argv[2:] + ["--resume", "auto"]) == 0
+    records = [json.loads(line) for line in open(run_dir / "train.jsonl")]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
+
+
+def case_refuse_run_dir(ctx, run_dir: str):
+    """train() into a directory that holds a run: every rank must raise, none may hang."""
+    groups = SequenceParallelGroups(None, ctx.group, 1, ctx.world_size, 0, ctx.rank)
+    try:
+        train(_cfg(run_dir, ctx.world_size), groups)
+    except RunDirectoryError as e:
+        return str(e)
+    return None
+
+
+def test_run_directory_refusal_reaches_every_rank(pool, tmp_path):
+    run_dir = tmp_path / "taken"
+    run_dir.mkdir()
+    (run_dir / "train.jsonl").write_text("{}\n")
+    messages = pool.run(case_refuse_run_dir, 2, run_dir=str(run_dir))
+    assert all(m is not None and "already holds a run (train.jsonl)" in m for m in messages), messages
+
+
+def test_cpu_threads_per_rank():
+    tiny, small = preset("tiny"), preset("small")
+    assert cpu_threads_per_rank(tiny, world=1, local_ranks=1, cpus=8) == 1  # too small to split
+    assert cpu_threads_per_rank(small, world=1, local_ranks=1, cpus=8) == 8
+    assert cpu_threads_per_rank(small, world=4, local_ranks=4, cpus=8) == 2
+    assert cpu_threads_per_rank(small, world=4, local_ranks=4, cpus=2) == 1
