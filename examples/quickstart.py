@@ -65,5 +65,5 @@ if rank == 0:
     print(f"{world} process(es), {T} tokens ({T // world} per rank, layout {layout}); largest error / largest value:")
     print(f"softmax attention (ring) vs single-device SDPA, output and gradients: {softmax_error:.1e}")
     print(f"linear attention (lasp2) vs the recurrence, output and final state: {linear_error:.1e}")
-assert softmax_error < 1e-2 and linear_error < 1e-2, (softmax_error, linear_error)  # fp32 (TF32 on GPUs)
+assert softmax_error < 1e-4 and linear_error < 1e-4, (softmax_error, linear_error)  # fp32 arithmetic
 torch.distributed.destroy_process_group()
