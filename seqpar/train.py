@@ -283,6 +283,10 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
         history = [h for h in state.get("history", []) if h.get("step", 0) <= start_step]
         if state.get("data", {}).get("batches_consumed", start_step) != start_step:
             raise ValueError(f"checkpoint {resume}: data position {state['data']} disagrees with step {start_step}")
+    if rank0 and cfg.resume is not None and cfg.progress:
+        print(f"resume {cfg.resume}: " + (f"continuing from {resume} (step {start_step} of {cfg.steps})" if resume
+                                          else f"no checkpoint in {run_dir}/{CHECKPOINT_DIR}; starting from step 0"),
+              flush=True)
 
     logger = _text_logger(log_path) if rank0 else None
     jsonl = open(jsonl_path, "w") if rank0 else None  # rewritten from the checkpoint's history on resume
