@@ -26,3 +26,17 @@ def test_quickstart_runs_on_two_ranks():
     assert "2 process(es), 256 tokens (128 per rank, layout zigzag)" in proc.stdout, proc.stdout
     errors = [float(e) for e in re.findall(r"(?:output and gradients|output and final state): (\S+)", proc.stdout)]
     assert len(errors) == 2 and all(e < QUICKSTART_TOL for e in errors), proc.stdout
+
+
+def test_docs_stand_on_their_own():
+    """Every relative link in README.md, docs/ and benchmarks/README.md names a file of the
+    repository, and no doc cites design notes kept outside it."""
+    docs = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert (ROOT / "docs" / "design.md").is_file()
+    for doc in docs:
+        text = doc.read_text()
+        assert "DESIGN.md" not in text and "../shared" not in text, doc
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            assert (doc.parent / target).exists(), f"{doc.relative_to(ROOT)} links to missing {target}"
