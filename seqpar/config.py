@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from seqpar.kernels.softmax import BACKENDS
-from seqpar.layout import LAYOUTS
+from seqpar.layout import LAYOUTS, chunks_per_rank
 
 LAYER_KINDS = {"S": "softmax", "L": "linear"}
 FEATURE_MAPS = ("identity", "elu1", "relu", "silu")
@@ -142,6 +142,12 @@ class SequenceParallelConfig:
     def ring_size(self) -> int:
         return self.sp_size // self.ulysses_size
 
+    @property
+    def length_divisor(self) -> int:
+        """What a global sequence length must be a multiple of: sp_size, times the chunks each rank
+        holds (2 for zigzag) when the sequence is split at all."""
+        return self.sp_size * (chunks_per_rank(self.layout) if self.sp_size > 1 else 1)
+
 
 def check_compatible(model: ModelConfig, sp: SequenceParallelConfig, seq_len: int | None = None) -> None:
     """Raise a ValueError when ``sp`` cannot run ``model`` (and, if given, ``seq_len`` tokens)."""
@@ -159,7 +165,7 @@ def check_compatible(model: ModelConfig, sp: SequenceParallelConfig, seq_len: in
             raise ValueError(f"softmax_strategy 'usp' needs n_heads ({model.n_heads}) divisible by "
                              f"ulysses_size ({sp.ulysses_size})")
     if seq_len is not None:
-        divisor = sp.sp_size * (2 if sp.layout == "zigzag" and sp.sp_size > 1 else 1)
+        divisor = sp.length_divisor
         if seq_len % divisor != 0:
             raise ValueError(f"seq_len {seq_len} is not divisible by {divisor} "
                              f"(sp_size={sp.sp_size}, layout={sp.layout!r})")

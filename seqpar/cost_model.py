@@ -11,11 +11,14 @@ its compute and its communication.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from seqpar.layout import check_global_length, plan_blocks, segments
+from seqpar.layout import check_global_length, chunks_per_rank, plan_blocks, segments
+
+if TYPE_CHECKING:
+    from seqpar.config import ModelConfig, SequenceParallelConfig
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,7 @@ def _backward_bytes(strategy: str, forward_bytes: float, world_size: int, elemen
     return forward_bytes
 
 
-def step_bytes_per_rank(model: Any, sp: Any, seq_len: int, batch_per_replica: int, element_bytes: int,
+def step_bytes_per_rank(model: ModelConfig, sp: SequenceParallelConfig, seq_len: int, batch_per_replica: int, element_bytes: int,
                         num_params: int, dp_size: int = 1) -> StepBytes:
     """Estimate what one rank sends per training step of a :class:`seqpar.config.ModelConfig` run
     under a :class:`seqpar.config.SequenceParallelConfig`: every softmax layer by
@@ -196,7 +199,7 @@ def step_bytes_per_rank(model: Any, sp: Any, seq_len: int, batch_per_replica: in
             else:
                 strategy = sp.linear_strategy
                 est = linear_estimate(strategy, P, shape, machine,
-                                      chunks_per_rank=2 if sp.layout == "zigzag" else 1)
+                                      chunks_per_rank=chunks_per_rank(sp.layout))
             fwd += est.bytes_sent_per_rank
             bwd += _backward_bytes(strategy, est.bytes_sent_per_rank, P, element_bytes)
     grads = 4.0 * num_params

@@ -100,6 +100,18 @@ def _device(cfg: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def uses_amp(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the forward runs under bf16 autocast: fp32 parameters on CUDA with ``cfg.amp``."""
+    return cfg.amp and device.type == "cuda" and cfg.dtype == "float32"
+
+
+def local_tokens_per_step(cfg: TrainConfig, world: int) -> int:
+    """Tokens one rank processes per step: its replica's share of the global batch, each
+    sequence split over the ``sp_size`` ranks."""
+    dp = max(1, world // cfg.sp.sp_size)
+    return max(1, cfg.batch_size // dp) * cfg.seq_len // cfg.sp.sp_size
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this rank: CUDA allocator peak on GPU, the process's max RSS on CPU."""
     if device.type == "cuda":
@@ -179,6 +191,13 @@ class RunDirectoryError(FileExistsError):
     """The run directory holds another run (raised alike on every rank)."""
 
 
+def overwrite_conflict(overwrite: bool, resume: str | None) -> str | None:
+    """Why ``overwrite`` and ``resume`` cannot be used together, or None."""
+    if overwrite and resume is not None:
+        return f"--overwrite deletes the run in the run dir but --resume {resume} continues it: choose one"
+    return None
+
+
 def prepare_run_dir(cfg: TrainConfig, groups: SequenceParallelGroups, writer: bool, overwrite: bool = False) -> None:
     """Refuse to start a new run in a directory that holds one (unless ``overwrite``, which
     deletes it; ``cfg.resume`` continues it). Only the ``writer`` rank looks at and touches the
@@ -249,7 +268,7 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
     rank0 = groups.dp_rank == 0 and groups.sp_rank == 0
     device = _device(cfg)
     dtype = _DTYPES[cfg.dtype]
-    use_amp = cfg.amp and device.type == "cuda" and dtype == torch.float32
+    use_amp = uses_amp(cfg, device)
 
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
@@ -266,10 +285,9 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
                            vocab_size=cfg.model.vocab_size)
 
     run_dir = cfg.run_dir
-    if rank0:
-        os.makedirs(run_dir, exist_ok=True)
-    if overwrite and cfg.resume is not None:
-        raise ValueError(f"overwrite deletes the run in {run_dir!r} but resume={cfg.resume!r} continues it: choose one")
+    conflict = overwrite_conflict(overwrite, cfg.resume)
+    if conflict:
+        raise ValueError(conflict)
     prepare_run_dir(cfg, groups, writer=rank0, overwrite=overwrite)
     os.makedirs(run_dir, exist_ok=True)
     jsonl_path = os.path.join(run_dir, "train.jsonl")
@@ -354,10 +372,8 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
             record(rec)
         if dry_run:
             bar.update(step_s=f"{dt:.2f}", peak_mib=f"{peak_memory_mb(device):,.0f}")
-        else:
-            bar.update(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
-        if dry_run:
             continue
+        bar.update(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
         if cfg.eval_interval and done % cfg.eval_interval == 0 and done != cfg.steps:
             record({"kind": "eval", "step": done, "val_loss": evaluate(model, dataset, cfg, groups, device, autocast)})
         if cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0 and done != cfg.steps:
@@ -365,9 +381,8 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
     bar.close()
 
     final_val = None
-    if dry_run:
-        pass
-    elif start_step < cfg.steps or not any(h.get("kind") == "eval" and h["step"] == cfg.steps for h in history):
+    if not dry_run and (start_step < cfg.steps or
+                        not any(h.get("kind") == "eval" and h["step"] == cfg.steps for h in history)):
         final_val = evaluate(model, dataset, cfg, groups, device, autocast)
         record({"kind": "eval", "step": cfg.steps, "val_loss": final_val})
     if start_step < cfg.steps and not dry_run:
@@ -380,16 +395,14 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
                             title=f"{cfg.model.pattern} x{cfg.model.n_layers}, dp={groups.dp_size} sp={groups.sp_size}")
     peak = peak_memory_mb(device)
     mean_dt = sum(step_times[1:]) / max(1, len(step_times) - 1) if len(step_times) > 1 else (step_times[0] if step_times else 0.0)
-    if rank0 and dry_run:
-        logger.info(f"dry run: peak memory/rank {peak:.0f} MiB; state kept between steps {state_mb:.0f} MiB; "
-                    f"step time {mean_dt:.3f} s")
-        for h in logger.handlers:
-            h.close()
-        jsonl.close()
-    elif rank0:
-        summary = (f"final train loss {final_loss:.4f}, held-out loss {final_val if final_val is None else round(final_val, 4)}; "
-                   f"peak memory/rank {peak:.0f} MiB; step time {mean_dt:.3f} s; run dir {os.path.abspath(run_dir)} "
-                   f"(log {log_path}, metrics {jsonl_path}, plot {plot}, checkpoint {last_ckpt})")
+    if rank0:
+        if dry_run:
+            summary = (f"dry run: peak memory/rank {peak:.0f} MiB; state kept between steps {state_mb:.0f} MiB; "
+                       f"step time {mean_dt:.3f} s")
+        else:
+            summary = (f"final train loss {final_loss:.4f}, held-out loss {final_val if final_val is None else round(final_val, 4)}; "
+                       f"peak memory/rank {peak:.0f} MiB; step time {mean_dt:.3f} s; run dir {os.path.abspath(run_dir)} "
+                       f"(log {log_path}, metrics {jsonl_path}, plot {plot}, checkpoint {last_ckpt})")
         logger.info(summary)
         for h in logger.handlers:
             h.close()
@@ -565,12 +578,9 @@ def cpu_threads_per_rank(cfg: TrainConfig, world: int, local_ranks: int, cpus: i
     threads per process on a busy machine slow down several-fold."""
     if cpus is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    share = max(1, cpus // max(1, local_ranks))
-    dp = max(1, world // cfg.sp.sp_size)
-    local_tokens = max(1, cfg.batch_size // dp) * cfg.seq_len // cfg.sp.sp_size
-    if local_tokens * cfg.model.dim < 2 ** 18:
+    if local_tokens_per_step(cfg, world) * cfg.model.dim < 2 ** 18:
         return 1
-    return share
+    return max(1, cpus // max(1, local_ranks))
 
 
 def dry_run_report(cfg: TrainConfig, result: TrainResult, world: int, rank: int, memory_gib: float | None,
@@ -581,9 +591,8 @@ def dry_run_report(cfg: TrainConfig, result: TrainResult, world: int, rank: int,
 
     sp, dp = cfg.sp.sp_size, world // cfg.sp.sp_size
     batch_per_replica = max(1, cfg.batch_size // dp)
-    local_tokens = batch_per_replica * cfg.seq_len // sp
-    amp = device.type == "cuda" and cfg.amp and cfg.dtype == "float32"
-    element_bytes = 2 if amp or cfg.dtype == "bfloat16" else (8 if cfg.dtype == "float64" else 4)
+    local_tokens = local_tokens_per_step(cfg, world)
+    element_bytes = 2 if uses_amp(cfg, device) else _DTYPES[cfg.dtype].itemsize
     bytes_ = step_bytes_per_rank(cfg.model, cfg.sp, cfg.seq_len, batch_per_replica, element_bytes,
                                  result.num_params, dp_size=dp)
     if memory_gib is None:
@@ -597,7 +606,7 @@ def dry_run_report(cfg: TrainConfig, result: TrainResult, world: int, rank: int,
         where = f"{memory_gib:.1f} GiB (--fake-memory-gib)"
     per_token_mb = max(result.peak_memory_mb - result.state_memory_mb, 1e-9) / local_tokens
     fits_local = (memory_gib * 1024 - result.state_memory_mb) / per_token_mb / batch_per_replica
-    divisor = sp * (2 if cfg.sp.layout == "zigzag" and sp > 1 else 1)
+    divisor = cfg.sp.length_divisor
     fits = int(fits_local * sp) // divisor * divisor
     mib = 2 ** 20
     peak_what = "CUDA allocator peak" if device.type == "cuda" else "process max RSS"
@@ -640,8 +649,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         problem = world_error(_requested_sp(args), world, prog, fake)
     except (OSError, ValueError) as e:
         problem = f"--config {args.config}: {e}"
-    if problem is None and args.overwrite and args.resume is not None:
-        problem = f"--overwrite deletes the run in the run dir but --resume {args.resume} continues it: choose one"
+    if problem is None:
+        problem = overwrite_conflict(args.overwrite, args.resume)
     if problem is None and fake and not 0 <= args.fake_rank < args.fake_world_size:
         problem = f"--fake-rank {args.fake_rank} is outside 0..{args.fake_world_size - 1}"
     if problem is not None:
