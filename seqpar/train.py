@@ -643,6 +643,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             shown = None
         build_parser(shown, prog=prog).parse_args(["--help"])
     args = parser.parse_args(argv)
+    if args.fake_world_size < 0:
+        parser.error(f"--fake-world-size must be >= 0 (0: no dry run), got {args.fake_world_size}")
+    if args.fake_memory_gib is not None and not args.fake_memory_gib > 0:
+        parser.error(f"--fake-memory-gib must be > 0, got {args.fake_memory_gib}")
     fake = args.fake_world_size > 0
     world = args.fake_world_size if fake else int(os.environ.get("WORLD_SIZE", "1"))
     try:

@@ -198,7 +198,9 @@ def test_sequence_parallel_size_against_the_process_count(monkeypatch, capsys):
              ("4", ["--sp", "3"], "use --sp in [1, 2, 4]"),
              (None, ["--dim", "30"], "dim 30 is not divisible by n_heads 4"),
              (None, ["--sp", "2", "--fake-world-size", "2", "--fake-rank", "2"], "--fake-rank 2 is outside 0..1"),
-             (None, ["--resume", "auto", "--overwrite"], "choose one")]
+             (None, ["--resume", "auto", "--overwrite"], "choose one"),
+             (None, ["--fake-world-size", "-8"], "--fake-world-size must be >= 0"),
+             (None, ["--fake-world-size", "8", "--fake-memory-gib", "0"], "--fake-memory-gib must be > 0")]
     for world, argv, message in cases:
         if world is None:
             monkeypatch.delenv("WORLD_SIZE", raising=False)
