@@ -38,12 +38,28 @@ def group_rank_and_size(group) -> tuple[int, int]:
     return rank, dist.get_world_size(group)
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> tuple[int, int]:
+#: Seconds a collective may wait on any group seqpar creates before it fails (torch's own
+#: default for new groups is 30 minutes, whatever the world group was given).
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def group_timeout(timeout_s: float | None = None) -> datetime.timedelta:
+    """``timeout_s`` (None: :data:`DEFAULT_TIMEOUT_S`) as the timedelta ``new_group`` takes."""
+    seconds = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ValueError(f"timeout_s must be a number of seconds > 0, got {timeout_s!r}")
+    return datetime.timedelta(seconds=float(seconds))
+
+
+def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> tuple[int, int]:
     """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR...).
 
     ``backend`` defaults to nccl when CUDA is available and gloo otherwise. Without a torchrun
-    environment it initialises a single-process group. Returns (rank, world_size).
+    environment it initialises a single-process group. ``timeout_s`` (default
+    :data:`DEFAULT_TIMEOUT_S`) bounds every collective of the world group; pass the same value
+    to :func:`make_data_sequence_groups` / :func:`build_usp_groups`. Returns (rank, world_size).
     """
+    timeout = group_timeout(timeout_s)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if backend is None:
@@ -54,7 +70,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> tu
     os.environ.setdefault("WORLD_SIZE", "1")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(backend=backend, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -74,11 +90,14 @@ class SequenceParallelGroups:
     sp_rank: int
 
 
-def make_data_sequence_groups(sp_size: int) -> SequenceParallelGroups:
+def make_data_sequence_groups(sp_size: int, timeout_s: float | None = None) -> SequenceParallelGroups:
     """Split the world into world_size / sp_size data-parallel replicas of ``sp_size`` ranks.
 
+    Every group gets ``timeout_s`` (default :data:`DEFAULT_TIMEOUT_S`): a rank that stops makes
+    the others' next collective on it fail within that time instead of waiting 30 minutes.
     Collective: every rank must call it, with the same ``sp_size``.
     """
+    timeout = group_timeout(timeout_s)
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if sp_size < 1 or world_size % sp_size != 0:
         raise ValueError(f"sequence-parallel size {sp_size} does not divide the world size {world_size}")
@@ -88,12 +107,12 @@ def make_data_sequence_groups(sp_size: int) -> SequenceParallelGroups:
     sp_group = dp_group = None
     for d in range(dp_size):
         ranks = list(range(d * sp_size, (d + 1) * sp_size))
-        g = dist.new_group(ranks)
+        g = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             sp_group = g
     for s in range(sp_size):
         ranks = list(range(s, world_size, sp_size))
-        g = dist.new_group(ranks)
+        g = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             dp_group = g
     return SequenceParallelGroups(dp_group, sp_group, dp_size, sp_size, rank // sp_size, rank % sp_size)
@@ -111,27 +130,30 @@ class UspGroups:
     ring_size: int
 
 
-def build_usp_groups(sp_ranks: list[int], ulysses_size: int, sp_group: dist.ProcessGroup | None = None) -> UspGroups:
-    """Build the Ulysses x ring groups over the global ranks ``sp_ranks`` (in sp order).
+def build_usp_groups(sp_ranks: list[int], ulysses_size: int, sp_group: dist.ProcessGroup | None = None,
+                     timeout_s: float | None = None) -> UspGroups:
+    """Build the Ulysses x ring groups over the global ranks ``sp_ranks`` (in sp order), each
+    with ``timeout_s`` (default :data:`DEFAULT_TIMEOUT_S`).
 
     Collective over the whole world (``new_group`` is): every rank calls it with the same args.
     """
+    timeout = group_timeout(timeout_s)
     size = len(sp_ranks)
     if ulysses_size < 1 or size % ulysses_size != 0:
         raise ValueError(f"ulysses size {ulysses_size} does not divide the sequence-parallel size {size}")
     ring_size = size // ulysses_size
     me = dist.get_rank()
     if sp_group is None:
-        sp_group = dist.new_group(sp_ranks)
+        sp_group = dist.new_group(sp_ranks, timeout=timeout)
     ulysses = ring = None
     for i in range(ring_size):
         ranks = [sp_ranks[i * ulysses_size + u] for u in range(ulysses_size)]
-        g = dist.new_group(ranks)
+        g = dist.new_group(ranks, timeout=timeout)
         if me in ranks:
             ulysses = g
     for u in range(ulysses_size):
         ranks = [sp_ranks[i * ulysses_size + u] for i in range(ring_size)]
-        g = dist.new_group(ranks)
+        g = dist.new_group(ranks, timeout=timeout)
         if me in ranks:
             ring = g
     return UspGroups(sp_group, ulysses, ring, ulysses_size, ring_size)

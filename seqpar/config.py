@@ -21,6 +21,7 @@ DECAYS = ("fixed", "gate", "none")
 SOFTMAX_STRATEGIES = ("ring", "allgather", "ulysses", "usp")
 LINEAR_STRATEGIES = ("lasp2", "lasp1")
 DTYPES = ("float32", "float64", "bfloat16")
+NONFINITE_ACTIONS = ("stop", "skip")
 
 
 @dataclass
@@ -212,6 +213,10 @@ class TrainConfig:
     progress: bool = True
     plot: bool = True
     device: str = "auto"
+    # faults
+    on_nonfinite: str = "stop"  # a NaN / inf loss or gradient norm: "stop" (exit non-zero) or "skip" the update
+    max_skipped_steps: int = 10  # on_nonfinite="skip": stop after this many non-finite steps in a row
+    timeout_s: float = 600.0  # of every process group the trainer creates: a stopped rank becomes an error
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -232,6 +237,12 @@ class TrainConfig:
             raise ValueError(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got lr={self.lr}, min_lr_ratio={self.min_lr_ratio}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {DTYPES}")
+        if self.on_nonfinite not in NONFINITE_ACTIONS:
+            raise ValueError(f"unknown on_nonfinite {self.on_nonfinite!r}; expected one of {NONFINITE_ACTIONS}")
+        if self.max_skipped_steps < 1:
+            raise ValueError(f"max_skipped_steps must be >= 1, got {self.max_skipped_steps}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 seconds, got {self.timeout_s}")
         if self.data == "stdlib" and self.model.vocab_size < 256:
             raise ValueError(f"byte-level data needs vocab_size >= 256, got {self.model.vocab_size}")
         check_compatible(self.model, self.sp, self.seq_len)
@@ -303,6 +314,9 @@ FIELD_HELP: dict[str, str] = {
     "progress": "show a progress bar (a plain line every few steps when the output is not a terminal)",
     "plot": "write loss.png at the end",
     "device": "auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu or cuda[:N]",
+    "on_nonfinite": "a NaN / inf loss or gradient norm: stop (exit with status 3, checkpoints kept) or skip the update",
+    "max_skipped_steps": "with --on-nonfinite skip: stop after this many non-finite steps in a row",
+    "timeout_s": "seconds a collective may wait on any process group the trainer creates (a stopped rank becomes an error)",
 }
 
 FIELD_CHOICES: dict[str, tuple[str, ...]] = {
@@ -314,6 +328,7 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "data": ("stdlib", "synthetic"),
     "dtype": DTYPES,
     "backend": BACKENDS,
+    "on_nonfinite": NONFINITE_ACTIONS,
 }
 
 
@@ -335,6 +350,58 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "medium": dict(seq_len=4096, batch_size=8, steps=2000, lr=6e-4, warmup_steps=100),
     "1b": dict(seq_len=32768, batch_size=8, steps=5000, lr=3e-4, warmup_steps=200, activation_checkpointing=True),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# What may change when a run resumes from a checkpoint.
+
+#: Fields that give the parameters their shapes (or add parameters): never changed on resume.
+SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "ffn_multiple_of", "pattern",
+                "tie_embeddings", "linear_decay", "linear_output_norm", "gate_rank")
+#: Fields that change what the model computes or which tokens it sees: a resume with other
+#: values is refused unless each one is named in ``allow_changes`` (e.g. a longer seq_len with a
+#: larger rope_theta for long-context continued training).
+SEMANTIC_FIELDS = ("norm_eps", "rope_theta", "feature_map", "linear_rope", "gate_normalizer",
+                   "data", "seq_len", "batch_size", "max_corpus_bytes", "val_fraction", "seed")
+#: Fields with no effect once the parameters exist, or that only say where the run lives.
+IGNORED_ON_RESUME = ("init_std", "run_dir", "resume")
+
+
+def _flat_config(d: dict[str, Any]) -> dict[str, Any]:
+    flat = {k: v for k, v in d.items() if k not in ("model", "sp")}
+    flat.update(d.get("model") or {})
+    flat.update({f"sp.{k}": v for k, v in (d.get("sp") or {}).items()})
+    return flat
+
+
+def resume_changes(saved: dict[str, Any], new: TrainConfig,
+                   allow_changes: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """Compare the config a checkpoint was saved with (``TrainConfig.to_dict()``) with ``new``.
+
+    Returns (refused, applied): one ``"field: old -> new"`` line per difference. Refused are
+    changes of :data:`SHAPE_FIELDS` (always) and of :data:`SEMANTIC_FIELDS` not named in
+    ``allow_changes``; applied are the others (optimisation, logging, checkpoints, parallelism,
+    and the allowed ones). Fields missing from ``saved`` (an older seqpar) are not compared.
+    Raises ValueError for a name in ``allow_changes`` that is not a field or cannot be allowed.
+    """
+    old, cur = _flat_config(saved), _flat_config(new.to_dict())
+    for name in allow_changes:
+        if name in SHAPE_FIELDS:
+            raise ValueError(f"allow_changes: {name!r} changes the shapes of the parameters and cannot change on "
+                             f"resume")
+        if name not in SEMANTIC_FIELDS:
+            raise ValueError(f"allow_changes: {name!r} is not a field that needs allowing; choose from "
+                             f"{', '.join(SEMANTIC_FIELDS)} (the other fields apply on resume without it)")
+    refused, applied = [], []
+    for name, value in cur.items():
+        if name in IGNORED_ON_RESUME or name not in old or old[name] == value:
+            continue
+        line = f"{name}: {old[name]!r} -> {value!r}"
+        if name in SHAPE_FIELDS or (name in SEMANTIC_FIELDS and name not in allow_changes):
+            refused.append(line)
+        else:
+            applied.append(line)
+    return refused, applied
 
 
 def preset(name: str, **overrides: Any) -> TrainConfig:

@@ -89,21 +89,22 @@ def unparallelize_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def make_groups(config: SequenceParallelConfig) -> tuple[SequenceParallelGroups, Any]:
+def make_groups(config: SequenceParallelConfig, timeout_s: float | None = None) -> tuple[SequenceParallelGroups, Any]:
     """Data-parallel x sequence-parallel groups of the world, and the group to give
-    :func:`parallelize_model` (the sp group, or its :class:`UspGroups` for ``usp``).
+    :func:`parallelize_model` (the sp group, or its :class:`UspGroups` for ``usp``). Every group
+    gets ``timeout_s`` (default ``seqpar.comm.groups.DEFAULT_TIMEOUT_S``).
 
     Collective over the whole world: every rank calls it with the same config.
     """
     from seqpar.comm.groups import make_data_sequence_groups
 
-    groups = make_data_sequence_groups(config.sp_size)
+    groups = make_data_sequence_groups(config.sp_size, timeout_s)
     attn_group: Any = groups.sp
     if config.softmax_strategy == "usp" and dist.is_initialized():
         mine = None
         for d in range(groups.dp_size):  # build_usp_groups is collective over the world
             ranks = list(range(d * config.sp_size, (d + 1) * config.sp_size))
-            usp = build_usp_groups(ranks, config.ulysses_size)  # every rank makes the same new_group calls
+            usp = build_usp_groups(ranks, config.ulysses_size, timeout_s=timeout_s)  # every rank makes the same new_group calls
             if d == groups.dp_rank:
                 mine = usp
         attn_group = mine

@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import resource
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -37,13 +36,16 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from seqpar.checkpoint import (CHECKPOINT_DIR, checkpoint_path, latest_checkpoint, list_checkpoints,
-                               load_checkpoint, prune_checkpoints, save_checkpoint)
+from seqpar.checkpoint import (CHECKPOINT_DIR, CheckpointError, apply_checkpoint, checkpoint_path,
+                               latest_checkpoint, newest_valid_checkpoint, prune_checkpoints, read_checkpoint,
+                               remove_stale_temporaries, save_checkpoint, verify_checkpoint)
 from seqpar.comm.groups import SequenceParallelGroups
-from seqpar.config import (FIELD_CHOICES, FIELD_HELP, MODEL_PRESETS, TRAIN_PRESETS, ModelConfig,
-                           SequenceParallelConfig, TrainConfig, preset)
+from seqpar.config import (FIELD_CHOICES, FIELD_HELP, MODEL_PRESETS, SEMANTIC_FIELDS, TRAIN_PRESETS, ModelConfig,
+                           SequenceParallelConfig, TrainConfig, preset, resume_changes)
 from seqpar.data import make_dataset
 from seqpar.model import HybridLM
+from seqpar.run_dir import (RunDirectoryError, RunDirLock, agree, existing_run, exit_with_launcher,
+                             overwrite_conflict, prepare_run_dir, share_from_writer)
 from seqpar.parallelize import (make_groups, parallelize_model, sequence_parallel_loss, shard_batch,
                                 sync_gradients)
 
@@ -175,56 +177,6 @@ def evaluate(model: nn.Module, dataset: Any, cfg: TrainConfig, groups: SequenceP
     return total / cfg.eval_batches
 
 
-RUN_FILES = ("config.json", "train.jsonl", "train.log", "loss.png")
-
-
-def existing_run(run_dir: str) -> str | None:
-    """A short description of the run that ``run_dir`` already holds, or None when it holds none."""
-    found = [name for name in RUN_FILES if os.path.exists(os.path.join(run_dir, name))]
-    checkpoints = list_checkpoints(run_dir)
-    if checkpoints:
-        found.append(f"{len(checkpoints)} checkpoint(s), the newest at step {checkpoints[-1][0]}")
-    return ", ".join(found) if found else None
-
-
-class RunDirectoryError(FileExistsError):
-    """The run directory holds another run (raised alike on every rank)."""
-
-
-def overwrite_conflict(overwrite: bool, resume: str | None) -> str | None:
-    """Why ``overwrite`` and ``resume`` cannot be used together, or None."""
-    if overwrite and resume is not None:
-        return f"--overwrite deletes the run in the run dir but --resume {resume} continues it: choose one"
-    return None
-
-
-def prepare_run_dir(cfg: TrainConfig, groups: SequenceParallelGroups, writer: bool, overwrite: bool = False) -> None:
-    """Refuse to start a new run in a directory that holds one (unless ``overwrite``, which
-    deletes it; ``cfg.resume`` continues it). Only the ``writer`` rank looks at and touches the
-    files; its verdict reaches every rank of ``groups`` (one small exchange over sp, then dp), so
-    all of them raise the same :class:`RunDirectoryError` and none is left waiting."""
-    problem = ""
-    if writer and cfg.resume is None:
-        found = existing_run(cfg.run_dir)
-        if found and not overwrite:
-            problem = (f"run directory {cfg.run_dir!r} already holds a run ({found}); pass --resume auto to "
-                       f"continue it, --overwrite to delete it and start again, or another --run-dir")
-        elif found:
-            for name in RUN_FILES:
-                path = os.path.join(cfg.run_dir, name)
-                if os.path.exists(path):
-                    os.remove(path)
-            shutil.rmtree(os.path.join(cfg.run_dir, CHECKPOINT_DIR), ignore_errors=True)
-    if dist.is_initialized() and dist.get_backend() != "fake":
-        for group, size in ((groups.sp, groups.sp_size), (groups.dp, groups.dp_size)):
-            if size > 1:  # after sp, every sp rank of the writer's replica knows; dp then reaches all
-                verdicts: list[Any] = [None] * size
-                dist.all_gather_object(verdicts, problem, group=group)
-                problem = next((v for v in verdicts if v), "")
-    if problem:
-        raise RunDirectoryError(problem)
-
-
 class Progress:
     """A tqdm bar on a terminal; elsewhere (torchrun --tee, a log file, CI) a plain line every
     ``~steps / 20`` steps, so the output never breaks into carriage-return fragments."""
@@ -249,11 +201,77 @@ class Progress:
             self.bar.close()
 
 
+class DivergenceError(RuntimeError):
+    """The loss or the gradient norm was not finite (raised alike on every rank, before the update)."""
+
+
+class ResumeConfigError(ValueError):
+    """A resume would change the model or its data (the message lists each field)."""
+
+
+#: Exit status of ``python -m seqpar.train`` per error (2: usage, as argparse; 4: checkpoints).
+EXIT_CODES: dict[type, int] = {RunDirectoryError: 2, ResumeConfigError: 2, DivergenceError: 3, CheckpointError: 4}
+
+
+def _json_number(value: float) -> float | str:
+    """``value``, or 'nan' / 'inf' / '-inf' as text (train.jsonl stays strict JSON)."""
+    return value if math.isfinite(value) else str(value)
+
+
+def find_resume_checkpoint(run_dir: str, resume: str) -> tuple[str | None, list[str]]:
+    """The checkpoint ``resume`` ("auto" or a path) names, verified, and what was found, as
+    lines to print. "auto" takes the newest checkpoint of ``run_dir`` that verifies, naming
+    each newer one it skips; None (start at step 0) when the directory holds no checkpoint.
+    Raises :class:`CheckpointError` for a bad explicit path, or when every checkpoint is bad."""
+    if resume != "auto":
+        problem = verify_checkpoint(resume)
+        if problem is not None:
+            raise CheckpointError(f"--resume {resume}: this checkpoint cannot be used: {problem}")
+        return resume, [f"resume: continuing from {resume} (verified)"]
+    if not os.path.isdir(run_dir):
+        return None, [f"resume auto: run directory {run_dir} does not exist; starting a new run there at step 0"]
+    path, skipped = newest_valid_checkpoint(run_dir)
+    notes = [f"resume auto: skipping {p}: {why}" for p, why in skipped]
+    if path is None and skipped:
+        raise CheckpointError(
+            f"resume auto: none of the {len(skipped)} checkpoint(s) in {os.path.join(run_dir, CHECKPOINT_DIR)} can "
+            "be used (" + "; ".join(f"{os.path.basename(p)}: {why}" for p, why in skipped) + "); not starting "
+            "over on top of them: pass --overwrite to start afresh, or --resume with a good checkpoint's path")
+    if path is None:
+        found = existing_run(run_dir)
+        notes.append(f"resume auto: {run_dir} holds no checkpoint ({'it holds ' + found if found else 'it is empty'}); "
+                     "starting at step 0")
+    else:
+        notes.append(f"resume auto: continuing from {path} (verified)")
+    return path, notes
+
+
+def apply_optimizer_settings(optimizer: torch.optim.Optimizer, scheduler: Any, cfg: TrainConfig) -> None:
+    """Make a loaded optimiser follow ``cfg`` (peak lr, betas, weight decay) from the schedule's
+    current step on; the schedule's shape (warm-up, steps, min lr) comes from ``cfg`` already."""
+    factor = lr_lambda(cfg)(scheduler.last_epoch)
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    for i, group in enumerate(optimizer.param_groups):
+        group.update(initial_lr=cfg.lr, lr=cfg.lr * factor, betas=(cfg.beta1, cfg.beta2))
+        if i == 0:  # build_optimizer: the matrices, with weight decay
+            group["weight_decay"] = cfg.weight_decay
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attention_group: Any = None,
-          return_model: bool = False, dry_run: bool = False, overwrite: bool = False) -> TrainResult:
+          return_model: bool = False, dry_run: bool = False, overwrite: bool = False,
+          allow_changes: Sequence[str] = ()) -> TrainResult:
     """Run ``cfg`` on this rank. ``groups`` (dp x sp) default to one process; ``attention_group``
     (what :func:`parallelize_model` gets) defaults to ``groups.sp``. A ``cfg.run_dir`` that holds
-    another run is refused unless ``overwrite`` (delete it) or ``cfg.resume`` (continue it).
+    another run is refused unless ``overwrite`` (delete it) or ``cfg.resume`` (continue it); one
+    that another job is using is refused (:class:`seqpar.run_dir.RunDirLock`).
+
+    A resume compares the checkpoint's config with ``cfg``: a change of the model or of its data
+    raises :class:`ResumeConfigError` unless the field is in ``allow_changes`` (see
+    :func:`seqpar.config.resume_changes`); the other changes apply and are logged. A non-finite
+    loss or gradient norm raises :class:`DivergenceError` before the update (``cfg.on_nonfinite``
+    may skip the step instead); a checkpoint that cannot be written or read raises
+    :class:`CheckpointError`. Every rank raises alike.
 
     ``dry_run`` (one real rank on the fake process group): no evaluation, checkpoint, plot or
     loss (the collectives are no-ops, so they would be meaningless); steps record time and memory,
@@ -263,9 +281,25 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
         raise ValueError(f"the sequence-parallel group has {groups.sp_size} ranks but the config says sp_size={cfg.sp.sp_size}")
     if cfg.batch_size % groups.dp_size != 0:
         raise ValueError(f"global batch_size {cfg.batch_size} is not divisible by the data-parallel size {groups.dp_size}")
+    conflict = overwrite_conflict(overwrite, cfg.resume)
+    if conflict:
+        raise ValueError(conflict)
+    allow_changes = tuple(allow_changes)
+    resume_changes({}, cfg, allow_changes)  # a bad name in allow_changes is an error before anything starts
     if attention_group is None:
         attention_group = groups.sp
     rank0 = groups.dp_rank == 0 and groups.sp_rank == 0
+    lock = prepare_run_dir(cfg.run_dir, cfg.resume, groups, writer=rank0 and not dry_run, overwrite=overwrite)
+    try:
+        return _train_in_run_dir(cfg, groups, attention_group, rank0, return_model, dry_run, allow_changes, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_in_run_dir(cfg: TrainConfig, groups: SequenceParallelGroups, attention_group: Any, rank0: bool,
+                      return_model: bool, dry_run: bool, allow_changes: tuple[str, ...],
+                      lock: RunDirLock | None) -> TrainResult:
     device = _device(cfg)
     dtype = _DTYPES[cfg.dtype]
     use_amp = uses_amp(cfg, device)
@@ -285,29 +319,77 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
                            vocab_size=cfg.model.vocab_size)
 
     run_dir = cfg.run_dir
-    conflict = overwrite_conflict(overwrite, cfg.resume)
-    if conflict:
-        raise ValueError(conflict)
-    prepare_run_dir(cfg, groups, writer=rank0, overwrite=overwrite)
     os.makedirs(run_dir, exist_ok=True)
     jsonl_path = os.path.join(run_dir, "train.jsonl")
     log_path = os.path.join(run_dir, "train.log")
     history: list[dict[str, Any]] = []
     start_step = 0
-    resume = latest_checkpoint(run_dir) if cfg.resume == "auto" else cfg.resume
+
+    # resume: the writer chooses and verifies the checkpoint, every rank loads it
+    notes: list[str] = []
+    found: tuple[str, str | None, list[str]] = ("", None, [])
+    if rank0 and not dry_run:
+        if lock is not None and lock.stale:
+            notes.append(f"took over the run-directory lock of a job that is gone ({lock.stale})")
+        notes += [f"removed {name}, left by an interrupted save" for name in remove_stale_temporaries(run_dir)]
+        if cfg.resume is not None:
+            try:
+                path, resume_notes = find_resume_checkpoint(run_dir, cfg.resume)
+                found = ("", path, notes + resume_notes)
+            except (CheckpointError, OSError) as e:
+                found = (str(e), None, notes)
+        else:
+            found = ("", None, notes)
+    problem, resume, notes = share_from_writer(groups, found, rank0)
+    if problem:
+        raise CheckpointError(problem)
+    state, problem = None, ""
     if resume:
-        state = load_checkpoint(resume, model=model, optimizer=optimizer, scheduler=scheduler)
+        try:
+            state = read_checkpoint(resume, checksum=False)  # the writer verified its checksum just now
+        except (CheckpointError, OSError) as e:
+            problem = f"rank {dist.get_rank() if dist.is_initialized() else 0}: {e}"
+    problem = agree(groups, problem)
+    if problem:
+        raise CheckpointError(problem)
+    if state is not None:
+        refused, applied = resume_changes(state.get("config") or {}, cfg, allow_changes)
+        if refused:
+            raise ResumeConfigError(
+                f"resuming {resume} would change the model or its data: " + "; ".join(refused) + ". Use the "
+                "checkpoint's values (they are in its run dir's config.json), or name each field you change on "
+                "purpose with --allow-change FIELD (not possible for fields that give the parameters their shapes)")
+        apply_checkpoint(state, model=model, optimizer=optimizer, scheduler=scheduler)
+        apply_optimizer_settings(optimizer, scheduler, cfg)
+        notes += [f"resume: {line} (applied)" for line in applied]
         start_step = int(state["step"])
         history = [h for h in state.get("history", []) if h.get("step", 0) <= start_step]
         if state.get("data", {}).get("batches_consumed", start_step) != start_step:
             raise ValueError(f"checkpoint {resume}: data position {state['data']} disagrees with step {start_step}")
-    if rank0 and cfg.resume is not None and cfg.progress:
-        print(f"resume {cfg.resume}: " + (f"continuing from {resume} (step {start_step} of {cfg.steps})" if resume
-                                          else f"no checkpoint in {run_dir}/{CHECKPOINT_DIR}; starting from step 0"),
-              flush=True)
+        del state
+    if rank0:
+        for line in notes:
+            print(line, flush=True)
 
     logger = _text_logger(log_path) if rank0 else None
     jsonl = open(jsonl_path, "w") if rank0 else None  # rewritten from the checkpoint's history on resume
+    try:
+        return _train_loop(cfg, groups, model, optimizer, scheduler, dataset, device, autocast, rank0, dry_run,
+                           return_model, history, start_step, resume, notes, logger, jsonl)
+    finally:
+        if rank0:
+            for h in logger.handlers:
+                h.close()
+            jsonl.close()
+
+
+def _train_loop(cfg: TrainConfig, groups: SequenceParallelGroups, model: nn.Module, optimizer: Any, scheduler: Any,
+                dataset: Any, device: torch.device, autocast: Any, rank0: bool, dry_run: bool, return_model: bool,
+                history: list[dict[str, Any]], start_step: int, resume: str | None, notes: list[str],
+                logger: logging.Logger | None, jsonl: Any) -> TrainResult:
+    run_dir = cfg.run_dir
+    jsonl_path = os.path.join(run_dir, "train.jsonl")
+    log_path = os.path.join(run_dir, "train.log")
     if rank0:
         for rec in history:
             jsonl.write(json.dumps(rec) + "\n")
@@ -323,6 +405,8 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
     if rank0:
         with open(os.path.join(run_dir, "config.json"), "w") as fh:
             json.dump(cfg.to_dict(), fh, indent=2)
+        for line in notes:
+            logger.info(line)
         logger.info(f"start: {n_params:,} parameters, dp={groups.dp_size} sp={groups.sp_size} device={device} "
                     f"layer kinds={cfg.model.layer_kinds} resume={resume} start_step={start_step}")
 
@@ -333,6 +417,7 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
     step_times: list[float] = []
     last_ckpt = None
     state_mb = 0.0
+    skipped_in_row = 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     before_first_step_mb = peak_memory_mb(device)
@@ -352,15 +437,34 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
         else:
             grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        loss_value = float(loss)
+        done = step + 1
+        # the loss is all-reduced and the gradients summed over every rank before their norm is
+        # taken, so every rank sees the same two numbers and takes the same decision
+        if dry_run or (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            optimizer.step()
+            skipped_in_row = 0
+        else:
+            skipped_in_row += 1
+            stop = cfg.on_nonfinite == "stop" or skipped_in_row >= cfg.max_skipped_steps
+            record({"kind": "nonfinite", "step": done, "loss": _json_number(loss_value),
+                    "grad_norm": _json_number(grad_norm), "lr": lr, "action": "stop" if stop else "skip"})
+            if stop:
+                bar.close()
+                kept = latest_checkpoint(run_dir) if rank0 else None
+                why = (f"{skipped_in_row} steps in a row (--max-skipped-steps {cfg.max_skipped_steps})"
+                       if cfg.on_nonfinite == "skip" else "--on-nonfinite stop")
+                raise DivergenceError(
+                    f"step {done}: the loss is {loss_value} and the gradient norm {grad_norm}: not finite, so the "
+                    f"update was not applied and training stopped ({why}). No checkpoint was written after it"
+                    + (f"; the newest good one is {kept}" if kept else "") + ". Lower --lr or lengthen "
+                    "--warmup-steps and resume, or pass --on-nonfinite skip to skip such steps")
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = float(loss)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
         step_times.append(dt)
-        done = step + 1
         if step == start_step:
             state_mb = _state_memory_mb(device, before_first_step_mb, optimizer)
         if done % cfg.log_interval == 0 or done == cfg.steps:
@@ -373,11 +477,14 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
         if dry_run:
             bar.update(step_s=f"{dt:.2f}", peak_mib=f"{peak_memory_mb(device):,.0f}")
             continue
+        if skipped_in_row:
+            bar.update(loss=f"{loss_value}", skipped=str(skipped_in_row))
+            continue
         bar.update(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
         if cfg.eval_interval and done % cfg.eval_interval == 0 and done != cfg.steps:
             record({"kind": "eval", "step": done, "val_loss": evaluate(model, dataset, cfg, groups, device, autocast)})
         if cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0 and done != cfg.steps:
-            last_ckpt = _save(cfg, rank0, model, optimizer, scheduler, done, history)
+            last_ckpt = _save(cfg, groups, rank0, model, optimizer, scheduler, done, history)
     bar.close()
 
     final_val = None
@@ -386,7 +493,7 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
         final_val = evaluate(model, dataset, cfg, groups, device, autocast)
         record({"kind": "eval", "step": cfg.steps, "val_loss": final_val})
     if start_step < cfg.steps and not dry_run:
-        last_ckpt = _save(cfg, rank0, model, optimizer, scheduler, cfg.steps, history)
+        last_ckpt = _save(cfg, groups, rank0, model, optimizer, scheduler, cfg.steps, history)
     train_losses = [h["loss"] for h in history if h.get("kind") == "train" and "loss" in h]
     final_loss = train_losses[-1] if train_losses else float("nan")
     plot = None
@@ -404,9 +511,6 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
                        f"peak memory/rank {peak:.0f} MiB; step time {mean_dt:.3f} s; run dir {os.path.abspath(run_dir)} "
                        f"(log {log_path}, metrics {jsonl_path}, plot {plot}, checkpoint {last_ckpt})")
         logger.info(summary)
-        for h in logger.handlers:
-            h.close()
-        jsonl.close()
     return TrainResult(final_loss, final_val, history, run_dir, log_path, jsonl_path, plot, last_ckpt, peak, mean_dt,
                        n_params, model if return_model else None, state_mb)
 
@@ -422,16 +526,24 @@ def _state_memory_mb(device: torch.device, before_first_step_mb: float, optimize
     return before_first_step_mb + state / 2 ** 20
 
 
-def _save(cfg: TrainConfig, rank0: bool, model: nn.Module, optimizer: Any, scheduler: Any, step: int,
-          history: list[dict[str, Any]]) -> str | None:
+def _save(cfg: TrainConfig, groups: SequenceParallelGroups, rank0: bool, model: nn.Module, optimizer: Any,
+          scheduler: Any, step: int, history: list[dict[str, Any]]) -> str | None:
+    """Save (writer rank) and prune; a failure (full disk, non-finite state) is raised on every rank."""
     path = checkpoint_path(cfg.run_dir, step)
     if cfg.keep_checkpoints == 0:
         return None
+    problem = ""
     if rank0:
-        save_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, step=step,
-                        data_state={"batches_consumed": step, "seed": cfg.seed, "data": cfg.data},
-                        config=cfg.to_dict(), history=history)
-        prune_checkpoints(cfg.run_dir, cfg.keep_checkpoints)
+        try:
+            save_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, step=step,
+                            data_state={"batches_consumed": step, "seed": cfg.seed, "data": cfg.data},
+                            config=cfg.to_dict(), history=history)
+            prune_checkpoints(cfg.run_dir, cfg.keep_checkpoints)
+        except CheckpointError as e:
+            problem = str(e)
+    problem = agree(groups, problem)
+    if problem:
+        raise CheckpointError(problem)
     return path
 
 
@@ -498,6 +610,9 @@ def build_parser(defaults: TrainConfig | None = None, prog: str | None = None) -
                         "(default: this GPU's memory, or this host's)")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run dir that already holds a run, deleting its logs and checkpoints")
+    p.add_argument("--allow-change", action="append", default=[], metavar="FIELD",
+                   help="on resume, accept a new value of this model / data field (repeat or comma-separate; one of "
+                        + ", ".join(SEMANTIC_FIELDS) + "); other changes of them are refused")
     sections = (("model", ModelConfig, defaults.model, ()),
                 ("sequence parallelism", SequenceParallelConfig, defaults.sp, ()),
                 ("training", TrainConfig, defaults, ("model", "sp")))
@@ -663,6 +778,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         cfg = config_from_args(args)
     except (ValueError, TypeError) as e:
         parser.error(str(e))
+    allow_changes = tuple(name for item in args.allow_change for name in item.split(",") if name)
+    try:
+        resume_changes({}, cfg, allow_changes)
+    except ValueError as e:
+        parser.error(str(e))
+    exit_with_launcher()  # under torchrun: never outlive the launcher
     if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(cpu_threads_per_rank(cfg, world, local_ranks))
@@ -676,9 +797,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     elif "RANK" in os.environ or cfg.sp.sp_size > 1:
         from seqpar.comm.groups import init_distributed
 
-        init_distributed()
+        init_distributed(timeout_s=cfg.timeout_s)
     if dist.is_initialized():
-        groups, attn_group = make_groups(cfg.sp)
+        groups, attn_group = make_groups(cfg.sp, cfg.timeout_s)
     else:
         groups, attn_group = None, None
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -689,11 +810,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
               f"{cfg.model.n_layers} layers; {threads} CPU thread{'s' if threads > 1 else ''} per rank", flush=True)
     try:
         try:
-            result = train(cfg, groups, attn_group, dry_run=fake, overwrite=args.overwrite)
-        except RunDirectoryError as e:
+            result = train(cfg, groups, attn_group, dry_run=fake, overwrite=args.overwrite, allow_changes=allow_changes)
+        except (RunDirectoryError, ResumeConfigError, DivergenceError, CheckpointError) as e:
             if rank == 0 or fake:
                 print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
-            return 2
+            return EXIT_CODES[type(e)] if type(e) in EXIT_CODES else 4
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -236,7 +236,7 @@ def test_a_run_directory_is_never_reused_by_accident(tmp_path, capsys):
     records = [json.loads(line) for line in open(run_dir / "train.jsonl")]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
     assert (run_dir / "train.jsonl").read_text() != before
-    assert main(argv[:1] + ["3"] + argv[2:] + ["--resume", "auto"]) == 0
+    assert main(argv[:1] + ["3"] + argv[2:] + ["--seed", "1", "--resume", "auto"]) == 0
     records = [json.loads(line) for line in open(run_dir / "train.jsonl")]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
 

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from seqpar.comm.groups import group_timeout
 from seqpar.integrations._common import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, check_choice
 from seqpar.kernels.softmax_reference import compute_dtype
 
@@ -52,10 +53,11 @@ class SequenceParallelMPU:
     ranks form the sequence-data-parallel group (what ZeRO partitions and reduces over). Same
     layout and methods as ``deepspeed.runtime.sequence_parallel.parallel_state_sp``, but the
     groups live on this object, and size 1 is allowed (plain data parallelism). Every rank must
-    construct it (``new_group`` is collective).
+    construct it (``new_group`` is collective). Every group gets ``timeout_s`` (default
+    ``seqpar.comm.groups.DEFAULT_TIMEOUT_S``), so a stopped rank becomes an error in that time.
     """
 
-    def __init__(self, sequence_parallel_size: int) -> None:
+    def __init__(self, sequence_parallel_size: int, timeout_s: float | None = None) -> None:
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed must be initialised before SequenceParallelMPU")
         world = dist.get_world_size()
@@ -63,13 +65,14 @@ class SequenceParallelMPU:
             raise ValueError(f"sequence_parallel_size {sequence_parallel_size} must be >= 1 and divide the "
                              f"world size {world}")
         rank = dist.get_rank()
+        timeout = group_timeout(timeout_s)
         self._sp_group: Optional[dist.ProcessGroup] = None
         for start in range(0, world, sequence_parallel_size):
             ranks = list(range(start, start + sequence_parallel_size))
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 self._sp_group = group
-        self._sdp_group = dist.new_group(list(range(world)))
+        self._sdp_group = dist.new_group(list(range(world)), timeout=timeout)
 
     def initialize_sequence_parallel(self, sequence_parallel_size: int) -> None:
         """Present because DeepSpeed recognises a sequence-parallel mpu by this method; the groups
