@@ -218,17 +218,18 @@ def _json_number(value: float) -> float | str:
     return value if math.isfinite(value) else str(value)
 
 
-def find_resume_checkpoint(run_dir: str, resume: str) -> tuple[str | None, list[str]]:
+def find_resume_checkpoint(run_dir: str, resume: str, existed: bool = True) -> tuple[str | None, list[str]]:
     """The checkpoint ``resume`` ("auto" or a path) names, verified, and what was found, as
     lines to print. "auto" takes the newest checkpoint of ``run_dir`` that verifies, naming
     each newer one it skips; None (start at step 0) when the directory holds no checkpoint.
-    Raises :class:`CheckpointError` for a bad explicit path, or when every checkpoint is bad."""
+    Raises :class:`CheckpointError` for a bad explicit path, or when every checkpoint is bad.
+    ``existed``: whether ``run_dir`` existed before this job (its lock file) created it."""
     if resume != "auto":
         problem = verify_checkpoint(resume)
         if problem is not None:
             raise CheckpointError(f"--resume {resume}: this checkpoint cannot be used: {problem}")
         return resume, [f"resume: continuing from {resume} (verified)"]
-    if not os.path.isdir(run_dir):
+    if not existed or not os.path.isdir(run_dir):
         return None, [f"resume auto: run directory {run_dir} does not exist; starting a new run there at step 0"]
     path, skipped = newest_valid_checkpoint(run_dir)
     notes = [f"resume auto: skipping {p}: {why}" for p, why in skipped]
@@ -289,9 +290,11 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
     if attention_group is None:
         attention_group = groups.sp
     rank0 = groups.dp_rank == 0 and groups.sp_rank == 0
+    existed = os.path.isdir(cfg.run_dir)
     lock = prepare_run_dir(cfg.run_dir, cfg.resume, groups, writer=rank0 and not dry_run, overwrite=overwrite)
     try:
-        return _train_in_run_dir(cfg, groups, attention_group, rank0, return_model, dry_run, allow_changes, lock)
+        return _train_in_run_dir(cfg, groups, attention_group, rank0, return_model, dry_run, allow_changes, lock,
+                                 existed)
     finally:
         if lock is not None:
             lock.release()
@@ -299,7 +302,7 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
 
 def _train_in_run_dir(cfg: TrainConfig, groups: SequenceParallelGroups, attention_group: Any, rank0: bool,
                       return_model: bool, dry_run: bool, allow_changes: tuple[str, ...],
-                      lock: RunDirLock | None) -> TrainResult:
+                      lock: RunDirLock | None, existed: bool) -> TrainResult:
     device = _device(cfg)
     dtype = _DTYPES[cfg.dtype]
     use_amp = uses_amp(cfg, device)
@@ -334,7 +337,7 @@ def _train_in_run_dir(cfg: TrainConfig, groups: SequenceParallelGroups, attentio
         notes += [f"removed {name}, left by an interrupted save" for name in remove_stale_temporaries(run_dir)]
         if cfg.resume is not None:
             try:
-                path, resume_notes = find_resume_checkpoint(run_dir, cfg.resume)
+                path, resume_notes = find_resume_checkpoint(run_dir, cfg.resume, existed)
                 found = ("", path, notes + resume_notes)
             except (CheckpointError, OSError) as e:
                 found = (str(e), None, notes)
