@@ -8,16 +8,18 @@
   with ``flock`` mounts); where it is not, only jobs on one host exclude each other.
 * :func:`agree`: one rank's verdict (an error message, or nothing) reaches every rank of the
   dp x sp groups, so all of them raise alike and none waits in a collective.
-* :func:`exit_with_launcher`: a worker started by torchrun exits when its launcher dies, so
+* :func:`exit_with_launcher`: a worker started by torchrun ends when its launcher dies, so
   killing the launcher never leaves orphans writing beside a resumed job.
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
 import fcntl
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -149,23 +151,44 @@ def prepare_run_dir(run_dir: str, resume: str | None, groups: SequenceParallelGr
     return lock
 
 
+def _kill_me_with_my_parent() -> bool:
+    """Ask Linux to SIGKILL this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``):
+    works whatever the process is doing, even blocked in C++ holding the GIL."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return False
+
+
 def exit_with_launcher(poll_s: float = 1.0) -> threading.Thread | None:
-    """When started by a launcher (torchrun sets TORCHELASTIC_RUN_ID), watch it from a daemon
-    thread and exit this process (status 70) once the launcher is gone, i.e. when this process
-    has been re-parented. Returns the thread, or None when not under a launcher."""
+    """When started by a launcher (torchrun sets TORCHELASTIC_RUN_ID; other launchers may set
+    SEQPAR_EXIT_WITH_PARENT=1), end this process when the launcher dies: on Linux the kernel
+    kills it at once (parent-death signal); elsewhere, and as a fallback, a daemon thread
+    notices the re-parenting within ``poll_s`` and exits with status 70. Returns the thread, or
+    None when not under a launcher."""
     if "TORCHELASTIC_RUN_ID" not in os.environ and "SEQPAR_EXIT_WITH_PARENT" not in os.environ:
         return None
     parent = os.getppid()
     if parent == 1:
         return None
+    _kill_me_with_my_parent()
+
+    def gone() -> None:
+        print(f"seqpar: the launcher (pid {parent}) of this worker (pid {os.getpid()}) is gone; exiting "
+              f"so that no orphan keeps writing the run directory", file=sys.stderr, flush=True)
+        os._exit(70)  # the kernel drops the run-directory lock with the process
+
+    if os.getppid() != parent:  # it died before the parent-death signal was armed
+        gone()
 
     def watch() -> None:
         stop = threading.Event()
         while not stop.wait(poll_s):
             if os.getppid() != parent:
-                print(f"seqpar: the launcher (pid {parent}) of this worker (pid {os.getpid()}) is gone; exiting "
-                      f"so that no orphan keeps writing the run directory", file=sys.stderr, flush=True)
-                os._exit(70)  # the kernel drops the run-directory lock with the process
+                gone()
 
     thread = threading.Thread(target=watch, name="seqpar-exit-with-launcher", daemon=True)
     thread.start()

@@ -291,7 +291,7 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
         attention_group = groups.sp
     rank0 = groups.dp_rank == 0 and groups.sp_rank == 0
     existed = os.path.isdir(cfg.run_dir)
-    lock = prepare_run_dir(cfg.run_dir, cfg.resume, groups, writer=rank0 and not dry_run, overwrite=overwrite)
+    lock = prepare_run_dir(cfg.run_dir, cfg.resume, groups, writer=rank0, overwrite=overwrite)
     try:
         return _train_in_run_dir(cfg, groups, attention_group, rank0, return_model, dry_run, allow_changes, lock,
                                  existed)
@@ -331,7 +331,7 @@ def _train_in_run_dir(cfg: TrainConfig, groups: SequenceParallelGroups, attentio
     # resume: the writer chooses and verifies the checkpoint, every rank loads it
     notes: list[str] = []
     found: tuple[str, str | None, list[str]] = ("", None, [])
-    if rank0 and not dry_run:
+    if rank0:
         if lock is not None and lock.stale:
             notes.append(f"took over the run-directory lock of a job that is gone ({lock.stale})")
         notes += [f"removed {name}, left by an interrupted save" for name in remove_stale_temporaries(run_dir)]
