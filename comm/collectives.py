@@ -1,14 +1,153 @@
 """Collectives with explicit groups and wait handles (ring exchange, all-gather, reduce-scatter,
 all-to-all, point-to-point). Communication is issued when the function is called; the result is
-read with ``handle.wait()``."""
+read with ``handle.wait()``.
+
+One thread at a time per group: :class:`exclusive_use` marks groups as in use by the calling
+thread for the length of a multi-collective call (a caller such as ``seqpar.attention`` holds it
+over its whole forward, or backward). The collectives below refuse to start on a group another
+thread holds, and a second thread entering :class:`exclusive_use` on it raises
+:class:`GroupInUseError`: the collectives of two concurrent calls would pair up across ranks in
+whatever order each rank's threads reach them -- silently wrong results or a hang.
+"""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import threading
+import weakref
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
-from seqpar.comm.groups import group_rank_and_size
+from seqpar.comm.groups import UspGroups, group_rank_and_size
+
+
+# ---------------------------------------------------------------------------------------------
+# One thread at a time per group.
+
+
+class GroupInUseError(RuntimeError):
+    """A thread started a collective call on a group that another thread is in the middle of."""
+
+
+class _Use:
+    __slots__ = ("size", "owner", "thread", "what", "depth")
+
+    def __init__(self, size: int) -> None:
+        self.size = size      # group size (groups of one rank never communicate: not guarded)
+        self.owner = 0        # threading.get_ident() of the holder
+        self.thread = ""      # its name
+        self.what = ""        # what it is doing
+        self.depth = 0        # re-entries of the holder
+
+
+_USES: "weakref.WeakKeyDictionary[Any, _Use]" = weakref.WeakKeyDictionary()  # keyed by the ProcessGroup
+_USE_LOCK = threading.Lock()
+_held = 0  # groups held right now by any thread (fast path of the collectives' check)
+
+
+def _describe(pg: Any) -> str:
+    try:
+        ranks = dist.get_process_group_ranks(pg)
+    except Exception:
+        ranks = "?"
+    return f"process group {getattr(pg, 'group_name', '?')!r} (global ranks {ranks})"
+
+
+def _in_use_error(pg: Any, use: _Use, what: str) -> GroupInUseError:
+    me = threading.current_thread()
+    return GroupInUseError(
+        f"{what}: {_describe(pg)} is in use by thread {use.thread!r} (id {use.owner}) inside {use.what}; "
+        f"this thread {me.name!r} (id {me.ident}) cannot start collectives on it at the same time. Calls on "
+        f"one group must not overlap: their collectives would pair up across ranks in whatever order each "
+        f"rank's threads reach them (silently wrong results or a hang). Serialise the calls, or give each "
+        f"thread its own group (dist.new_group with the same ranks).")
+
+
+_ProcessGroup = dist.ProcessGroup
+
+
+def _process_groups(groups: Sequence[Any]) -> list:
+    if len(groups) == 1 and type(groups[0]) is _ProcessGroup:  # the common case
+        return [groups[0]]
+    out: list = []
+    for g in groups:
+        parts = (g.sp, g.ulysses, g.ring) if isinstance(g, UspGroups) else (g,)
+        for pg in parts:
+            pg = dist.group.WORLD if pg is None else pg
+            if isinstance(pg, _ProcessGroup) and not any(pg is seen for seen in out):
+                out.append(pg)
+    return out
+
+
+class exclusive_use:
+    """``with exclusive_use(*groups, what="..."):`` -- mark ``groups`` (ProcessGroups, None for
+    the default group, or a UspGroups for its three groups) as used by this thread until the block
+    ends. Raises :class:`GroupInUseError`, naming the group and both threads, if another thread is
+    inside such a block on one of them. The same thread may re-enter (nested calls); a thread may
+    hold a group after another released it (autograd may run backward in another thread than
+    forward, but not at the same time). Groups of one rank (no communication) and processes
+    without torch.distributed are not tracked."""
+
+    __slots__ = ("_groups", "_what", "_uses")
+
+    def __init__(self, *groups: Any, what: str) -> None:
+        self._groups = groups
+        self._what = what
+        self._uses: list = []
+
+    def __enter__(self) -> "exclusive_use":
+        global _held
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        me = threading.get_ident()
+        with _USE_LOCK:
+            uses = []
+            for pg in _process_groups(self._groups):
+                use = _USES.get(pg)
+                if use is None:
+                    use = _USES[pg] = _Use(dist.get_world_size(pg))
+                if use.size <= 1:
+                    continue
+                if use.depth and use.owner != me:
+                    raise _in_use_error(pg, use, self._what)
+                uses.append(use)
+            for use in uses:
+                if use.depth == 0:
+                    use.owner, use.thread, use.what = me, threading.current_thread().name, self._what
+                use.depth += 1
+            _held += len(uses)
+        self._uses = uses
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        global _held
+        if not self._uses:
+            return
+        with _USE_LOCK:
+            for use in self._uses:
+                use.depth -= 1
+                if use.depth == 0:
+                    use.owner, use.thread, use.what = 0, "", ""
+            _held -= len(self._uses)
+        self._uses = []
+
+
+def group_user(group: Any = None) -> tuple[str, str] | None:
+    """(thread name, what) of the thread inside :class:`exclusive_use` on ``group``, or None."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    use = _USES.get(dist.group.WORLD if group is None else group)
+    return (use.thread, use.what) if use is not None and use.depth else None
+
+
+def _check_free(group: Any) -> None:
+    """Refuse to start a collective on a group another thread holds (see :class:`exclusive_use`)."""
+    if not _held:
+        return
+    pg = dist.group.WORLD if group is None else group
+    use = _USES.get(pg)
+    if use is not None and use.depth and use.owner != threading.get_ident():
+        raise _in_use_error(pg, use, "a seqpar.comm collective")
 
 # Newer torch names the dim-0 concatenating collectives *_single (the *_tensor names warn); older
 # releases only have *_tensor.
@@ -61,6 +200,7 @@ def ring_exchange(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | No
     tensors = list(tensors)
     if world_size == 1:
         return CommHandle(finish=lambda: [t.clone() for t in tensors])
+    _check_free(group)
     dst = _global_rank(group, (rank + shift) % world_size)
     src = _global_rank(group, (rank - shift) % world_size)
     stage = any(_needs_host_staging(group, t) for t in tensors)
@@ -86,6 +226,8 @@ def send_recv(send: torch.Tensor | None, dst: int | None, recv_like: torch.Tenso
     tensor shaped like ``recv_like`` from group rank ``src``. ``wait()`` returns the received
     tensor (or None)."""
     ops = []
+    if send is not None or recv_like is not None:
+        _check_free(group)
     stage = any(t is not None and _needs_host_staging(group, t) for t in (send, recv_like))
     keep = []
     if send is not None:
@@ -112,6 +254,7 @@ def all_gather(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> CommHan
     _, world_size = group_rank_and_size(group)
     if world_size == 1:
         return CommHandle(finish=lambda: tensor.unsqueeze(0))
+    _check_free(group)
     stage = _needs_host_staging(group, tensor)
     send = _staged(tensor, stage)
     out = torch.empty((world_size * send.shape[0],) + tuple(send.shape[1:]) if send.dim() else (world_size,),
@@ -134,6 +277,7 @@ def reduce_scatter(stacked: torch.Tensor, group: dist.ProcessGroup | None) -> Co
                          f"got shape {tuple(stacked.shape)}")
     if world_size == 1:
         return CommHandle(finish=lambda: stacked[0])
+    _check_free(group)
     stage = _needs_host_staging(group, stacked)
     send = _staged(stacked, stage).view((-1,) + tuple(stacked.shape[2:])) if stacked.dim() > 1 else _staged(stacked, stage)
     out = torch.empty(tuple(stacked.shape[1:]), dtype=send.dtype, device=send.device)
@@ -151,6 +295,7 @@ def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> CommHan
     _, world_size = group_rank_and_size(group)
     if world_size == 1:
         return CommHandle(finish=lambda: tensor.clone())
+    _check_free(group)
     stage = _needs_host_staging(group, tensor)
     buf = tensor.detach().to("cpu").contiguous() if stage else tensor.detach().clone().contiguous()
     work = dist.all_reduce(buf, group=group, async_op=True)
@@ -167,6 +312,7 @@ def all_to_all(tensor: torch.Tensor, group: dist.ProcessGroup | None, *, scatter
                          f"by the group size {world_size}")
     if world_size == 1:
         return CommHandle(finish=lambda: tensor)
+    _check_free(group)
     stage = _needs_host_staging(group, tensor)
     chunks = torch.stack(tensor.chunk(world_size, dim=scatter_dim))  # [P, ...]
     send = _staged(chunks, stage)

@@ -17,6 +17,15 @@ Ops used:
   dk/dv are summed over each group. The block output and grads come out in the input dtype and
   are cast to fp32: one bf16 rounding per block that the Triton backend does not have.
 
+Strides. The CPU ops read every tensor operand (q, k, v; in backward also grad_out and out)
+through its batch, head and token strides only and assume a unit-stride head-dim axis
+(``stride(-1) == 1``): a ``permute``-d or ``[..., ::2]`` view gave silently wrong results (O(1)
+errors) before :func:`_operand` was added; the CUDA flash ops raise on such a tensor ("must
+have contiguous last dimension"). Any other strides are read in place (checked on CPU against
+contiguous copies: [B, H, T, D] and [T, B, H, D] storage, padded rows, stride-0 ``expand``-ed
+batch / token / head axes, fp64 and fp32). :func:`_operand` copies an operand only when its last
+axis is not unit-stride, in the same pass as the dtype cast.
+
 Masks. The fused ops know "no mask" and top-left causal (key j visible to query i iff j <= i,
 whatever Tq and Tk). :func:`_pieces` rewrites any ``diagonal_offset`` m into at most two such
 pieces, each a (query range, key range, causal) triple with square causal pieces (the CUDA flash
@@ -108,18 +117,31 @@ def _reduce_kv(x: torch.Tensor, group: int) -> torch.Tensor:
     return x.reshape(b, t, h // group, group, d).sum(dim=3)
 
 
+def _operand(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype`` with a unit-stride last axis, the one layout requirement of the fused ops
+    (see the module doc). Copies only when the cast or the layout needs it (one copy for both);
+    other strides, stride 0 included, are kept."""
+    if x.stride(-1) == 1 or x.shape[-1] <= 1:
+        return x.to(dtype)
+    if x.dtype == dtype:  # (x.to(x.dtype, memory_format=...) would return x itself, strides and all)
+        return x.contiguous()
+    return x.to(dtype, memory_format=torch.contiguous_format)
+
+
 def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """One piece: (o [B, Tq, Hq, D], lse [B, Hq, Tq]) in the compute dtype."""
     cd = compute_dtype(q.dtype)
     if q.device.type == "cuda":
         group = q.shape[2] // k.shape[2]
+        q, k, v = (_operand(x, x.dtype) for x in (q, k, v))
         out = torch.ops.aten._scaled_dot_product_flash_attention(
             q.transpose(1, 2), _expand_kv(k, group).transpose(1, 2), _expand_kv(v, group).transpose(1, 2),
             0.0, causal, False, scale=scale)
         return out[0].transpose(1, 2).to(cd), out[1].to(cd)
     o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q.to(cd).transpose(1, 2), k.to(cd).transpose(1, 2), v.to(cd).transpose(1, 2), 0.0, causal, scale=scale)
+        _operand(q, cd).transpose(1, 2), _operand(k, cd).transpose(1, 2), _operand(v, cd).transpose(1, 2),
+        0.0, causal, scale=scale)
     return o.transpose(1, 2), lse
 
 
@@ -131,17 +153,18 @@ def _fused_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     t = lambda x: x.transpose(1, 2)  # noqa: E731
     if q.device.type == "cuda":
         group = q.shape[2] // k.shape[2]
+        do, q, k, v, out = (_operand(x, q.dtype) for x in (do, q, k, v, out))
         ke, ve = _expand_kv(k, group), _expand_kv(v, group)
         empty = torch.empty(0, dtype=torch.int32, device=q.device)
         seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
         grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            t(do), t(q), t(ke), t(ve), t(out.to(q.dtype)), lse.to(torch.float32).contiguous(), empty, empty,
+            t(do), t(q), t(ke), t(ve), t(out), lse.to(torch.float32).contiguous(), empty, empty,
             q.shape[1], k.shape[1], 0.0, causal, seed, torch.zeros((), dtype=torch.uint64, device=q.device),
             scale=scale)
         dq, dk, dv = (t(g).to(cd) for g in grads)
         return dq, _reduce_kv(dk, group), _reduce_kv(dv, group)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        t(do.to(cd)), t(q.to(cd)), t(k.to(cd)), t(v.to(cd)), t(out), lse.to(cd), 0.0, causal, scale=scale)
+        *(t(_operand(x, cd)) for x in (do, q, k, v, out)), lse.to(cd), 0.0, causal, scale=scale)
     return t(dq), t(dk), t(dv)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from seqpar.comm import UspGroups, check_same_on_all_ranks
+from seqpar.comm import UspGroups, check_agreement, check_validate_mode, exclusive_use
 from seqpar.softmax import STRATEGIES, SoftmaxContextParallel, build_plan
 
 __all__ = ["attention", "STRATEGIES"]
@@ -17,7 +17,8 @@ def _shape(x: object) -> object:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: str,
               layout: str | None = None, group: dist.ProcessGroup | UspGroups | None = None,
               causal: bool = True, scale: float | None = None, return_lse: bool = False,
-              backend: str = "auto", validate: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+              backend: str = "auto", validate: bool | str | None = "cached"
+              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax attention of this rank's queries against the keys of the whole sequence.
 
     q [B, T_local, Hq, D], k / v [B, T_local, Hkv, D] (Hq % Hkv == 0) are this rank's tokens under
@@ -26,29 +27,53 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: st
     ``seqpar.comm.UspGroups``). ``group`` defaults to the default process group (or a single
     process without torch.distributed). Causal masks use global token positions.
 
-    ``validate=True`` (pass it on every rank alike) adds one small ``all_gather_object`` that
-    checks the ranks agree on shapes, dtype, strategy, layout, causal and scale, and raises the
-    same ValueError on every rank when they do not (or when any rank's inputs are bad), instead
-    of a crash, hang or wrong answer in the collectives. Local checks always run.
+    Shapes: the layout is [batch, tokens, heads, head_dim]. A [B, H, T, D] tensor (heads and tokens
+    swapped, e.g. transformers' layout) is in general NOT detected: both axes are just sizes, and
+    it is silently attended as H tokens of T heads. Checked here: 4 dims, equal batch, local
+    length and head dim of q, k, v (so a swapped GQA input, whose "lengths" Hq != Hkv, fails as a
+    local-length mismatch), Hq % Hkv == 0, the layout's and Ulysses' divisibility and, with
+    ``validate``, equal shapes on all ranks. ``seqpar.model`` and the adapters in ``seqpar.integrations`` also check the head axis
+    against their configured head counts. Any strided view of q, k, v is accepted (permuted,
+    sliced, expanded, transposed), on every backend.
+
+    ``validate`` (the same on every rank) checks that the ranks agree on q/k/v shapes, dtype,
+    strategy, layout, causal, scale (and the UspGroups sizes), so that every rank raises the same
+    ValueError when they do not (or when any rank's inputs are bad), instead of a crash, hang or
+    wrong answer in the collectives. ``"cached"`` (default, also None): one small exchange the
+    first time a group sees a signature, nothing on later calls with it; ``"always"`` (True): the
+    exchange on every call; ``"off"`` (False): none. Local checks always run. See docs/softmax.md,
+    "Ranks that disagree".
 
     Returns o [B, T_local, Hq, D] in q.dtype, and with ``return_lse`` also the log-sum-exp
     [B, Hq, T_local] in fp32 (fp64 for fp64 inputs). Differentiable in q, k, v (and through lse).
     """
+    mode = check_validate_mode(validate)
     layout = "contiguous" if layout is None else layout
     error: Exception | None = None
     try:
         plan = build_plan(q, k, v, strategy=strategy, layout=layout, group=group, causal=causal, scale=scale,
                           backend=backend)
     except (ValueError, TypeError) as e:
-        if not validate:
+        if mode == "off":
             raise
         error = e
-    if validate:
-        fields = dict(q=_shape(q), k=_shape(k), v=_shape(v), dtype=str(getattr(q, "dtype", None)),
-                      strategy=strategy, layout=layout, causal=repr(causal) if error is not None else bool(causal),
-                      scale=None if error is not None else plan.scale)
-        if isinstance(group, UspGroups):
-            fields.update(ulysses_size=group.ulysses_size, ring_size=group.ring_size)
-        check_same_on_all_ranks(fields, group, what="seqpar.attention(validate=True)", local_error=error)
-    o, lse = SoftmaxContextParallel.apply(q, k, v, plan)
+    # one thread at a time on the group, from the agreement check to the end of the forward
+    with exclusive_use(group, what="seqpar.attention"):
+        if mode != "off":
+            check_agreement(_signature(q, k, v, strategy, layout, causal if error else plan.causal,
+                                       None if error else plan.scale, group),
+                            group, what=f"seqpar.attention(validate={mode!r})", mode=mode, local_error=error)
+        o, lse = SoftmaxContextParallel.apply(q, k, v, plan)
     return (o, lse) if return_lse else o
+
+
+def _signature(q, k, v, strategy, layout, causal, scale, group) -> dict:
+    """What every rank of one call must agree on (no tensor data is read). The kernel backend and
+    ``return_lse`` are local choices and are not compared."""
+    fields = dict(q=_shape(q), k=_shape(k), v=_shape(v), dtype=str(getattr(q, "dtype", None)),
+                  strategy=strategy if isinstance(strategy, str) else repr(strategy),
+                  layout=layout if isinstance(layout, str) else repr(layout),
+                  causal=causal if isinstance(causal, bool) else repr(causal), scale=scale)
+    if isinstance(group, UspGroups):
+        fields.update(ulysses_size=group.ulysses_size, ring_size=group.ring_size)
+    return fields

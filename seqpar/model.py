@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from seqpar.config import ModelConfig
+from seqpar.integrations._common import check_head_axis
 from seqpar.kernels.linear import chunk_linear_attention
 from seqpar.kernels.softmax_reference import compute_dtype
 from seqpar.layout import local_positions
@@ -41,7 +42,14 @@ class ContextParallel:
     layout: str = "contiguous"
     strategy: str = "ring"
     backend: str = "auto"
-    validate: bool = False  # cross-rank agreement check on every call (see seqpar.attention)
+    # cross-rank agreement check of every call: "cached" (first call per signature), "always"
+    # (True) or "off" (False); see seqpar.attention. Normalised to the mode's name.
+    validate: bool | str | None = "cached"
+
+    def __post_init__(self) -> None:
+        from seqpar.comm import check_validate_mode
+
+        object.__setattr__(self, "validate", check_validate_mode(self.validate))
 
     @property
     def sp_group(self) -> Any:
@@ -119,12 +127,18 @@ class SoftmaxAttention(nn.Module):
         return self.wo(self.mix(q, k, v).reshape(B, T, -1))
 
     def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Token mixing: on one device, or across the group of ``context_parallel``."""
+        """Token mixing: on one device, or across the group of ``context_parallel``.
+
+        q [B, T, n_heads, head_dim], k / v [B, T, n_kv_heads, head_dim]; before calling seqpar the
+        head axis is checked against the configured counts (a [B, H, T, D] tensor raises a
+        ValueError naming both shapes instead of mixing heads as tokens)."""
         cp = self.context_parallel
         if cp is None:
             return local_softmax_attention(q, k, v)
         import seqpar
 
+        check_head_axis(f"{type(self).__name__}.mix", "[b, s, h, d]", q, k, v, num_heads=self.n_heads,
+                        num_kv_heads=self.n_kv_heads)
         group = cp.group if cp.strategy == "usp" else cp.sp_group
         o = seqpar.attention(q, k, v, strategy=cp.strategy, layout=cp.layout, group=group, causal=True, backend=cp.backend,
                             validate=cp.validate)
@@ -180,12 +194,17 @@ class LinearAttention(nn.Module):
 
     def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
             g_gamma: torch.Tensor | None) -> torch.Tensor:
-        """Token mixing: on one device, or across the group of ``context_parallel``."""
+        """Token mixing: on one device, or across the group of ``context_parallel``.
+
+        q, k, v [B, T, n_heads, head_dim] (k / v already repeated to n_heads); before calling
+        seqpar the head axis is checked against n_heads (see :meth:`SoftmaxAttention.mix`)."""
         cp = self.context_parallel
         if cp is None:
             return chunk_linear_attention(q, k, v, g=g, g_gamma=g_gamma)[0]
         import seqpar
 
+        check_head_axis(f"{type(self).__name__}.mix", "[b, s, h, d]", q, k, v, num_heads=self.n_heads,
+                        num_kv_heads=self.n_heads)
         o, _ = seqpar.linear_attention(q, k, v, strategy=cp.strategy, layout=cp.layout, group=cp.sp_group,
                                 g=g, g_gamma=g_gamma, backend=cp.backend, validate=cp.validate)
         return o.to(q.dtype)

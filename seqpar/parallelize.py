@@ -30,7 +30,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from seqpar.comm.groups import SequenceParallelGroups, UspGroups, build_usp_groups, group_rank_and_size
 from seqpar.config import SequenceParallelConfig, check_compatible
-from seqpar.layout import check_global_length, global_positions, shard_tensor
+from seqpar.layout import check_global_length, global_positions
 from seqpar.model import ContextParallel
 
 
@@ -40,15 +40,15 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def parallelize_model(model: nn.Module, config: SequenceParallelConfig, group: Any, *,
-                      validate: bool = False) -> nn.Module:
+                      validate: bool | str | None = "cached") -> nn.Module:
     """Switch ``model``'s attention layers to sequence parallelism over ``group`` (in place).
 
     ``group`` is the sequence-parallel ProcessGroup of this rank, or :class:`UspGroups` when
     ``config.softmax_strategy == "usp"``. Returns the model. Raises ValueError when the model's
     layers, the strategies and the layout do not fit together, or the group size is not
-    ``config.sp_size``. ``validate=True`` makes every attention call check that the ranks
-    agree (``seqpar.attention(validate=True)``: one small extra collective per layer call; for
-    debugging or a first step, then call again without it).
+    ``config.sp_size``. ``validate`` is given to every attention call (see ``seqpar.attention``):
+    "cached" (default) checks that the ranks agree on the first call of each signature,
+    "always" (True) on every call, "off" (False) never.
     """
     model_config = getattr(model, "config", None)
     if model_config is not None:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from seqpar.comm.groups import group_timeout
-from seqpar.integrations._common import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, check_choice
+from seqpar.integrations._common import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, check_choice, head_axis_error
 from seqpar.kernels.softmax_reference import compute_dtype
 
 
@@ -111,6 +111,20 @@ def _to_bshd(x: Tensor, batch_dim_idx: int) -> Tensor:
     raise ValueError(f"batch_dim_idx must be 0 ([b, s, h, d]) or 1 ([s, b, h, d]), got {batch_dim_idx}")
 
 
+def _check_heads(where: str, batch_dim_idx: int, query: Tensor, key: Tensor, value: Tensor, *,
+                 num_kv_heads: int, num_heads: Optional[int] = None) -> None:
+    """The head axis is dim 2 in both of DeepSpeed's layouts: key / value must hold ``num_kv_heads``
+    heads there, the query ``num_heads`` (or, when None, a positive multiple of ``num_kv_heads``)."""
+    if any(not isinstance(t, Tensor) or t.dim() != 4 for t in (query, key, value)):
+        return  # seqpar names the problem
+    hq = query.shape[2]
+    q_ok = hq == num_heads if num_heads is not None else hq > 0 and hq % num_kv_heads == 0
+    if not q_ok or key.shape[2] != num_kv_heads or value.shape[2] != num_kv_heads:
+        raise head_axis_error(where, "[b, s, h, d]" if batch_dim_idx == 0 else "[s, b, h, d]", query, key, value,
+                              q_heads=num_heads if num_heads is not None else f"(a multiple of {num_kv_heads})",
+                              kv_heads=num_kv_heads)
+
+
 class _GroupResolver(torch.nn.Module):
     def __init__(self, sequence_process_group: Any) -> None:
         super().__init__()
@@ -136,7 +150,11 @@ class SeqparDistributedAttention(_GroupResolver):
     (GQA); returns the output in the input's layout. seqpar computes ``softmax(q k^T * scale) v``
     itself (``causal``, ``scale``), so the ``local_attention`` of DeepSpeed's signature is not
     used (a warning says so if one is given); ``scatter_idx``/``gather_idx``/``sp_stream`` are
-    accepted for the same reason. ``layout`` is how the tokens are split over the group:
+    accepted for the same reason. ``num_kv_heads`` (as in DeepSpeed: the KV head count of ``key``,
+    which DeepSpeed otherwise reads off ``key.shape[2]``), when given, is checked: key / value
+    whose head axis (dim 2) holds another count, or a query whose head count is not a multiple of
+    it, raise a ValueError naming the expected and received shapes (a [b, h, s, d] tensor passed
+    as [b, s, h, d] is the usual cause). ``layout`` is how the tokens are split over the group:
     ``"contiguous"`` (what DeepSpeed's data loaders produce), or ``"zigzag"``/``"striped"``
     with data sharded by ``seqpar.shard``.
     """
@@ -156,6 +174,7 @@ class SeqparDistributedAttention(_GroupResolver):
         self.causal = causal
         self.scale = scale
         self.backend = backend
+        self.num_kv_heads = num_kv_heads
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, batch_dim_idx: int, rotary_pos_emb: Any = None,
                 *args: Any, **kwargs: Any) -> Tensor:
@@ -168,6 +187,8 @@ class SeqparDistributedAttention(_GroupResolver):
         if args or kwargs:
             raise TypeError(f"unexpected extra arguments for seqpar attention: {len(args)} positional, {sorted(kwargs)}")
         q, k, v = (_to_bshd(t, batch_dim_idx) for t in (query, key, value))
+        if self.num_kv_heads is not None:
+            _check_heads(type(self).__name__, batch_dim_idx, query, key, value, num_kv_heads=self.num_kv_heads)
         o = seqpar.attention(q, k, v, strategy=self.strategy, layout=self.layout, group=self.group,
                              causal=self.causal, scale=self.scale, backend=self.backend)
         return o if batch_dim_idx == 0 else o.transpose(0, 1)
@@ -186,7 +207,8 @@ class SeqparDistributedLinearAttention(_GroupResolver):
     ``g_gamma`` is kept as given (a plain attribute, not a buffer, so that the engine's
     ``module.bfloat16()`` / ``half()`` cannot round it) and used in the compute dtype of each
     call: fp32, or fp64 for fp64 inputs. Give it in fp64 (``retnet_decay(h, dtype=torch.float64)``)
-    for fp64 accuracy.
+    for fp64 accuracy. When ``g_gamma`` is given its length is the head count: q / k / v whose
+    head axis (dim 2) holds another count raise a ValueError naming both shapes.
     """
 
     def __init__(self, sequence_process_group: Any = None, *, strategy: str = "lasp2", layout: str = "contiguous",
@@ -204,6 +226,9 @@ class SeqparDistributedLinearAttention(_GroupResolver):
         import seqpar
 
         q, k, v = (_to_bshd(t, batch_dim_idx) for t in (query, key, value))
+        if self.g_gamma is not None and self.g_gamma.dim() == 1:  # g_gamma [h] gives the head count
+            n = self.g_gamma.shape[0]
+            _check_heads(type(self).__name__, batch_dim_idx, query, key, value, num_kv_heads=n, num_heads=n)
         if g is not None and batch_dim_idx == 1:
             g = g.transpose(0, 1)
         g_gamma = None

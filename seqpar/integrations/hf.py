@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 
 from seqpar.integrations._common import SOFTMAX_STRATEGIES, check_choice
 
@@ -49,8 +48,10 @@ def seqpar_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                              scaling: Optional[float] = None, is_causal: Optional[bool] = None,
                              **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers attention function: query [b, h, s_local, d], key/value [b, h_kv, s_local, d]
+    (transformers' own layout, transposed here to seqpar's [b, s_local, h, d])
     -> ([b, s_local, h, d], None), with the settings that :func:`apply_sequence_parallel` put on
-    ``module``."""
+    ``module``. Query / key / value whose dim 1 does not hold the config's head counts (e.g. a
+    [b, s, h, d] tensor passed in seqpar's layout) raise a ValueError naming both shapes."""
     import seqpar
 
     settings: Optional[SeqparAttentionSettings] = getattr(module, "seqpar_attention", None)
@@ -66,10 +67,36 @@ def seqpar_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if getattr(module, "sliding_window", None):
         raise ValueError("seqpar attention does not support sliding-window attention")
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    _check_heads(module, query, key, value)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     o = seqpar.attention(q, k, v, strategy=settings.strategy, layout=settings.layout, group=settings.group,
                          causal=causal, scale=scaling, backend=settings.backend)
     return o, None
+
+
+def _check_heads(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    """ValueError when the head axis (dim 1 of transformers' [b, h, s, d]) of query / key / value
+    does not hold the heads of the module's config: ``num_attention_heads`` and
+    ``num_key_value_heads``, or both divided by the same factor (tensor-parallel shards). Skipped
+    when the config does not give both counts as integers or the module's ``num_key_value_groups``
+    differs from their ratio (a layer with its own head counts). A swap is caught under GQA, and
+    under MHA unless the local length divides the head count."""
+    config = getattr(module, "config", None)
+    hq, hkv = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    hkv = hq if hkv is None else hkv
+    if not (isinstance(hq, int) and isinstance(hkv, int) and 0 < hkv <= hq and hq % hkv == 0):
+        return
+    if getattr(module, "num_key_value_groups", hq // hkv) != hq // hkv:
+        return
+    if any(not isinstance(t, torch.Tensor) or t.dim() != 4 for t in (query, key, value)):
+        return  # seqpar.attention names the problem
+    lq, lk, lv = query.shape[1], key.shape[1], value.shape[1]
+    if lq > 0 and hq % lq == 0 and lk == lv and lq * hkv == lk * hq:
+        return
+    from seqpar.integrations._common import head_axis_error
+
+    raise head_axis_error(f"seqpar attention function of {type(module).__name__}", "[b, h, s, d]", query, key,
+                          value, q_heads=hq, kv_heads=hkv)
 
 
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

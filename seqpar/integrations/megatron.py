@@ -44,6 +44,7 @@ from seqpar.integrations._common import (
     LINEAR_STRATEGIES,
     SOFTMAX_STRATEGIES,
     check_choice,
+    check_head_axis,
     default_scale,
     linear_attention_heads,
     retnet_decay,
@@ -101,6 +102,11 @@ class _SeqparCoreBase(MegatronModule):
         self.backend = backend
         tp_size = pg_collection.tp.size()
         self.num_heads_per_partition = config.num_attention_heads // tp_size
+        # Megatron hands the core K/V with num_query_groups / tp heads (1 when there are fewer groups
+        # than tp ranks; its local DotProductAttention repeats them itself); K/V already repeated to
+        # num_heads_per_partition heads are accepted too.
+        groups = config.num_query_groups or config.num_attention_heads
+        self.num_kv_heads_per_partition = (max(1, groups // tp_size), self.num_heads_per_partition)
         self.head_offset = pg_collection.tp.rank() * self.num_heads_per_partition
         self.head_dim = config.kv_channels
         self.softmax_scale = default_scale(self.head_dim) if softmax_scale is None else softmax_scale
@@ -120,6 +126,12 @@ class _SeqparCoreBase(MegatronModule):
             return False
         raise NotImplementedError(f"seqpar core attention supports causal / no_mask attention only, "
                                   f"got attn_mask_type={mask_type} with an explicit attention_mask")
+
+    def _check_heads(self, query: Tensor, key: Tensor, value: Tensor) -> None:
+        """ValueError naming both shapes when dim 2 of Megatron's [s, b, n, d] does not hold this
+        partition's heads (e.g. a [b, n, s, d] or [s, n, b, d] tensor)."""
+        check_head_axis(type(self).__name__, "[s, b, h, d]", query, key, value,
+                        num_heads=self.num_heads_per_partition, num_kv_heads=self.num_kv_heads_per_partition)
 
     @staticmethod
     def _to_bshd(x: Tensor) -> Tensor:
@@ -159,6 +171,7 @@ class SeqparCoreAttention(_SeqparCoreBase):
         import seqpar
 
         causal = self._causal(attention_mask, attn_mask_type, attention_bias, packed_seq_params)
+        self._check_heads(query, key, value)
         o = seqpar.attention(self._to_bshd(query), self._to_bshd(key), self._to_bshd(value),
                              strategy=self.strategy, layout=self.layout, group=self.cp_group, causal=causal,
                              scale=self.softmax_scale, backend=self.backend)
@@ -193,6 +206,7 @@ class SeqparLinearCoreAttention(_SeqparCoreBase):
         """[s, b, n, d] query, [s, b, n_kv, d] key/value (local shards) -> [s, b, n * d]."""
         if not self._causal(attention_mask, attn_mask_type, attention_bias, packed_seq_params):
             raise NotImplementedError("seqpar linear core attention is causal only")
+        self._check_heads(query, key, value)
         # The decay is made per call in the compute dtype (fp32, fp64 for fp64 inputs), not held as
         # a buffer that Float16Module / model.bfloat16() would round to bf16.
         gamma = None

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.validation import check_flag, check_scale
-from seqpar.comm import check_same_on_all_ranks
+from seqpar.comm import check_agreement, check_validate_mode, exclusive_use
 from seqpar.comm.groups import group_rank_and_size
 from seqpar.kernels.linear import DEFAULT_CHUNK_SIZE, check_linear_inputs
 from seqpar.kernels.linear_reference import default_scale
@@ -34,7 +34,8 @@ class _LinearAttentionSP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, h0, run: Run, strategy):
         pieces = make_pieces(run, q, k, v, g)
-        outs, final, saved = strategy.forward(run, pieces, h0)
+        with exclusive_use(*run.comm_groups(), what="seqpar.linear_attention (forward)"):
+            outs, final, saved = strategy.forward(run, pieces, h0)
         ctx.run, ctx.strategy, ctx.saved = run, strategy, saved
         ctx.save_for_backward(q, k, v, g)
         ctx.h0_dtype = None if h0 is None else h0.dtype
@@ -50,8 +51,9 @@ class _LinearAttentionSP(torch.autograd.Function):
         run: Run = ctx.run
         pieces = make_pieces(run, q, k, v, g)
         dos = [do[:, p.start:p.stop].to(run.cd) for p in pieces]
-        grads, dh0 = ctx.strategy.backward(run, pieces, dos, dfinal if run.output_final_state else None,
-                                           ctx.saved, ctx.needs_input_grad[4])
+        with exclusive_use(*run.comm_groups(), what="seqpar.linear_attention (backward)"):
+            grads, dh0 = ctx.strategy.backward(run, pieces, dos, dfinal if run.output_final_state else None,
+                                               ctx.saved, ctx.needs_input_grad[4])
         dq, dk, dv = (torch.cat([gr[i] for gr in grads], dim=1) for i in range(3))
         dh0 = dh0.to(ctx.h0_dtype) if dh0 is not None else None
         dg = torch.cat([gr[3] for gr in grads], dim=1).to(g.dtype) if g is not None and ctx.needs_input_grad[3] else None
@@ -64,7 +66,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strat
                      scale: float | None = None, initial_state: torch.Tensor | None = None,
                      output_final_state: bool = False, backend: str = "auto",
                      chunk_size: int = DEFAULT_CHUNK_SIZE, comm_stats: CommStats | None = None,
-                     validate: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     validate: bool | str | None = "cached") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sequence-parallel linear attention on this rank's shard (docs/linear.md).
 
     S_t = exp(g_t) S_{t-1} + k_t v_t^T, o_t = scale * S_t^T q_t over the *global* sequence.
@@ -75,6 +77,15 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strat
     the first global token, passed alike on every rank (each rank's gradient is its own share;
     the shares sum to the full gradient).
 
+    Shapes: the layout is [batch, tokens, heads, head_dim]. A [B, H, T, D] tensor (heads and tokens
+    swapped) is in general NOT detected: both axes are just sizes. Checked here: q and k of one
+    shape, v [B, T, H, Dv] like q, g [B, T, H], g_gamma [H] and initial_state [B, H, Dk, Dv] against
+    q's sizes (so swapped q / k / v are caught when a gate or a state is given in the right layout
+    and T != H; without them they are not), the layout's divisibility and, with ``validate``,
+    equal shapes on all ranks. ``seqpar.model`` and the adapters in ``seqpar.integrations`` also
+    check the head axis against their configured head counts. Any strided view of q, k, v, g is
+    accepted (permuted, sliced, expanded, transposed), on every backend.
+
     ``strategy``: 'lasp2' (one all-gather of the states per pass, default), 'lasp1' (ring,
     pipelined) or 'lasp1_serial' (ring, as published). ``comm_stats``: an optional
     :class:`CommStats` that records every communication of this rank.
@@ -83,29 +94,36 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strat
     is the state after the last global token, on every rank, and differentiable on every rank:
     the gradient it receives is the sum over ranks (as for a tensor broadcast from one rank).
 
-    ``validate=True`` (pass it on every rank alike) adds one small ``all_gather_object`` that
-    checks the ranks agree on shapes, dtype, strategy, layout, gates given, g_gamma's values,
-    initial_state (a checksum), scale and output_final_state, and that the log gates are
-    finite and <= 0; every rank then raises the same ValueError instead of a crash, hang or
-    wrong answer in the collectives. Local checks always run.
+    ``validate`` (the same on every rank) checks that the ranks agree on shapes, dtype, strategy,
+    layout, which gates are given (and their shapes), scale and output_final_state -- and, when
+    the check exchanges, g_gamma's values and an initial_state checksum -- so that every rank
+    raises the same ValueError instead of a crash, hang or wrong answer in the collectives.
+    ``"cached"`` (default, also None): one small exchange the first time a group sees a
+    signature, nothing on later calls with it (tensor values are read on that first call only);
+    ``"always"`` (True): the exchange on every call, and the log gates must be finite and <= 0;
+    ``"off"`` (False): none. Local checks always run. See docs/linear.md, "Ranks that disagree".
     """
+    mode = check_validate_mode(validate)
     layout = "contiguous" if layout is None else layout
     error: Exception | None = None
     try:
         run, strat = _prepare(q, k, v, strategy=strategy, layout=layout, group=group, g=g, g_gamma=g_gamma,
                               scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                               backend=backend, chunk_size=chunk_size, comm_stats=comm_stats)
-        if validate:
+        if mode == "always":
             _check_gates(g, g_gamma)
     except (ValueError, TypeError) as e:
-        if not validate:
+        if mode == "off":
             raise
         error = e
-    if validate:
-        check_same_on_all_ranks(_fingerprint(q, k, v, strategy, layout, g, g_gamma, initial_state, scale,
-                                             output_final_state), group,
-                                what="seqpar.linear_attention(validate=True)", local_error=error)
-    o, final = _LinearAttentionSP.apply(q, k, v, g, initial_state, run, strat)
+    # one thread at a time on the group, from the agreement check to the end of the forward
+    with exclusive_use(group, what="seqpar.linear_attention"):
+        if mode != "off":
+            check_agreement(_signature(q, k, v, strategy, layout, g, g_gamma, initial_state,
+                                       scale if error else run.scale, output_final_state),
+                            group, what=f"seqpar.linear_attention(validate={mode!r})", mode=mode,
+                            values=lambda: _values(g_gamma, initial_state), local_error=error)
+        o, final = _LinearAttentionSP.apply(q, k, v, g, initial_state, run, strat)
     return o, (final if output_final_state else None)
 
 
@@ -113,20 +131,28 @@ def _shape(x: object) -> object:
     return None if x is None else tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def _fingerprint(q, k, v, strategy, layout, g, g_gamma, initial_state, scale, output_final_state) -> dict:
-    """What every rank of one call must agree on (see ``validate``)."""
-    def values(t):  # small exact summary of a tensor that must be equal on every rank
+def _signature(q, k, v, strategy, layout, g, g_gamma, initial_state, scale, output_final_state) -> dict:
+    """What every rank of one call must agree on, without reading tensor data (see ``validate``).
+    The backend, chunk_size and comm_stats are local choices and are not compared."""
+    return dict(q=_shape(q), k=_shape(k), v=_shape(v), dtype=str(getattr(q, "dtype", None)),
+                strategy=strategy if isinstance(strategy, str) else repr(strategy),
+                layout=layout if isinstance(layout, str) else repr(layout),
+                g=_shape(g), g_gamma=_shape(g_gamma), initial_state=_shape(initial_state), scale=scale,
+                output_final_state=(bool(output_final_state) if isinstance(output_final_state, (bool, int))
+                                    else repr(output_final_state)))
+
+
+def _values(g_gamma, initial_state) -> dict:
+    """Values that must be equal on every rank: g_gamma's, and an initial_state checksum. Reads the
+    data (a GPU synchronisation), so only when the agreement check exchanges (see ``validate``)."""
+    def checksum(t):
         if not isinstance(t, torch.Tensor) or t.numel() == 0 or not t.is_floating_point():
             return _shape(t)
         t64 = t.detach().to(torch.float64)
         return (tuple(t.shape), float(t64.sum()), float((t64 * t64).sum()))
-    return dict(q=_shape(q), k=_shape(k), v=_shape(v), dtype=str(getattr(q, "dtype", None)), strategy=strategy,
-                layout=layout, g=_shape(g), g_gamma=(tuple(g_gamma.detach().double().tolist())
-                                                     if isinstance(g_gamma, torch.Tensor) and g_gamma.dim() == 1
-                                                     else _shape(g_gamma)),
-                initial_state=values(initial_state), scale=scale,
-                output_final_state=(output_final_state if isinstance(output_final_state, (bool, int))
-                                    else repr(output_final_state)))
+    return dict(g_gamma=(tuple(g_gamma.detach().double().tolist())
+                         if isinstance(g_gamma, torch.Tensor) and g_gamma.dim() == 1 else _shape(g_gamma)),
+                initial_state=checksum(initial_state))
 
 
 def _check_gates(g: torch.Tensor | None, g_gamma: torch.Tensor | None) -> None:

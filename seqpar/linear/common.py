@@ -102,6 +102,10 @@ class Run:
                 self.chunk_len = seg.length
         self.owners = [owners[c] for c in range(len(owners))]
 
+    def comm_groups(self) -> tuple:
+        """The groups this run communicates on (None: the default group)."""
+        return (self.group,) if self.world_size > 1 else ()
+
     @property
     def n_chunks(self) -> int:
         return len(self.owners)

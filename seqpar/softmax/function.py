@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from seqpar.comm import all_to_all
+from seqpar.comm import all_to_all, exclusive_use
 from seqpar.kernels import compute_dtype
 from seqpar.layout import Segment
 from seqpar.softmax.driver import attention_backward, attention_forward
@@ -47,6 +47,10 @@ class ParallelPlan:
     kv_head_groups: int
     token_order: torch.Tensor | None = None
     token_inverse: torch.Tensor | None = None
+
+    def comm_groups(self) -> tuple:
+        """The groups this plan communicates on (None: the default group)."""
+        return ((self.ulysses_group,) if self.ulysses_size > 1 else ()) + ((self.kv_group,) if self.kv_size > 1 else ())
 
     def kv_source(self, k: torch.Tensor, v: torch.Tensor) -> KVSource:
         if self.kv_transport == "allgather":
@@ -99,18 +103,24 @@ class SoftmaxContextParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ParallelPlan):
         ctx.set_materialize_grads(False)
-        q_h, k_h, v_h = plan.to_head_shards(q, plan.expand_kv(k), plan.expand_kv(v))
-        o_h, lse_h = attention_forward(q_h, plan.kv_source(k_h, v_h), plan.q_segments, causal=plan.causal,
-                                       scale=plan.scale, backend=plan.backend)
-        o_h = o_h.to(q.dtype)
-        ctx.save_for_backward(q_h, k_h, v_h, o_h, lse_h)
-        ctx.plan = plan
-        (o,) = plan.to_token_shards(o_h)
-        return o, plan.lse_to_token_shards(lse_h)
+        with exclusive_use(*plan.comm_groups(), what="seqpar.attention (forward)"):
+            q_h, k_h, v_h = plan.to_head_shards(q, plan.expand_kv(k), plan.expand_kv(v))
+            o_h, lse_h = attention_forward(q_h, plan.kv_source(k_h, v_h), plan.q_segments, causal=plan.causal,
+                                           scale=plan.scale, backend=plan.backend)
+            o_h = o_h.to(q.dtype)
+            ctx.save_for_backward(q_h, k_h, v_h, o_h, lse_h)
+            ctx.plan = plan
+            (o,) = plan.to_token_shards(o_h)
+            return o, plan.lse_to_token_shards(lse_h)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do: torch.Tensor | None, dlse: torch.Tensor | None):
+        with exclusive_use(*ctx.plan.comm_groups(), what="seqpar.attention (backward)"):
+            return SoftmaxContextParallel._backward(ctx, do, dlse)
+
+    @staticmethod
+    def _backward(ctx, do: torch.Tensor | None, dlse: torch.Tensor | None):
         plan: ParallelPlan = ctx.plan
         q_h, k_h, v_h, o_h, lse_h = ctx.saved_tensors
         dtype = compute_dtype(q_h.dtype)
