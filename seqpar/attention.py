@@ -61,19 +61,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: st
     with exclusive_use(group, what="seqpar.attention"):
         if mode != "off":
             check_agreement(_signature(q, k, v, strategy, layout, causal if error else plan.causal,
-                                       None if error else plan.scale, group),
+                                       None if error else plan.scale, group, return_lse),
                             group, what=f"seqpar.attention(validate={mode!r})", mode=mode, local_error=error)
-        o, lse = SoftmaxContextParallel.apply(q, k, v, plan)
+        o, lse = SoftmaxContextParallel.apply(q, k, v, plan, bool(return_lse))
     return (o, lse) if return_lse else o
 
 
-def _signature(q, k, v, strategy, layout, causal, scale, group) -> dict:
-    """What every rank of one call must agree on (no tensor data is read). The kernel backend and
-    ``return_lse`` are local choices and are not compared."""
+def _signature(q, k, v, strategy, layout, causal, scale, group, return_lse) -> dict:
+    """What every rank of one call must agree on (no tensor data is read). The kernel backend is
+    a local choice and is not compared; ``return_lse`` is, for the strategies whose lse gradient
+    crosses ranks (ulysses, usp)."""
     fields = dict(q=_shape(q), k=_shape(k), v=_shape(v), dtype=str(getattr(q, "dtype", None)),
                   strategy=strategy if isinstance(strategy, str) else repr(strategy),
                   layout=layout if isinstance(layout, str) else repr(layout),
                   causal=causal if isinstance(causal, bool) else repr(causal), scale=scale)
     if isinstance(group, UspGroups):
         fields.update(ulysses_size=group.ulysses_size, ring_size=group.ring_size)
+    if strategy in ("ulysses", "usp"):
+        fields.update(return_lse=return_lse if isinstance(return_lse, bool) else repr(return_lse))
     return fields

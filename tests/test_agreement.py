@@ -105,6 +105,32 @@ def test_backend_is_not_compared(pool):
     assert pool.run(case_backends_may_differ, 2) == [True, True]
 
 
+def case_lse_used_on_one_rank(ctx, strategy: str) -> bool:
+    """Under Ulysses the lse gradient crosses ranks: a loss that uses lse on rank 0 only must give
+    the gradients of the same loss with lse weighted by 0 on rank 1 (before: rank 1 skipped the
+    lse exchange, so the ranks' collectives paired up wrongly)."""
+    _reset(ctx)
+    q, k, v = (_t(1, 4, 2, 8, seed=10 * ctx.rank + i).requires_grad_() for i in range(3))
+    group = ctx.usp_groups[(2, 1)] if strategy == "usp" else ctx.group
+    grads = []
+    for weight_on_rank1 in (None, 0.0):
+        o, lse = seqpar.attention(q, k, v, strategy=strategy, group=group, return_lse=True)
+        loss = o.square().sum()
+        if ctx.rank == 0:
+            loss = loss + lse.sum()
+        elif weight_on_rank1 is not None:
+            loss = loss + weight_on_rank1 * lse.sum()
+        grads.append(torch.autograd.grad(loss, (q, k, v)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    return True
+
+
+@pytest.mark.parametrize("strategy", ["ulysses", "usp"])
+def test_lse_gradient_on_some_ranks_only(pool, strategy):
+    assert pool.run(case_lse_used_on_one_rank, 2, strategy=strategy) == [True, True]
+
+
 # --- seqpar.linear_attention: the ranks disagree, default mode ----------------------------------
 
 def _linear_args(ctx, kind: str) -> dict:

@@ -98,11 +98,16 @@ class ParallelPlan:
 
 
 class SoftmaxContextParallel(torch.autograd.Function):
-    """Exact softmax attention over a sequence-parallel group; returns (o, lse)."""
+    """Exact softmax attention over a sequence-parallel group; returns (o, lse).
+
+    ``lse_returned``: whether the caller hands lse on (``return_lse``), so that its gradient may
+    be non-zero on some ranks and absent (None) on others."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ParallelPlan):
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ParallelPlan,
+                lse_returned: bool = False):
         ctx.set_materialize_grads(False)
+        ctx.lse_returned = lse_returned
         with exclusive_use(*plan.comm_groups(), what="seqpar.attention (forward)"):
             q_h, k_h, v_h = plan.to_head_shards(q, plan.expand_kv(k), plan.expand_kv(v))
             o_h, lse_h = attention_forward(q_h, plan.kv_source(k_h, v_h), plan.q_segments, causal=plan.causal,
@@ -127,6 +132,11 @@ class SoftmaxContextParallel(torch.autograd.Function):
         # no early return when both grads are None: every rank must join the collectives below
         do_h = torch.zeros_like(o_h) if do is None else plan.to_head_shards(do.to(o_h.dtype))[0]
         delta = (o_h.to(dtype) * do_h.to(dtype)).sum(dim=-1).transpose(1, 2)  # [B, H, T]
+        if dlse is None and ctx.lse_returned and plan.ulysses_size > 1:
+            # the lse gradient crosses ranks under Ulysses: a rank whose loss ignores lse joins
+            # that exchange with zeros, or the ranks' collectives would pair up wrongly
+            dlse = torch.zeros(do_h.shape[0], do_h.shape[2] * plan.ulysses_size, do_h.shape[1] // plan.ulysses_size,
+                               dtype=dtype, device=do_h.device)
         if dlse is not None:
             # d lse / d s = p, which folds into dS = P * (dP - delta) as delta - dlse
             delta = delta - plan.lse_to_head_shards(dlse.to(dtype))
@@ -138,4 +148,4 @@ class SoftmaxContextParallel(torch.autograd.Function):
             dq_h, dk_h, dv_h = dq_h.to(out_dtype), dk_h.to(out_dtype), dv_h.to(out_dtype)
         dq, dk, dv = plan.to_token_shards(dq_h, dk_h, dv_h)
         dk, dv = plan.reduce_kv_grad(dk), plan.reduce_kv_grad(dv)
-        return dq.to(out_dtype), dk.to(out_dtype), dv.to(out_dtype), None
+        return dq.to(out_dtype), dk.to(out_dtype), dv.to(out_dtype), None, None
