@@ -331,10 +331,13 @@ def _train_in_run_dir(cfg: TrainConfig, groups: SequenceParallelGroups, attentio
     # resume: the writer chooses and verifies the checkpoint, every rank loads it
     notes: list[str] = []
     found: tuple[str, str | None, list[str]] = ("", None, [])
-    if rank0:
-        if lock is not None and lock.stale:
-            notes.append(f"took over the run-directory lock of a job that is gone ({lock.stale})")
-        notes += [f"removed {name}, left by an interrupted save" for name in remove_stale_temporaries(run_dir)]
+    alone = dist.is_initialized() and dist.get_backend() == "fake"  # a dry run's one real rank reads for itself
+    chooser = rank0 or alone
+    if chooser:
+        if lock is not None:  # only the lock holder may touch the files
+            if lock.stale:
+                notes.append(f"took over the run-directory lock of a job that is gone ({lock.stale})")
+            notes += [f"removed {name}, left by an interrupted save" for name in remove_stale_temporaries(run_dir)]
         if cfg.resume is not None:
             try:
                 path, resume_notes = find_resume_checkpoint(run_dir, cfg.resume, existed)
@@ -343,13 +346,13 @@ def _train_in_run_dir(cfg: TrainConfig, groups: SequenceParallelGroups, attentio
                 found = (str(e), None, notes)
         else:
             found = ("", None, notes)
-    problem, resume, notes = share_from_writer(groups, found, rank0)
+    problem, resume, notes = share_from_writer(groups, found, chooser)
     if problem:
         raise CheckpointError(problem)
     state, problem = None, ""
     if resume:
         try:
-            state = read_checkpoint(resume, checksum=False)  # the writer verified its checksum just now
+            state = read_checkpoint(resume, checksum=False)  # the chooser verified its checksum just now
         except (CheckpointError, OSError) as e:
             problem = f"rank {dist.get_rank() if dist.is_initialized() else 0}: {e}"
     problem = agree(groups, problem)
@@ -370,7 +373,7 @@ def _train_in_run_dir(cfg: TrainConfig, groups: SequenceParallelGroups, attentio
         if state.get("data", {}).get("batches_consumed", start_step) != start_step:
             raise ValueError(f"checkpoint {resume}: data position {state['data']} disagrees with step {start_step}")
         del state
-    if rank0:
+    if chooser:
         for line in notes:
             print(line, flush=True)
 
