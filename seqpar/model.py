@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from seqpar.config import ModelConfig
-from seqpar.integrations._common import check_head_axis
+from seqpar.validation import check_head_axis
 from seqpar.kernels.linear import chunk_linear_attention
 from seqpar.kernels.softmax_reference import compute_dtype
 from seqpar.layout import local_positions

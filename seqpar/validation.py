@@ -1,7 +1,10 @@
-"""Checks of scalar arguments shared by the public attention calls (softmax and linear)."""
+"""Checks shared by the public attention calls (scalar arguments) and by the model and the
+framework adapters (the head axis of q / k / v against configured head counts)."""
 from __future__ import annotations
 
 import math
+
+import torch
 
 
 def check_scale(scale: object) -> None:
@@ -22,3 +25,48 @@ def check_flag(name: str, value: object) -> None:
     """Raise a TypeError for a flag that is a string, bytes or float (``causal="False"`` is true)."""
     if isinstance(value, (str, bytes, float)) or value is None:
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def head_axis_error(where: str, layout: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+                    q_heads: object, kv_heads: object) -> ValueError:
+    """The ValueError for q / k / v whose head axis does not hold the configured number of heads.
+
+    ``layout`` names the axes the caller expects, e.g. ``"[b, s, h, d]"`` (``h`` is the head axis);
+    ``q_heads`` / ``kv_heads`` describe the head counts expected there (a number or a phrase).
+    The message names the expected and the received shapes and the usual cause: a tensor with its
+    head and token axes swapped (e.g. [b, h, s, d] where [b, s, h, d] is expected), which seqpar
+    itself cannot tell apart from valid input (both are just sizes).
+    """
+    def expect(heads: object) -> str:
+        return layout.replace("h", str(heads))
+    swapped = layout.replace("s", "\0").replace("h", "s").replace("\0", "h")
+    return ValueError(
+        f"{where}: expected query {expect(q_heads)} and key/value {expect(kv_heads)} "
+        f"({layout} = {_AXIS_NAMES[layout]}), received query {tuple(query.shape)}, key {tuple(key.shape)}, "
+        f"value {tuple(value.shape)}: the head axis (dim {layout.strip('[]').split(', ').index('h')}) does not "
+        f"hold the configured number of heads. The usual cause is a tensor in another layout, e.g. with the "
+        f"head and token axes swapped ({swapped} given where {layout} is expected).")
+
+
+_AXIS_NAMES = {
+    "[b, s, h, d]": "[batch, local tokens, heads, head_dim]",
+    "[s, b, h, d]": "[local tokens, batch, heads, head_dim]",
+    "[b, h, s, d]": "[batch, heads, local tokens, head_dim]",
+}
+
+
+def check_head_axis(where: str, layout: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+                    num_heads: int | None, num_kv_heads: tuple[int, ...] | int | None) -> None:
+    """Raise :func:`head_axis_error` unless the head axis of ``query`` holds ``num_heads`` heads and
+    that of ``key`` and ``value`` one of ``num_kv_heads`` (None: not checked). Tensors that are not
+    4-D are left to seqpar's own shape checks."""
+    if any(not isinstance(t, torch.Tensor) or t.dim() != 4 for t in (query, key, value)):
+        return
+    axis = layout.strip("[]").split(", ").index("h")
+    kv = (num_kv_heads,) if isinstance(num_kv_heads, int) else num_kv_heads
+    q_ok = num_heads is None or query.shape[axis] == num_heads
+    kv_ok = kv is None or (key.shape[axis] in kv and value.shape[axis] in kv)
+    if not (q_ok and kv_ok):
+        raise head_axis_error(where, layout, query, key, value,
+                              q_heads="h" if num_heads is None else num_heads,
+                              kv_heads="h_kv" if kv is None else " or ".join(str(n) for n in sorted(set(kv))))

@@ -26,7 +26,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from seqpar.comm.groups import group_timeout
-from seqpar.integrations._common import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, check_choice, head_axis_error
+from seqpar.integrations._common import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, check_choice
+from seqpar.validation import head_axis_error
 from seqpar.kernels.softmax_reference import compute_dtype
 
 

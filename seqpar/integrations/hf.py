@@ -93,7 +93,7 @@ def _check_heads(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
     lq, lk, lv = query.shape[1], key.shape[1], value.shape[1]
     if lq > 0 and hq % lq == 0 and lk == lv and lq * hkv == lk * hq:
         return
-    from seqpar.integrations._common import head_axis_error
+    from seqpar.validation import head_axis_error
 
     raise head_axis_error(f"seqpar attention function of {type(module).__name__}", "[b, h, s, d]", query, key,
                           value, q_heads=hq, kv_heads=hkv)

@@ -44,12 +44,12 @@ from seqpar.integrations._common import (
     LINEAR_STRATEGIES,
     SOFTMAX_STRATEGIES,
     check_choice,
-    check_head_axis,
     default_scale,
     linear_attention_heads,
     retnet_decay,
 )
 from seqpar.kernels.softmax_reference import compute_dtype
+from seqpar.validation import check_head_axis
 
 #: The seqpar layout of Megatron's context-parallel batch slicing (get_batch_on_this_cp_rank).
 MEGATRON_CP_LAYOUT = "zigzag"
