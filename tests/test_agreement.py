@@ -75,19 +75,12 @@ SOFTMAX_DISAGREEMENTS = {
 }
 
 
-def case_softmax_disagreement(ctx, kind: str) -> str:
-    _reset(ctx)
-    a = _softmax_args(ctx, kind)
-    with pytest.raises(ValueError, match=SOFTMAX_DISAGREEMENTS[kind]) as err:
-        seqpar.attention(a.pop("q"), a.pop("k"), a.pop("v"), **a)  # default validate
-    assert comm.agreement_stats(ctx.group)["signatures"] == 0  # nothing agreed, nothing cached
-    return str(err.value)
-
-
+@pytest.mark.parametrize("validate", [None, True], ids=["default", "always"])
 @pytest.mark.parametrize("kind", list(SOFTMAX_DISAGREEMENTS))
-def test_softmax_disagreement_is_a_clear_error_by_default(pool, kind):
-    messages = pool.run(case_softmax_disagreement, 2, kind=kind)
-    assert messages[0].startswith("seqpar.attention(validate='cached'): the ranks of the group (this is rank 0 of 2)")
+def test_softmax_disagreement_is_a_clear_error(pool, kind, validate):
+    messages = pool.run(case_disagreement, 2, api="softmax", kind=kind, validate=validate)
+    mode = "cached" if validate is None else "always"
+    assert messages[0].startswith(f"seqpar.attention(validate={mode!r}): the ranks of the group (this is rank 0 of 2)")
     assert "(this is rank 1 of 2)" in messages[1] and _same_message(messages)
 
 
@@ -173,37 +166,48 @@ LINEAR_DISAGREEMENTS = {
 }
 
 
-def case_linear_disagreement(ctx, kind: str) -> str:
+def case_disagreement(ctx, api: str, kind: str, validate: object) -> str:
+    """Rank 1 differs from rank 0 in ``kind``; ``validate`` None: the default mode (not passed)."""
     _reset(ctx)
-    a = _linear_args(ctx, kind)
-    with pytest.raises(ValueError, match=LINEAR_DISAGREEMENTS[kind]) as err:
-        seqpar.linear_attention(a.pop("q"), a.pop("k"), a.pop("v"), **a)  # default validate
-    assert comm.agreement_stats(ctx.group)["signatures"] == 0
+    args, table, call = ((_softmax_args, SOFTMAX_DISAGREEMENTS, seqpar.attention) if api == "softmax"
+                         else (_linear_args, LINEAR_DISAGREEMENTS, seqpar.linear_attention))
+    a = args(ctx, kind)
+    if validate is not None:
+        a["validate"] = validate
+    with pytest.raises(ValueError, match=table[kind]) as err:
+        call(a.pop("q"), a.pop("k"), a.pop("v"), **a)
+    assert comm.agreement_stats(ctx.group)["signatures"] == 0  # nothing agreed, nothing cached
     return str(err.value)
 
 
+@pytest.mark.parametrize("validate", [None, True], ids=["default", "always"])
 @pytest.mark.parametrize("kind", list(LINEAR_DISAGREEMENTS))
-def test_linear_disagreement_is_a_clear_error_by_default(pool, kind):
-    messages = pool.run(case_linear_disagreement, 2, kind=kind)
-    assert messages[0].startswith("seqpar.linear_attention(validate='cached'): the ranks of the group "
+def test_linear_disagreement_is_a_clear_error(pool, kind, validate):
+    messages = pool.run(case_disagreement, 2, api="linear", kind=kind, validate=validate)
+    mode = "cached" if validate is None else "always"
+    assert messages[0].startswith(f"seqpar.linear_attention(validate={mode!r}): the ranks of the group "
                                   "(this is rank 0 of 2)")
     assert _same_message(messages)
 
 
-def case_one_rank_bad_input(ctx) -> str:
-    """One rank's local check fails: by default the other ranks say so instead of waiting."""
+def case_one_rank_bad_input(ctx, validate: object) -> str:
+    """One rank's local check fails: the other ranks say so instead of waiting."""
     _reset(ctx)
     q, k, v = (_t(1, 5 if ctx.rank == 1 else 4, 2, 8) for _ in range(3))
+    extra = {} if validate is None else {"validate": validate}
     with pytest.raises(ValueError) as err:
-        seqpar.attention(q, k, v, strategy="ring", layout="zigzag", group=ctx.group)
+        seqpar.attention(q, k, v, strategy="ring", layout="zigzag", group=ctx.group, **extra)
     return str(err.value)
 
 
-def test_one_rank_bad_input_is_named_on_every_rank(pool):
-    msgs = pool.run(case_one_rank_bad_input, 2)
+@pytest.mark.parametrize("world, validate", [(2, None), (3, True)], ids=["default-2-ranks", "always-3-ranks"])
+def test_one_rank_bad_input_is_named_on_every_rank(pool, world, validate):
+    msgs = pool.run(case_one_rank_bad_input, world, validate=validate)
     assert "local length 5" in msgs[1]
-    assert re.search(r"seqpar.attention\(validate='cached'\): other ranks of the group rejected their inputs "
-                     r"\(rank 1: ValueError: zigzag .* local length 5", msgs[0]), msgs[0]
+    mode = "cached" if validate is None else "always"
+    for m in msgs[:1] + msgs[2:]:
+        assert re.search(rf"seqpar.attention\(validate='{mode}'\): other ranks of the group rejected their inputs "
+                         r"\(rank 1: ValueError: zigzag .* local length 5", m), m
 
 
 # --- the cache --------------------------------------------------------------------------------
