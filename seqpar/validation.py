@@ -57,16 +57,19 @@ _AXIS_NAMES = {
 
 def check_head_axis(where: str, layout: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
                     num_heads: int | None, num_kv_heads: tuple[int, ...] | int | None) -> None:
-    """Raise :func:`head_axis_error` unless the head axis of ``query`` holds ``num_heads`` heads and
-    that of ``key`` and ``value`` one of ``num_kv_heads`` (None: not checked). Tensors that are not
-    4-D are left to seqpar's own shape checks."""
+    """Raise :func:`head_axis_error` unless the head axis of ``query`` holds ``num_heads`` heads
+    (None: a positive multiple of the key's heads, as GQA needs) and that of ``key`` and ``value``
+    one of ``num_kv_heads`` (None: not checked). Tensors that are not 4-D are left to seqpar's own
+    shape checks."""
     if any(not isinstance(t, torch.Tensor) or t.dim() != 4 for t in (query, key, value)):
         return
     axis = layout.strip("[]").split(", ").index("h")
     kv = (num_kv_heads,) if isinstance(num_kv_heads, int) else num_kv_heads
-    q_ok = num_heads is None or query.shape[axis] == num_heads
-    kv_ok = kv is None or (key.shape[axis] in kv and value.shape[axis] in kv)
+    hq, hk = query.shape[axis], key.shape[axis]
+    q_ok = hq == num_heads if num_heads is not None else hk > 0 and hq > 0 and hq % hk == 0
+    kv_ok = kv is None or (hk in kv and value.shape[axis] in kv)
     if not (q_ok and kv_ok):
+        multiple = " or ".join(str(n) for n in sorted(set(kv))) if kv is not None else "h_kv"
         raise head_axis_error(where, layout, query, key, value,
-                              q_heads="h" if num_heads is None else num_heads,
+                              q_heads=f"(a multiple of {multiple})" if num_heads is None else num_heads,
                               kv_heads="h_kv" if kv is None else " or ".join(str(n) for n in sorted(set(kv))))

@@ -27,7 +27,9 @@ from torch import Tensor
 
 from seqpar.comm.groups import group_timeout
 from seqpar.integrations._common import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, check_choice
-from seqpar.validation import head_axis_error
+from seqpar.validation import check_head_axis
+
+_LAYOUTS = {0: "[b, s, h, d]", 1: "[s, b, h, d]"}  # DeepSpeed's batch_dim_idx; heads on dim 2 in both
 from seqpar.kernels.softmax_reference import compute_dtype
 
 
@@ -112,20 +114,6 @@ def _to_bshd(x: Tensor, batch_dim_idx: int) -> Tensor:
     raise ValueError(f"batch_dim_idx must be 0 ([b, s, h, d]) or 1 ([s, b, h, d]), got {batch_dim_idx}")
 
 
-def _check_heads(where: str, batch_dim_idx: int, query: Tensor, key: Tensor, value: Tensor, *,
-                 num_kv_heads: int, num_heads: Optional[int] = None) -> None:
-    """The head axis is dim 2 in both of DeepSpeed's layouts: key / value must hold ``num_kv_heads``
-    heads there, the query ``num_heads`` (or, when None, a positive multiple of ``num_kv_heads``)."""
-    if any(not isinstance(t, Tensor) or t.dim() != 4 for t in (query, key, value)):
-        return  # seqpar names the problem
-    hq = query.shape[2]
-    q_ok = hq == num_heads if num_heads is not None else hq > 0 and hq % num_kv_heads == 0
-    if not q_ok or key.shape[2] != num_kv_heads or value.shape[2] != num_kv_heads:
-        raise head_axis_error(where, "[b, s, h, d]" if batch_dim_idx == 0 else "[s, b, h, d]", query, key, value,
-                              q_heads=num_heads if num_heads is not None else f"(a multiple of {num_kv_heads})",
-                              kv_heads=num_kv_heads)
-
-
 class _GroupResolver(torch.nn.Module):
     def __init__(self, sequence_process_group: Any) -> None:
         super().__init__()
@@ -189,7 +177,8 @@ class SeqparDistributedAttention(_GroupResolver):
             raise TypeError(f"unexpected extra arguments for seqpar attention: {len(args)} positional, {sorted(kwargs)}")
         q, k, v = (_to_bshd(t, batch_dim_idx) for t in (query, key, value))
         if self.num_kv_heads is not None:
-            _check_heads(type(self).__name__, batch_dim_idx, query, key, value, num_kv_heads=self.num_kv_heads)
+            check_head_axis(type(self).__name__, _LAYOUTS[batch_dim_idx], query, key, value, num_heads=None,
+                            num_kv_heads=self.num_kv_heads)
         o = seqpar.attention(q, k, v, strategy=self.strategy, layout=self.layout, group=self.group,
                              causal=self.causal, scale=self.scale, backend=self.backend)
         return o if batch_dim_idx == 0 else o.transpose(0, 1)
@@ -229,7 +218,8 @@ class SeqparDistributedLinearAttention(_GroupResolver):
         q, k, v = (_to_bshd(t, batch_dim_idx) for t in (query, key, value))
         if self.g_gamma is not None and self.g_gamma.dim() == 1:  # g_gamma [h] gives the head count
             n = self.g_gamma.shape[0]
-            _check_heads(type(self).__name__, batch_dim_idx, query, key, value, num_kv_heads=n, num_heads=n)
+            check_head_axis(type(self).__name__, _LAYOUTS[batch_dim_idx], query, key, value, num_heads=n,
+                            num_kv_heads=n)
         if g is not None and batch_dim_idx == 1:
             g = g.transpose(0, 1)
         g_gamma = None
