@@ -374,6 +374,18 @@ def _flat_config(d: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def check_allow_changes(allow_changes: tuple[str, ...]) -> None:
+    """Raise a ValueError for a name that is not one of :data:`SEMANTIC_FIELDS` (a shape field
+    can never change; the others apply on resume without being allowed)."""
+    for name in allow_changes:
+        if name in SHAPE_FIELDS:
+            raise ValueError(f"allow_changes: {name!r} changes the shapes of the parameters and cannot change on "
+                             f"resume")
+        if name not in SEMANTIC_FIELDS:
+            raise ValueError(f"allow_changes: {name!r} is not a field that needs allowing; choose from "
+                             f"{', '.join(SEMANTIC_FIELDS)} (the other fields apply on resume without it)")
+
+
 def resume_changes(saved: dict[str, Any], new: TrainConfig,
                    allow_changes: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
     """Compare the config a checkpoint was saved with (``TrainConfig.to_dict()``) with ``new``.
@@ -384,14 +396,8 @@ def resume_changes(saved: dict[str, Any], new: TrainConfig,
     and the allowed ones). Fields missing from ``saved`` (an older seqpar) are not compared.
     Raises ValueError for a name in ``allow_changes`` that is not a field or cannot be allowed.
     """
+    check_allow_changes(allow_changes)
     old, cur = _flat_config(saved), _flat_config(new.to_dict())
-    for name in allow_changes:
-        if name in SHAPE_FIELDS:
-            raise ValueError(f"allow_changes: {name!r} changes the shapes of the parameters and cannot change on "
-                             f"resume")
-        if name not in SEMANTIC_FIELDS:
-            raise ValueError(f"allow_changes: {name!r} is not a field that needs allowing; choose from "
-                             f"{', '.join(SEMANTIC_FIELDS)} (the other fields apply on resume without it)")
     refused, applied = [], []
     for name, value in cur.items():
         if name in IGNORED_ON_RESUME or name not in old or old[name] == value:

@@ -23,7 +23,7 @@ import signal
 import socket
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import torch.distributed as dist
 
@@ -54,16 +54,22 @@ def overwrite_conflict(overwrite: bool, resume: str | None) -> str | None:
     return None
 
 
-def agree(groups: SequenceParallelGroups, problem: str) -> str:
-    """The first non-empty ``problem`` of any rank, on every rank of the dp x sp world (one
-    small exchange over sp, then over dp; none on torch's fake backend or one process)."""
+def _merge_over_world(groups: SequenceParallelGroups, value: Any, merge: Callable[[list[Any]], Any]) -> Any:
+    """All-gather ``value`` over sp and ``merge`` the list, then the same over dp: after sp every
+    rank of a replica holds its replica's result, and dp then reaches the whole world. No
+    exchange on torch's fake backend or in one process (``value`` is returned as it is)."""
     if dist.is_initialized() and dist.get_backend() != "fake":
         for group, size in ((groups.sp, groups.sp_size), (groups.dp, groups.dp_size)):
-            if size > 1:  # after sp, every rank of the writer's replica knows; dp then reaches all
-                verdicts: list[Any] = [None] * size
-                dist.all_gather_object(verdicts, problem, group=group)
-                problem = next((v for v in verdicts if v), "")
-    return problem
+            if size > 1:
+                everyone: list[Any] = [None] * size
+                dist.all_gather_object(everyone, value, group=group)
+                value = merge(everyone)
+    return value
+
+
+def agree(groups: SequenceParallelGroups, problem: str) -> str:
+    """The first non-empty ``problem`` of any rank, on every rank of the dp x sp world."""
+    return _merge_over_world(groups, problem, lambda verdicts: next((v for v in verdicts if v), ""))
 
 
 class RunDirLock:
@@ -197,15 +203,7 @@ def exit_with_launcher(poll_s: float = 1.0) -> threading.Thread | None:
 
 def share_from_writer(groups: SequenceParallelGroups, value: Any, writer: bool) -> Any:
     """The ``writer`` rank's ``value`` on every rank of the dp x sp world (other ranks pass
-    anything; one small exchange over sp, then over dp; none on the fake backend)."""
-    if not (dist.is_initialized() and dist.get_backend() != "fake"):
-        return value
-    has = writer
-    for group, size in ((groups.sp, groups.sp_size), (groups.dp, groups.dp_size)):
-        if size > 1:
-            got: list[Any] = [None] * size
-            dist.all_gather_object(got, (has, value if has else None), group=group)
-            found = [v for h, v in got if h]
-            has = bool(found)
-            value = found[0] if found else None
+    anything)."""
+    _, value = _merge_over_world(groups, (writer, value),
+                                 lambda pairs: next(((True, v) for has, v in pairs if has), (False, None)))
     return value

@@ -41,7 +41,7 @@ from seqpar.checkpoint import (CHECKPOINT_DIR, CheckpointError, apply_checkpoint
                                remove_stale_temporaries, save_checkpoint, verify_checkpoint)
 from seqpar.comm.groups import SequenceParallelGroups
 from seqpar.config import (FIELD_CHOICES, FIELD_HELP, MODEL_PRESETS, SEMANTIC_FIELDS, TRAIN_PRESETS, ModelConfig,
-                           SequenceParallelConfig, TrainConfig, preset, resume_changes)
+                           SequenceParallelConfig, TrainConfig, check_allow_changes, preset, resume_changes)
 from seqpar.data import make_dataset
 from seqpar.model import HybridLM
 from seqpar.run_dir import (RunDirectoryError, RunDirLock, agree, existing_run, exit_with_launcher,
@@ -286,7 +286,7 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
     if conflict:
         raise ValueError(conflict)
     allow_changes = tuple(allow_changes)
-    resume_changes({}, cfg, allow_changes)  # a bad name in allow_changes is an error before anything starts
+    check_allow_changes(allow_changes)  # a bad name is an error before anything starts
     if attention_group is None:
         attention_group = groups.sp
     rank0 = groups.dp_rank == 0 and groups.sp_rank == 0
@@ -786,7 +786,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         parser.error(str(e))
     allow_changes = tuple(name for item in args.allow_change for name in item.split(",") if name)
     try:
-        resume_changes({}, cfg, allow_changes)
+        check_allow_changes(allow_changes)
     except ValueError as e:
         parser.error(str(e))
     exit_with_launcher()  # under torchrun: never outlive the launcher
