@@ -151,6 +151,11 @@ class AgreementRegistry:
                     st = self._groups[pg] = _GroupAgreement()
         return st
 
+    def knows(self, pg: Any, key: Any) -> bool:
+        """Whether every rank of ``pg`` agreed on the signature ``key`` before (no lock: a read)."""
+        st = self._groups.get(pg)
+        return st is not None and key in st.signatures
+
     def remember(self, pg: Any, key: Any) -> None:
         st = self.state(pg)
         with self._lock:
@@ -252,8 +257,7 @@ def check_agreement(fields: Mapping[str, Any], group: Any, *, what: str, mode: s
     key = None
     if mode == "cached" and local_error is None:
         key = (what, tuple(fields.items()))
-        st = AGREEMENT._groups.get(pg)
-        if st is not None and key in st.signatures:
+        if AGREEMENT.knows(pg, key):
             return  # agreed before on this group: no communication
     try:
         rank, world_size = group_rank_and_size(pg)

@@ -34,8 +34,8 @@ class _LinearAttentionSP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, h0, run: Run, strategy):
         pieces = make_pieces(run, q, k, v, g)
-        with exclusive_use(*run.comm_groups(), what="seqpar.linear_attention (forward)"):
-            outs, final, saved = strategy.forward(run, pieces, h0)
+        # seqpar.linear_attention holds the group (exclusive_use) over the agreement check and this forward
+        outs, final, saved = strategy.forward(run, pieces, h0)
         ctx.run, ctx.strategy, ctx.saved = run, strategy, saved
         ctx.save_for_backward(q, k, v, g)
         ctx.h0_dtype = None if h0 is None else h0.dtype

@@ -108,15 +108,15 @@ class SoftmaxContextParallel(torch.autograd.Function):
                 lse_returned: bool = False):
         ctx.set_materialize_grads(False)
         ctx.lse_returned = lse_returned
-        with exclusive_use(*plan.comm_groups(), what="seqpar.attention (forward)"):
-            q_h, k_h, v_h = plan.to_head_shards(q, plan.expand_kv(k), plan.expand_kv(v))
-            o_h, lse_h = attention_forward(q_h, plan.kv_source(k_h, v_h), plan.q_segments, causal=plan.causal,
-                                           scale=plan.scale, backend=plan.backend)
-            o_h = o_h.to(q.dtype)
-            ctx.save_for_backward(q_h, k_h, v_h, o_h, lse_h)
-            ctx.plan = plan
-            (o,) = plan.to_token_shards(o_h)
-            return o, plan.lse_to_token_shards(lse_h)
+        # seqpar.attention holds the group (exclusive_use) over the agreement check and this forward
+        q_h, k_h, v_h = plan.to_head_shards(q, plan.expand_kv(k), plan.expand_kv(v))
+        o_h, lse_h = attention_forward(q_h, plan.kv_source(k_h, v_h), plan.q_segments, causal=plan.causal,
+                                       scale=plan.scale, backend=plan.backend)
+        o_h = o_h.to(q.dtype)
+        ctx.save_for_backward(q_h, k_h, v_h, o_h, lse_h)
+        ctx.plan = plan
+        (o,) = plan.to_token_shards(o_h)
+        return o, plan.lse_to_token_shards(lse_h)
 
     @staticmethod
     @once_differentiable
