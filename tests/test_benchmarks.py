@@ -95,3 +95,17 @@ def test_cost_model_script(tmp_path):
         for s, layout in [("ring", "contiguous"), ("ring", "zigzag"), ("ring", "striped"), ("allgather", "zigzag"),
                           ("ulysses", "contiguous"), ("lasp2", "contiguous"), ("lasp1", "contiguous")]:
             assert (P, s, layout) in strategies, (P, s, layout)
+
+
+def test_agreement_overhead_benchmark_runs():
+    """benchmarks/agreement_overhead.py at tiny sizes on 2 gloo processes: exit 0 and the table's
+    rows, each with a number (the full-size figures are in README.md)."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "agreement_overhead.py"), "--seq-len", "64",
+                          "--heads", "2", "--head-dim", "8", "--repeats", "1", "--calls", "50", "--tiny-blocks", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and not line.startswith("| what")]
+    assert len(rows) == 8, out.stdout
+    for row in rows:
+        assert any(ch.isdigit() for ch in row.split("|")[2]), row
+    assert "tiny model preset step" in out.stdout and "% |" in out.stdout
