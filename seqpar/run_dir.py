@@ -171,11 +171,12 @@ def _kill_me_with_my_parent() -> bool:
 
 def exit_with_launcher(poll_s: float = 1.0) -> threading.Thread | None:
     """When started by a launcher (torchrun sets TORCHELASTIC_RUN_ID; other launchers may set
-    SEQPAR_EXIT_WITH_PARENT=1), end this process when the launcher dies: on Linux the kernel
-    kills it at once (parent-death signal); elsewhere, and as a fallback, a daemon thread
-    notices the re-parenting within ``poll_s`` and exits with status 70. Returns the thread, or
-    None when not under a launcher."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ and "SEQPAR_EXIT_WITH_PARENT" not in os.environ:
+    SEQPAR_EXIT_WITH_PARENT=1, where 0 or empty means off), end this process when the launcher
+    dies: on Linux the kernel kills it at once (parent-death signal); elsewhere, and as a
+    fallback, a daemon thread notices the re-parenting within ``poll_s`` and exits with status 70.
+    Returns the thread, or None when not under a launcher."""
+    asked = os.environ.get("SEQPAR_EXIT_WITH_PARENT", "0") not in ("", "0")
+    if "TORCHELASTIC_RUN_ID" not in os.environ and not asked:
         return None
     parent = os.getppid()
     if parent == 1:
