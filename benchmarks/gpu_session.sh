@@ -49,39 +49,55 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-# seqpar.comm / seqpar.kernels exist only through setup.py's package_dir mapping: install it.
-if "$PY" -c "import os, seqpar.kernels as k; assert os.path.samefile(os.path.dirname(k.__file__), 'kernels')" 2>/dev/null; then
-  echo "=== seqpar already importable from this checkout"
-elif ! "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . ; then
-  echo "=== editable install failed: building a package tree in /tmp/seqpar_tree"
+# seqpar.comm / seqpar.kernels exist only through setup.py's package_dir mapping. The machine has
+# no network, so `pip install -e .` cannot fetch setuptools for its build: put a package tree on
+# PYTHONPATH instead, and keep the checkout's own seqpar/ (which lacks comm/ and kernels/) off
+# sys.path, subprocesses included (PYTHONSAFEPATH: no cwd / script dir in front of sys.path).
+if ! "$PY" -c "import os, seqpar.kernels as k; assert os.path.samefile(os.path.dirname(k.__file__), 'kernels')" 2>/dev/null; then
   rm -rf /tmp/seqpar_tree && mkdir -p /tmp/seqpar_tree && cp -r seqpar /tmp/seqpar_tree/seqpar
   ln -s "$PWD/comm" /tmp/seqpar_tree/seqpar/comm && ln -s "$PWD/kernels" /tmp/seqpar_tree/seqpar/kernels
   export PYTHONPATH="/tmp/seqpar_tree${PYTHONPATH:+:$PYTHONPATH}"
 fi
+export PYTHONSAFEPATH=1
 "$PY" -c "import seqpar, seqpar.comm, seqpar.kernels; print('seqpar', seqpar.__version__, seqpar.kernels.__file__)"
 "$PY" -c "import fla; print('fla', getattr(fla, '__version__', '?'))" 2>/dev/null || echo "fla not importable"
 
 TAG=$("$PY" -c "import torch, re; n = torch.cuda.get_device_name(0).lower() if torch.cuda.is_available() else 'cpu'; m = re.search(r'\b([a-z]\d{2,4}[a-z]?)\b', n); print(m.group(1) if m else 'gpu')" 2>/dev/null || echo gpu)
 
+# STEPS selects what runs (default: all): tests, kernels, linear (the linear kernels alone), strategies
+STEPS="${STEPS:-tests kernels strategies}"
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+# -v: test names stream out, so a step cut by its timeout still shows which tests passed / failed
+PYTEST=("$PY" -m pytest -v -p no:cacheprovider)
+
 # 1. GPU tests (each file its own step, so one slow file does not starve the others)
-step "pytest triton kernels" 130 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py
-step "pytest gpu staging" 100 "$PY" -m pytest -q -s -p no:cacheprovider tests/test_gpu_staging.py
+if want tests; then
+step "pytest triton kernels" 130 "${PYTEST[@]}" tests/test_triton_kernels.py
+step "pytest gpu staging" 100 "${PYTEST[@]}" -s tests/test_gpu_staging.py
 if [[ -f tests/test_sdpa_backend.py ]]; then
-  step "pytest sdpa backend" 50 "$PY" -m pytest -q -p no:cacheprovider tests/test_sdpa_backend.py
+  step "pytest sdpa backend" 50 "${PYTEST[@]}" tests/test_sdpa_backend.py
 else
   echo "=== pytest sdpa backend: SKIPPED (tests/test_sdpa_backend.py does not exist)"
 fi
 
+fi
+
 # 2. kernel benchmark (correctness check first, then a subset of sizes; writes .json and .md)
-step "bench_kernels" 140 "$PY" benchmarks/bench_kernels.py --softmax-T 16384 65536 --linear-T 65536 262144 \
+want kernels && step "bench_kernels" 140 "$PY" benchmarks/bench_kernels.py --softmax-T 16384 65536 --linear-T 65536 262144 \
   --out "$OUT/kernels_${TAG}.json"
 
+want linear && step "bench_kernels linear" 120 "$PY" benchmarks/bench_kernels.py --softmax-T --linear-T 16384 65536 \
+  --out "$OUT/kernels_linear_${TAG}.json"
+
 # 3. one rank of an 8-rank job per strategy (fake process group), then T = 1M for a subset
+if want strategies; then
 step "bench_strategies T=256K" 110 "$PY" benchmarks/bench_strategies.py --world-size 8 --seq-len 262144 \
   --heads 16 --kv-heads 4 --head-dim 128 --time-budget-s 90 --out "$OUT/strategies_${TAG}_T256k"
 step "bench_strategies T=1M" 90 "$PY" benchmarks/bench_strategies.py --world-size 8 --seq-len 1048576 \
   --heads 16 --kv-heads 4 --head-dim 128 --configs ring:zigzag allgather:zigzag lasp2:g_gamma ulysses:contiguous \
   --warmup 0 --repeats 1 --time-budget-s 55 --out "$OUT/strategies_${TAG}_T1m"
+
+fi
 
 echo "=== done in $(( $(date +%s) - START ))s; files in $OUT:"
 ls -la "$OUT"

@@ -11,8 +11,7 @@ Ops used:
   [B, H, T, D] views (we pass ``x.transpose(1, 2)``, no copy), fp64 natively, and GQA natively
   (query head h reads KV head h // G, checked against the reference). Non-fp64 inputs are cast to
   fp32 first, so results are those of the fp32 reference.
-* CUDA (opt-in, **never run on a GPU yet**): ``aten._scaled_dot_product_flash_attention`` and its
-  ``_backward`` for fp16/bf16 with D % 8 == 0, D <= 256. The CUDA op has no GQA, so K/V are
+* CUDA (opt-in): ``aten._scaled_dot_product_flash_attention`` and its ``_backward`` for fp16/bf16 with D % 8 == 0, D <= 256. The CUDA op has no GQA, so K/V are
   expanded to Hq heads *locally inside this call only* (a compute copy, never communicated) and
   dk/dv are summed over each group. The block output and grads come out in the input dtype and
   are cast to fp32: one bf16 rounding per block that the Triton backend does not have.
@@ -155,10 +154,11 @@ def _fused_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         group = q.shape[2] // k.shape[2]
         do, q, k, v, out = (_operand(x, q.dtype) for x in (do, q, k, v, out))
         ke, ve = _expand_kv(k, group), _expand_kv(v, group)
-        empty = torch.empty(0, dtype=torch.int32, device=q.device)
         seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
+        # cum_seq_q / cum_seq_k are None for dense inputs, as the forward op returns them: an empty
+        # tensor there selects the varlen path ("batch size must be positive", seen on an H200)
         grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            t(do), t(q), t(ke), t(ve), t(out), lse.to(torch.float32).contiguous(), empty, empty,
+            t(do), t(q), t(ke), t(ve), t(out), lse.to(torch.float32).contiguous(), None, None,
             q.shape[1], k.shape[1], 0.0, causal, seed, torch.zeros((), dtype=torch.uint64, device=q.device),
             scale=scale)
         dq, dk, dv = (t(g).to(cd) for g in grads)
