@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from seqpar.kernels.linear_reference import (
+    ChunkedRun,
     chunk_linear_attention_backward_reference,
     chunk_linear_attention_forward_reference,
     default_scale,
@@ -24,6 +25,20 @@ def _triton():
     from seqpar.kernels import linear_triton
 
     return linear_triton
+
+
+def chunked_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, g: torch.Tensor | None = None,
+                g_gamma: torch.Tensor | None = None, scale: float | None = None,
+                chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto"):
+    """The chunked computation of one run of tokens split into its stages (``states`` ->
+    ``outputs``; ``state_grads`` -> ``input_grads``; ``with_initial_state`` / ``with_final_grad``
+    shift results computed from a zero initial state / final-state gradient), on the chosen
+    backend: :class:`~seqpar.kernels.linear_reference.ChunkedRun` or
+    ``linear_triton.TritonChunkedRun``. The sequence-parallel strategies call the stages between
+    their communication steps; :func:`chunk_linear_attention_forward` is states + outputs."""
+    if resolve_backend(backend, q.device) == "triton" and q.dtype != torch.float64:
+        return _triton().TritonChunkedRun(q, k, v, g=g, g_gamma=g_gamma, scale=scale, chunk_size=chunk_size)
+    return ChunkedRun(q, k, v, g=g, g_gamma=g_gamma, scale=scale, chunk_size=chunk_size)
 
 
 def chunk_linear_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,

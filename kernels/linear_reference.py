@@ -20,9 +20,10 @@ The chunked kernels tile the sequence as Lightning Attention-2 does: inside a ch
 decayed Q K^T, across chunks a running state. Decays are handled with the *relative* cumulative
 log-gate inside a chunk (b_i = sum of g over the chunk's tokens up to i); every exponential is of
 b_i - b_j with j <= i, of b_i, or of b_last - b_j, which are all <= 0 for gates g <= 0 — never the
-exponential of a large positive number. The small helpers below (``chunk_decays``,
-``chunk_state``, ``state_output`` ...) are the same math the sequence-parallel strategies use
-across ranks (seqpar.linear).
+exponential of a large positive number, and none spans more than one chunk. The computation is
+split into stages (:class:`ChunkedRun`: states, outputs; state gradients, input gradients) that
+the sequence-parallel strategies (seqpar.linear) call between their communication steps, so that
+their local work is exactly this kernel's.
 """
 from __future__ import annotations
 
@@ -39,114 +40,7 @@ def default_scale(q: torch.Tensor, scale: float | None) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Decay bookkeeping of one chunk (shared with seqpar.linear).
-
-
-@dataclass
-class ChunkDecays:
-    """Decays of one run of L tokens, from the cumulative log-gate b (b_i = sum_{j<=i} g_j).
-
-    ``gamma`` = exp(b) [B, L, H] (decay from the run's start to token i, inclusive),
-    ``to_end`` = exp(b_last - b) [B, L, H] (decay from token j, exclusive, to the run's end),
-    ``log_total`` = b_last [B, H] (log of the whole run's decay Gamma), ``b`` itself [B, L, H].
-    With no gate every decay is 1 and ``b`` is None.
-    """
-
-    b: torch.Tensor | None
-    gamma: torch.Tensor | None
-    to_end: torch.Tensor | None
-    log_total: torch.Tensor
-
-    def intra(self, L: int, device, dtype) -> torch.Tensor:
-        """The [B or 1, H or 1, L, L] matrix exp(b_i - b_j) for j <= i, 0 above the diagonal."""
-        mask = torch.ones(L, L, dtype=torch.bool, device=device).tril()
-        if self.b is None:
-            return mask.to(dtype)[None, None]
-        bt = self.b.transpose(1, 2)  # [B, H, L]
-        diff = bt.unsqueeze(-1) - bt.unsqueeze(-2)
-        return diff.masked_fill(~mask, float("-inf")).exp()
-
-
-def chunk_decays(g: torch.Tensor | None, g_gamma: torch.Tensor | None, B: int, L: int, H: int,
-                 dtype: torch.dtype, device: torch.device) -> ChunkDecays:
-    """Decays of a run of L tokens with per-token log gates ``g`` [B, L, H] or per-head ``g_gamma``."""
-    if g is None and g_gamma is None:
-        return ChunkDecays(None, None, None, torch.zeros(B, H, dtype=dtype, device=device))
-    if g is not None:
-        b = torch.cumsum(g.to(dtype), dim=1)
-    else:
-        steps = torch.arange(1, L + 1, dtype=dtype, device=device)
-        b = (steps[:, None] * g_gamma.to(dtype)[None, :]).unsqueeze(0).expand(B, L, H)
-    last = b[:, -1]
-    return ChunkDecays(b, b.exp(), (last.unsqueeze(1) - b).exp(), last.clone())
-
-
-def _scaled(x: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
-    """x [B, L, H, D] times the per-token decay d [B, L, H] (None = 1)."""
-    return x if d is None else x * d.unsqueeze(-1)
-
-
-def decay_state(state: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
-    """exp(log_decay) * state, with log_decay [B, H] and state [B, H, Dk, Dv]."""
-    return state * log_decay.exp()[..., None, None].to(state.dtype)
-
-
-def chunk_state(k: torch.Tensor, v: torch.Tensor, dec: ChunkDecays) -> torch.Tensor:
-    """State of a run started from zero: M = sum_j exp(b_last - b_j) k_j v_j^T  [B, H, Dk, Dv]."""
-    return torch.einsum("bjhk,bjhv->bhkv", _scaled(k, dec.to_end), v)
-
-
-def state_output(q: torch.Tensor, state: torch.Tensor, dec: ChunkDecays, scale: float) -> torch.Tensor:
-    """Inter-chunk output of a run that starts from ``state``: scale * (q * gamma) state  [B, L, H, Dv]."""
-    return torch.einsum("bihk,bhkv->bihv", _scaled(q, dec.gamma), state.to(q.dtype)) * scale
-
-
-def output_state_grad(q: torch.Tensor, do: torch.Tensor, dec: ChunkDecays, scale: float) -> torch.Tensor:
-    """Gradient that a run's own outputs put on the state it starts from:
-    dM = scale * sum_i gamma_i q_i do_i^T  [B, H, Dk, Dv]."""
-    return torch.einsum("bihk,bihv->bhkv", _scaled(q, dec.gamma), do) * scale
-
-
-def boundary_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, dec: ChunkDecays,
-                   scale: float, state_in: torch.Tensor | None, dstate_out: torch.Tensor | None
-                   ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The parts of (dq, dk, dv) of a run that come through its boundary states: from the state it
-    starts from (``state_in``, read by every query) and from the gradient of the state it ends
-    with (``dstate_out``, written by every key/value). None where that state is None."""
-    dq = dk = dv = None
-    if state_in is not None:
-        dq = _scaled(torch.einsum("bihv,bhkv->bihk", do, state_in.to(do.dtype)), dec.gamma) * scale
-    if dstate_out is not None:
-        dH = dstate_out.to(k.dtype)
-        dk = _scaled(torch.einsum("bjhv,bhkv->bjhk", v, dH), dec.to_end)
-        dv = _scaled(torch.einsum("bjhk,bhkv->bjhv", k, dH), dec.to_end)
-    return dq, dk, dv
-
-
-def gate_grad(q: torch.Tensor, dq: torch.Tensor, k: torch.Tensor, dk: torch.Tensor,
-              dstate_out: torch.Tensor | None = None, state_out: torch.Tensor | None = None) -> torch.Tensor:
-    """Gradient of the per-token log gates of a run from its (dq, dk) and boundary states:
-
-        dg_t = sum_{i >= t} (q_i . dq_i - k_i . dk_i)  +  <dstate_out, state_out>
-
-    (every gate g_t scales the state at every later token of the run and the final state). The
-    sum is linear in (dq, dk), so partial gradients can be turned into partial dg and added.
-    """
-    d = (q * dq).sum(-1) - (k * dk).sum(-1)  # [B, L, H]
-    dg = d.flip(1).cumsum(1).flip(1)
-    if dstate_out is not None and state_out is not None:
-        dg = dg + (dstate_out.to(dg.dtype) * state_out.to(dg.dtype)).sum((-2, -1)).unsqueeze(1)
-    return dg
-
-
-# ---------------------------------------------------------------------------------------------
 # Token-by-token oracle.
-
-
-def state_or_zeros(state: torch.Tensor | None, B: int, H: int, Dk: int, Dv: int, dtype: torch.dtype,
-                   device: torch.device) -> torch.Tensor:
-    """``state`` [B, H, Dk, Dv] in ``dtype``, or zeros of that shape when it is None."""
-    return state.to(dtype) if state is not None else torch.zeros(B, H, Dk, Dv, dtype=dtype, device=device)
 
 
 def linear_attention_recurrent_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -175,23 +69,287 @@ def linear_attention_recurrent_reference(q: torch.Tensor, k: torch.Tensor, v: to
 
 
 # ---------------------------------------------------------------------------------------------
-# Chunked forward / backward (Lightning Attention-2 tiling).
+# Chunked forward / backward (Lightning Attention-2 tiling), in stages.
+#
+# A run of T tokens is cut into NT chunks of L tokens (the last one zero-padded: zero q, k, v and
+# zero log gates change nothing). Every chunk c is computed as a batch (all chunks at once,
+# [B, H, NT, L, D] tensors), except the scans over chunk states, which are NT small
+# multiply-adds of [B, H, Dk, Dv]. Cumulative gates are chunk-local (b_i sums the gates of chunk
+# c up to token i), so exp(b) only spans one chunk and nothing underflows over long runs.
+#
+# The stages are what the sequence-parallel strategies (seqpar.linear) call between their
+# communication steps:
+#   forward:  chunk_states (states at every chunk start, from an initial state or zero; the final
+#             state) -> chunk_outputs;
+#   backward: chunk_state_grads (gradient of the state at every chunk end, from dht or zero; the
+#             gradient of the initial state) -> chunk_input_grads (dq, dk, dv, dg).
+# States computed from zero are shifted to another initial state / final-state gradient by
+# with_initial_state / with_final_grad (one multiply-add per chunk, not per token).
+
+# chunks of work held at once: bounds the [B, H, n, L, L] intra-chunk matrices
+_MAX_BLOCK_ELEMS = 1 << 24
 
 
-def _gate_slice(g: torch.Tensor | None, s: int, e: int) -> torch.Tensor | None:
-    return None if g is None else g[:, s:e]
+@dataclass
+class ChunkGates:
+    """Log gates of a run cut into chunks of L tokens. ``b`` [B, H, NT, L] is the chunk-local
+    cumulative log gate (None: no gate), ``log_chunk`` [B, H, NT] the log decay of each chunk."""
+
+    T: int
+    L: int
+    b: torch.Tensor | None
+    log_chunk: torch.Tensor
+
+    @property
+    def NT(self) -> int:
+        return self.log_chunk.shape[-1]
+
+    @property
+    def log_total(self) -> torch.Tensor:
+        """Log decay of the whole run [B, H]."""
+        return self.log_chunk.sum(-1)
+
+    def gamma(self, sl: slice) -> torch.Tensor | None:
+        """exp(b): decay from the chunk's start to token i (inclusive), [B, H, n, L, 1]."""
+        return None if self.b is None else _flushed_exp(self.b[:, :, sl]).unsqueeze(-1)
+
+    def to_end(self, sl: slice) -> torch.Tensor | None:
+        """exp(b_last - b): decay from token j (exclusive) to the chunk's end, [B, H, n, L, 1]."""
+        if self.b is None:
+            return None
+        b = self.b[:, :, sl]
+        return _flushed_exp(b[..., -1:] - b).unsqueeze(-1)
+
+    def intra(self, sl: slice, dtype, device) -> torch.Tensor:
+        """exp(b_i - b_j) for j <= i, 0 above the diagonal: [B, H, n, L, L] (or [L, L])."""
+        mask = torch.ones(self.L, self.L, dtype=torch.bool, device=device).tril()
+        if self.b is None:
+            return mask.to(dtype)
+        b = self.b[:, :, sl]
+        return _flushed_exp((b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill_(~mask, float("-inf")))
 
 
-def _chunk_states(kf, vf, g, g_gamma, S, chunk_size, cd):
-    """States at the start of every chunk, and the final state."""
-    B, T, H, _ = kf.shape
-    starts = []
-    for s in range(0, T, chunk_size):
-        e = min(T, s + chunk_size)
-        dec = chunk_decays(_gate_slice(g, s, e), g_gamma, B, e - s, H, cd, kf.device)
-        starts.append(S)
-        S = decay_state(S, dec.log_total) + chunk_state(kf[:, s:e], vf[:, s:e], dec)
-    return starts, S
+def chunk_gates(g: torch.Tensor | None, g_gamma: torch.Tensor | None, B: int, T: int, H: int, L: int,
+                dtype: torch.dtype, device) -> ChunkGates:
+    """:class:`ChunkGates` of per-token log gates ``g`` [B, T, H] or per-head ``g_gamma`` [H]."""
+    NT = max(1, -(-T // L))
+    if g is None and g_gamma is None:
+        return ChunkGates(T, L, None, torch.zeros(B, H, NT, dtype=dtype, device=device))
+    if g is None:
+        g = g_gamma.to(dtype).view(1, 1, H).expand(B, T, H)
+    gp = torch.zeros(B, H, NT * L, dtype=dtype, device=device)
+    gp[:, :, :T] = g.to(dtype).transpose(1, 2)
+    b = gp.view(B, H, NT, L).cumsum(-1)
+    return ChunkGates(T, L, b, b[..., -1].clone())
+
+
+def _to_chunks(x: torch.Tensor, L: int, NT: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T, H, D] -> [B, H, NT, L, D] in ``dtype`` (zero-padded to NT * L tokens), one copy."""
+    B, T, H, D = x.shape
+    out = torch.zeros(B, H, NT * L, D, dtype=dtype, device=x.device) if NT * L != T else None
+    if out is None:
+        return x.to(dtype).permute(0, 2, 1, 3).reshape(B, H, NT, L, D)
+    out[:, :, :T] = x.transpose(1, 2)
+    return out.view(B, H, NT, L, D)
+
+
+def _from_chunks(x: torch.Tensor, T: int) -> torch.Tensor:
+    """[B, H, NT, L, D] -> [B, T, H, D] (a copy, contiguous)."""
+    B, H, NT, L, D = x.shape
+    return x.reshape(B, H, NT * L, D)[:, :, :T].transpose(1, 2).contiguous()
+
+
+def _blocks(gates: ChunkGates, B: int, H: int) -> list[slice]:
+    n = max(1, _MAX_BLOCK_ELEMS // max(1, B * H * gates.L * gates.L))
+    return [slice(c, min(gates.NT, c + n)) for c in range(0, gates.NT, n)]
+
+
+def _scaled(x: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
+    return x if d is None else x * d
+
+
+def _flushed_exp(log: torch.Tensor) -> torch.Tensor:
+    """exp(log), with values below the dtype's smallest normal number set to 0 (as a flush-to-zero
+    unit would): a decay that underflows must not make every product it enters denormal, which
+    costs CPUs ~100x per operation (the difference is below the dtype's resolution of any sum
+    with a normal term)."""
+    out = log.exp()
+    return out.masked_fill_(out < torch.finfo(log.dtype).tiny, 0.0)
+
+
+def decay_state(state: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
+    """exp(log_decay) * state, with log_decay [B, H] and state [B, H, Dk, Dv]."""
+    return state * _flushed_exp(log_decay)[..., None, None].to(state.dtype)
+
+
+def state_or_zeros(state: torch.Tensor | None, B: int, H: int, Dk: int, Dv: int, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+    """``state`` [B, H, Dk, Dv] in ``dtype``, or zeros of that shape when it is None."""
+    return state.to(dtype) if state is not None else torch.zeros(B, H, Dk, Dv, dtype=dtype, device=device)
+
+
+@dataclass
+class ChunkStates:
+    """States of a run at every chunk start, ``starts`` [B, H, NT, Dk, Dv], and after its end,
+    ``final`` [B, H, Dk, Dv], from the initial state they were computed with."""
+
+    starts: torch.Tensor
+    final: torch.Tensor
+
+
+@dataclass
+class ChunkStateGrads:
+    """Gradients of the state at every chunk end, ``ends`` [B, H, NT, Dk, Dv], and of the state
+    before the run, ``initial`` [B, H, Dk, Dv], from the final-state gradient they were computed with."""
+
+    ends: torch.Tensor
+    initial: torch.Tensor
+
+
+def shift_states(states: ChunkStates, log_chunk: torch.Tensor | None, initial_state: torch.Tensor) -> ChunkStates:
+    """States of a run started from ``initial_state``, given those from zero: S_c += A_c initial_state,
+    A_c = exp(sum of the log decays ``log_chunk`` [B, H, NT] of the chunks before c) (None: no gate).
+    One multiply-add per chunk; ``starts`` keeps its dtype (a kernel may store states in bf16)."""
+    h0 = initial_state.to(states.final.dtype)
+    starts = states.starts
+    if log_chunk is None:
+        return ChunkStates((starts + h0.unsqueeze(2).to(starts.dtype)), states.final + h0)
+    before = _flushed_exp(log_chunk.cumsum(-1) - log_chunk)[..., None, None].to(h0.dtype)
+    shifted = (starts.to(h0.dtype) + before * h0.unsqueeze(2)).to(starts.dtype)
+    return ChunkStates(shifted, states.final + decay_state(h0, log_chunk.sum(-1)))
+
+
+def shift_state_grads(grads: ChunkStateGrads, log_chunk: torch.Tensor | None, dht: torch.Tensor) -> ChunkStateGrads:
+    """State gradients of a run whose final state has gradient ``dht``, given those with none:
+    dS_end(c) += (decay from chunk c's end to the run's end) dht."""
+    d = dht.to(grads.initial.dtype)
+    ends = grads.ends
+    if log_chunk is None:
+        return ChunkStateGrads(ends + d.unsqueeze(2).to(ends.dtype), grads.initial + d)
+    total = log_chunk.sum(-1)
+    after = _flushed_exp(total.unsqueeze(-1) - log_chunk.cumsum(-1))[..., None, None].to(d.dtype)
+    shifted = (ends.to(d.dtype) + after * d.unsqueeze(2)).to(ends.dtype)
+    return ChunkStateGrads(shifted, grads.initial + decay_state(d, total))
+
+
+class ChunkedRun:
+    """One run of tokens of the chunked computation, in stages (module notes above). q, k, v, g
+    are cut into chunks once, on first use; every stage returns the compute dtype."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, g: torch.Tensor | None = None,
+                 g_gamma: torch.Tensor | None = None, scale: float | None = None, chunk_size: int = 64):
+        self.B, self.T, self.H, self.Dk = q.shape
+        self.Dv = v.shape[-1]
+        self.cd = compute_dtype(q.dtype)
+        self.scale = default_scale(q, scale)
+        self.want_dg = g is not None
+        self.q, self.k, self.v = q, k, v
+        self.gates = chunk_gates(g, g_gamma, self.B, self.T, self.H, chunk_size, self.cd, q.device)
+        self._chunked: dict[str, torch.Tensor] = {}
+        self.blocks = _blocks(self.gates, self.B, self.H)
+
+    @property
+    def log_total(self) -> torch.Tensor:
+        """Log decay of the whole run [B, H]."""
+        return self.gates.log_total
+
+    def _c(self, name: str, x: torch.Tensor | None = None) -> torch.Tensor:
+        if x is not None:  # do: not cached
+            return _to_chunks(x, self.gates.L, self.gates.NT, self.cd)
+        if name not in self._chunked:
+            self._chunked[name] = _to_chunks(getattr(self, name), self.gates.L, self.gates.NT, self.cd)
+        return self._chunked[name]
+
+    def _zeros_state(self) -> torch.Tensor:
+        return torch.zeros(self.B, self.H, self.Dk, self.Dv, dtype=self.cd, device=self.q.device)
+
+    def states(self, initial_state: torch.Tensor | None = None) -> ChunkStates:
+        """Stage 1 of the forward: S_0 = initial_state (or 0), S_{c+1} = Gamma_c S_c + U_c with
+        U_c = K_c^T (V_c * to_end) computed for all chunks at once."""
+        gates, kc, vc = self.gates, self._c("k"), self._c("v")
+        U = torch.cat([_scaled(kc[:, :, sl], gates.to_end(sl)).transpose(-1, -2) @ vc[:, :, sl]
+                       for sl in self.blocks], dim=2)
+        decay = _flushed_exp(gates.log_chunk)[..., None, None] if gates.b is not None else None
+        starts = torch.empty(self.B, self.H, gates.NT, self.Dk, self.Dv, dtype=self.cd, device=self.q.device)
+        S = self._zeros_state() if initial_state is None else initial_state.to(self.cd)
+        for c in range(gates.NT):
+            starts[:, :, c] = S
+            S = (S * decay[:, :, c] if decay is not None else S) + U[:, :, c]
+        return ChunkStates(starts, S)
+
+    def with_initial_state(self, states: ChunkStates, initial_state: torch.Tensor) -> ChunkStates:
+        """The states of this run started from ``initial_state`` (``states`` were computed from zero)."""
+        return shift_states(states, self.gates.log_chunk if self.gates.b is not None else None, initial_state)
+
+    def outputs(self, states: ChunkStates) -> torch.Tensor:
+        """Stage 2 of the forward: o_c = scale * [(Q_c K_c^T * D_c) V_c + (Q_c * gamma) S_c], [B, T, H, Dv]."""
+        gates, qc, kc, vc = self.gates, self._c("q"), self._c("k"), self._c("v")
+        parts = []
+        for sl in self.blocks:
+            A = (qc[:, :, sl] @ kc[:, :, sl].transpose(-1, -2)) * gates.intra(sl, self.cd, qc.device)
+            o = A @ vc[:, :, sl] + _scaled(qc[:, :, sl], gates.gamma(sl)) @ states.starts[:, :, sl]
+            parts.append(o.mul_(self.scale))
+        return _from_chunks(torch.cat(parts, dim=2), self.T)
+
+    def state_grads(self, do: torch.Tensor, dht: torch.Tensor | None = None) -> ChunkStateGrads:
+        """Stage 1 of the backward: dS_end(NT-1) = dht (or 0), dS_end(c-1) = Gamma_c dS_end(c) + dM_c
+        with dM_c = scale * (Q_c * gamma)^T dO_c; ``initial`` = Gamma_0 dS_end(0) + dM_0."""
+        gates, qc, dc = self.gates, self._c("q"), self._c("do", do)
+        self._chunked["do"] = dc
+        dM = torch.cat([(_scaled(qc[:, :, sl], gates.gamma(sl)).transpose(-1, -2) @ dc[:, :, sl]).mul_(self.scale)
+                        for sl in self.blocks], dim=2)
+        decay = _flushed_exp(gates.log_chunk)[..., None, None] if gates.b is not None else None
+        ends = torch.empty(self.B, self.H, gates.NT, self.Dk, self.Dv, dtype=self.cd, device=qc.device)
+        dS = self._zeros_state() if dht is None else dht.to(self.cd)
+        for c in range(gates.NT - 1, -1, -1):
+            ends[:, :, c] = dS
+            dS = (dS * decay[:, :, c] if decay is not None else dS) + dM[:, :, c]
+        return ChunkStateGrads(ends, dS)
+
+    def with_final_grad(self, grads: ChunkStateGrads, dht: torch.Tensor) -> ChunkStateGrads:
+        """The state gradients of this run with final-state gradient ``dht`` (``grads`` were computed
+        with none)."""
+        return shift_state_grads(grads, self.gates.log_chunk if self.gates.b is not None else None, dht)
+
+    def input_grads(self, do: torch.Tensor, states: ChunkStates, grads: ChunkStateGrads,
+                    dht: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Stage 2 of the backward: (dq, dk, dv, dg or None) from the chunk-start states and the
+        chunk-end state gradients of the run (both including any initial state / final-state
+        gradient ``dht``, which dg needs too)."""
+        gates, qc, kc, vc = self.gates, self._c("q"), self._c("k"), self._c("v")
+        dc = self._chunked.pop("do", None)
+        dc = self._c("do", do) if dc is None else dc
+        dq, dk, dv = [], [], []
+        for sl in self.blocks:
+            D = gates.intra(sl, self.cd, qc.device) * self.scale
+            q_, k_, v_, d_ = qc[:, :, sl], kc[:, :, sl], vc[:, :, sl], dc[:, :, sl]
+            dA = (d_ @ v_.transpose(-1, -2)) * D
+            A = (q_ @ k_.transpose(-1, -2)) * D
+            to_end, ends = gates.to_end(sl), grads.ends[:, :, sl]
+            dq.append(dA @ k_ + _scaled(d_ @ states.starts[:, :, sl].transpose(-1, -2), gates.gamma(sl)).mul_(self.scale))
+            dk.append(dA.transpose(-1, -2) @ q_ + _scaled(v_ @ ends.transpose(-1, -2), to_end))
+            dv.append(A.transpose(-1, -2) @ d_ + _scaled(k_ @ ends, to_end))
+        dq, dk, dv = (_from_chunks(torch.cat(x, dim=2), self.T) for x in (dq, dk, dv))
+        dg = None
+        if self.want_dg:
+            dg = gate_grad(self.q.to(self.cd), dq, self.k.to(self.cd), dk, dht,
+                           states.final if dht is not None else None)
+        return dq, dk, dv, dg
+
+
+def gate_grad(q: torch.Tensor, dq: torch.Tensor, k: torch.Tensor, dk: torch.Tensor,
+              dstate_out: torch.Tensor | None = None, state_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient of the per-token log gates of a run from its (dq, dk) and boundary states:
+
+        dg_t = sum_{i >= t} (q_i . dq_i - k_i . dk_i)  +  <dstate_out, state_out>
+
+    (every gate g_t scales the state at every later token of the run and the final state)."""
+    d = (q * dq).sum(-1) - (k * dk).sum(-1)  # [B, L, H]
+    dg = d.flip(1).cumsum(1).flip(1)
+    if dstate_out is not None and state_out is not None:
+        dg = dg + (dstate_out.to(dg.dtype) * state_out.to(dg.dtype)).sum((-2, -1)).unsqueeze(1)
+    return dg
 
 
 def chunk_linear_attention_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -202,21 +360,9 @@ def chunk_linear_attention_forward_reference(q: torch.Tensor, k: torch.Tensor, v
                                              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(o, final_state or None), chunk by chunk: o_c = scale * [(Q K^T * D) V + (Q * gamma) S_c],
     S_{c+1} = Gamma_c S_c + K^T (V * to_end). o and states in the compute dtype."""
-    B, T, H, Dk = q.shape
-    Dv = v.shape[-1]
-    cd = compute_dtype(q.dtype)
-    scale = default_scale(q, scale)
-    qf, kf, vf = q.to(cd), k.to(cd), v.to(cd)
-    S = state_or_zeros(initial_state, B, H, Dk, Dv, cd, q.device)
-    o = torch.empty(B, T, H, Dv, dtype=cd, device=q.device)
-    for s in range(0, T, chunk_size):
-        e = min(T, s + chunk_size)
-        qc, kc, vc = qf[:, s:e], kf[:, s:e], vf[:, s:e]
-        dec = chunk_decays(_gate_slice(g, s, e), g_gamma, B, e - s, H, cd, q.device)
-        A = torch.einsum("bihk,bjhk->bhij", qc, kc) * dec.intra(e - s, q.device, cd)
-        o[:, s:e] = torch.einsum("bhij,bjhv->bihv", A, vc) * scale + state_output(qc, S, dec, scale)
-        S = decay_state(S, dec.log_total) + chunk_state(kc, vc, dec)
-    return o, (S if output_final_state else None)
+    run = ChunkedRun(q, k, v, g=g, g_gamma=g_gamma, scale=scale, chunk_size=chunk_size)
+    states = run.states(initial_state)
+    return run.outputs(states), (states.final if output_final_state else None)
 
 
 def chunk_linear_attention_backward_reference(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -227,32 +373,11 @@ def chunk_linear_attention_backward_reference(do: torch.Tensor, q: torch.Tensor,
                                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                          torch.Tensor | None, torch.Tensor | None]:
     """(dq, dk, dv, dg or None, dh0 or None) of the chunked forward, computed explicitly: states
-    are recomputed chunk by chunk, then a reverse sweep carries dS (starting from ``dht``, the
-    gradient of the final state) back through the chunks. dg only when ``g`` is given, dh0 only
-    when ``initial_state`` is given; g_gamma gets no gradient."""
-    B, T, H, Dk = q.shape
-    Dv = v.shape[-1]
-    cd = compute_dtype(q.dtype)
-    scale = default_scale(q, scale)
-    qf, kf, vf, dof = q.to(cd), k.to(cd), v.to(cd), do.to(cd)
-    S0 = state_or_zeros(initial_state, B, H, Dk, Dv, cd, q.device)
-    starts, S_final = _chunk_states(kf, vf, g, g_gamma, S0, chunk_size, cd)
-    dH = state_or_zeros(dht, B, H, Dk, Dv, cd, q.device)
-    dq, dk, dv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(vf)
-    for c, s in reversed(list(enumerate(range(0, T, chunk_size)))):
-        e = min(T, s + chunk_size)
-        qc, kc, vc, doc = qf[:, s:e], kf[:, s:e], vf[:, s:e], dof[:, s:e]
-        dec = chunk_decays(_gate_slice(g, s, e), g_gamma, B, e - s, H, cd, q.device)
-        D = dec.intra(e - s, q.device, cd)
-        dA = torch.einsum("bihv,bjhv->bhij", doc, vc) * D * scale
-        A = torch.einsum("bihk,bjhk->bhij", qc, kc) * D * scale
-        bq, bk, bv = boundary_grads(qc, kc, vc, doc, dec, scale, starts[c], dH)
-        dq[:, s:e] = torch.einsum("bhij,bjhk->bihk", dA, kc) + bq
-        dk[:, s:e] = torch.einsum("bhij,bihk->bjhk", dA, qc) + bk
-        dv[:, s:e] = torch.einsum("bhij,bihv->bjhv", A, doc) + bv
-        dH = decay_state(dH, dec.log_total) + output_state_grad(qc, doc, dec, scale)
-    dg = None
-    if g is not None:
-        dg = gate_grad(qf, dq, kf, dk, dht.to(cd) if dht is not None else None, S_final)
-    dh0 = dH if initial_state is not None else None
-    return dq, dk, dv, dg, dh0
+    are recomputed, then the state gradients of every chunk end (from ``dht``, the gradient of
+    the final state), then the input gradients of all chunks. dg only when ``g`` is given, dh0
+    only when ``initial_state`` is given; g_gamma gets no gradient."""
+    run = ChunkedRun(q, k, v, g=g, g_gamma=g_gamma, scale=scale, chunk_size=chunk_size)
+    states = run.states(initial_state)
+    grads = run.state_grads(do, dht)
+    dq, dk, dv, dg = run.input_grads(do, states, grads, dht)
+    return dq, dk, dv, dg, (grads.initial if initial_state is not None else None)

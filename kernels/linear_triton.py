@@ -13,6 +13,9 @@ Kernels (after flash-linear-attention's ``chunk_simple_gla``), chunk length BT (
   log-gate (every exponent is <= 0 for gates <= 0).
 * ``_lin_fwd_o``: fully parallel over (Dv tile, chunk, b*h): O = scale * [(Q K^T * D) V +
   (Q * exp(b)) S_c], D_ij = exp(b_i - b_j) for j <= i (0 above the diagonal).
+* :class:`TritonChunkedRun` exposes these launches as the stages of the reference's
+  ``ChunkedRun`` (what the sequence-parallel strategies call); the two functions at the end are
+  those stages in a row.
 * backward: ``_lin_bwd_dh`` walks the chunks in reverse and writes dS at the end of every chunk
   (starting from ``dht``; the value left at the start is dh0); ``_lin_bwd_dv`` and
   ``_lin_bwd_dqk`` are parallel over chunks and recompute the intra-chunk terms. The gate
@@ -30,12 +33,16 @@ import triton.language as tl
 from seqpar.kernels.triton_common import check_int32_offsets, interpreting, strides4
 
 from seqpar.kernels.linear_reference import (
+    ChunkStateGrads,
+    ChunkStates,
     chunk_linear_attention_backward_reference,
     chunk_linear_attention_forward_reference,
     default_scale,
+    shift_state_grads,
+    shift_states,
 )
 
-__all__ = ["chunk_linear_attention_forward_triton", "chunk_linear_attention_backward_triton"]
+__all__ = ["TritonChunkedRun", "chunk_linear_attention_forward_triton", "chunk_linear_attention_backward_triton"]
 
 DEFAULT_CHUNK = 64
 
@@ -437,6 +444,112 @@ def _states(k, v, gc, initial_state, B, T, H, Dk, Dv, NT, meta, store_final: boo
     return hs, (ht if store_final else None)
 
 
+class TritonChunkedRun:
+    """One run of tokens on the Triton kernels, in the stages of
+    :class:`seqpar.kernels.linear_reference.ChunkedRun` (same methods, same results up to the
+    kernels' rounding): states (``_lin_fwd_h``) -> outputs (``_lin_fwd_o``); state gradients
+    (``_lin_bwd_dh``) -> input gradients (``_lin_bwd_dv``, ``_lin_bwd_dqk``). Chunk states are
+    [B, H, NT, Dk, Dv] views of the kernels' [B*H, NT, Dk, Dv] buffers (bf16 for bf16 inputs)."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, g: torch.Tensor | None = None,
+                 g_gamma: torch.Tensor | None = None, scale: float | None = None, chunk_size: int = DEFAULT_CHUNK):
+        _check(q, k, v, g, g_gamma, None)
+        self.B, self.T, self.H, self.Dk = q.shape
+        if self.T == 0:
+            raise ValueError("a run needs at least one token")
+        self.Dv = v.shape[-1]
+        self.q, self.k, self.v = q, k, v
+        self.scale = default_scale(q, scale)
+        self.want_dg = g is not None
+        self.BT = _chunk(chunk_size)
+        self.NT = triton.cdiv(self.T, self.BT)
+        self.meta = _meta(q, self.Dk, self.Dv, self.BT)
+        self.gc = _gate_cumsum(g, g_gamma, self.B, self.T, self.H, self.NT, self.BT, q.device)
+        self.log_chunk = (None if self.gc is None
+                          else self.gc.view(self.B, self.H, self.NT, self.BT)[..., -1].contiguous())
+
+    @property
+    def log_total(self) -> torch.Tensor:
+        """Log decay of the whole run [B, H] (fp32)."""
+        if self.log_chunk is None:
+            return torch.zeros(self.B, self.H, dtype=torch.float32, device=self.q.device)
+        return self.log_chunk.sum(-1)
+
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(self.B * self.H, self.NT, self.Dk, self.Dv).contiguous()
+
+    def _prec_h(self, hs: torch.Tensor) -> str:
+        return "tf32" if hs.dtype == torch.float32 and self.q.dtype != torch.float32 else self.meta["PRECISION"]
+
+    def states(self, initial_state: torch.Tensor | None = None) -> ChunkStates:
+        hs, ht = _states(self.k, self.v, self.gc, initial_state, self.B, self.T, self.H, self.Dk, self.Dv,
+                         self.NT, self.meta, True)
+        return ChunkStates(hs.view(self.B, self.H, self.NT, self.Dk, self.Dv), ht)
+
+    def with_initial_state(self, states: ChunkStates, initial_state: torch.Tensor) -> ChunkStates:
+        return shift_states(states, self.log_chunk, initial_state.float())
+
+    def outputs(self, states: ChunkStates) -> torch.Tensor:
+        q, k, v, T, H, NT = self.q, self.k, self.v, self.T, self.H, self.NT
+        hs = self._flat(states.starts)
+        o = torch.empty(self.B, T, H, self.Dv, dtype=torch.float32, device=q.device)
+        _launch("fwd_o", (triton.cdiv(self.Dv, self.meta["BV"]), NT, self.B * H), q, k, v,
+                self.gc if self.gc is not None else hs, hs, o,
+                *strides4(q), *strides4(k), *strides4(v), *strides4(o), T, H, NT, float(self.scale),
+                USE_G=self.gc is not None, PRECISION_H=self._prec_h(hs), **self.meta)
+        return o
+
+    def state_grads(self, do: torch.Tensor, dht: torch.Tensor | None = None) -> ChunkStateGrads:
+        B, T, H, NT, Dk, Dv = self.B, self.T, self.H, self.NT, self.Dk, self.Dv
+        do = self._grad_input(do)
+        hs_dtype = torch.bfloat16 if self.k.dtype == torch.bfloat16 and not interpreting() else torch.float32
+        dhs = torch.empty(B * H, NT, Dk, Dv, dtype=hs_dtype, device=do.device)
+        dh0 = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=do.device)
+        dht_c = dht.float().contiguous() if dht is not None else None
+        _launch("bwd_dh", lambda META: (triton.cdiv(Dk, META["BK"]), triton.cdiv(Dv, META["BV"]), B * H),
+                self.q, do, self.gc if self.gc is not None else dhs, dht_c if dht_c is not None else dhs, dhs, dh0,
+                *strides4(self.q), *strides4(do), T, H, NT, float(self.scale),
+                USE_G=self.gc is not None, USE_DHT=dht is not None, STORE_DH0=True, **self.meta)
+        return ChunkStateGrads(dhs.view(B, H, NT, Dk, Dv), dh0)
+
+    def with_final_grad(self, grads: ChunkStateGrads, dht: torch.Tensor) -> ChunkStateGrads:
+        return shift_state_grads(grads, self.log_chunk, dht.float())
+
+    def _grad_input(self, do: torch.Tensor) -> torch.Tensor:
+        if tuple(do.shape) != (self.B, self.T, self.H, self.Dv):
+            raise ValueError(f"do must be [B, T, H, Dv] = {(self.B, self.T, self.H, self.Dv)}; got {tuple(do.shape)}")
+        do = do.to(self.q.dtype)
+        check_int32_offsets(do=do)
+        return do
+
+    def input_grads(self, do: torch.Tensor, states: ChunkStates, grads: ChunkStateGrads,
+                    dht: torch.Tensor | None = None):
+        q, k, v, B, T, H, NT = self.q, self.k, self.v, self.B, self.T, self.H, self.NT
+        do = self._grad_input(do)
+        hs, dhs = self._flat(states.starts), self._flat(grads.ends)
+        gptr = self.gc if self.gc is not None else hs
+        dq = torch.zeros(B, T, H, self.Dk, dtype=torch.float32, device=q.device)
+        dk = torch.zeros_like(dq)
+        dv = torch.zeros(B, T, H, self.Dv, dtype=torch.float32, device=q.device)
+        prec_h = self._prec_h(hs)
+        _launch("bwd_dv", (triton.cdiv(self.Dv, self.meta["BV"]), NT, B * H), q, k, do, gptr, dhs, dv,
+                *strides4(q), *strides4(k), *strides4(do), *strides4(dv), T, H, NT, float(self.scale),
+                USE_G=self.gc is not None, PRECISION_H=prec_h, **self.meta)
+        NK = triton.cdiv(self.Dk, self.meta["BK"])
+        dgp = torch.empty(NK, B * H, NT * self.BT, dtype=torch.float32, device=q.device) if self.want_dg else hs
+        _launch("bwd_dqk", (NK, NT, B * H), q, k, v, do, gptr, hs, dhs, dq, dk, dgp,
+                *strides4(q), *strides4(k), *strides4(v), *strides4(do), *strides4(dq), T, H, NT, float(self.scale),
+                USE_G=self.gc is not None, PRECISION_H=prec_h, STORE_DG=self.want_dg, **self.meta)
+        dg = None
+        if self.want_dg:
+            d = dgp.sum(0)[:, :T].view(B, H, T)  # sum_k (q dq - k dk) per token
+            dg = d.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)
+            if dht is not None:
+                dg = dg + (dht.float() * states.final).sum((-2, -1)).unsqueeze(1)
+            dg = dg.contiguous()
+        return dq, dk, dv, dg
+
+
 def chunk_linear_attention_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                                           g: torch.Tensor | None = None, g_gamma: torch.Tensor | None = None,
                                           scale: float | None = None, initial_state: torch.Tensor | None = None,
@@ -450,21 +563,13 @@ def chunk_linear_attention_forward_triton(q: torch.Tensor, k: torch.Tensor, v: t
     _check(q, k, v, g, g_gamma, initial_state)
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
-    scale = default_scale(q, scale)
-    BT = _chunk(chunk_size)
-    NT = triton.cdiv(T, BT)
-    o = torch.empty(B, T, H, Dv, dtype=torch.float32, device=q.device)
     if T == 0:
+        o = torch.empty(B, T, H, Dv, dtype=torch.float32, device=q.device)
         final = initial_state.float().clone() if initial_state is not None else q.new_zeros(B, H, Dk, Dv, dtype=torch.float32)
         return o, (final if output_final_state else None)
-    meta = _meta(q, Dk, Dv, BT)
-    gc = _gate_cumsum(g, g_gamma, B, T, H, NT, BT, q.device)
-    hs, ht = _states(k, v, gc, initial_state, B, T, H, Dk, Dv, NT, meta, output_final_state)
-    prec_h = "tf32" if hs.dtype == torch.float32 and q.dtype != torch.float32 else meta["PRECISION"]
-    _launch("fwd_o", (triton.cdiv(Dv, meta["BV"]), NT, B * H), q, k, v, gc if gc is not None else hs, hs, o,
-            *strides4(q), *strides4(k), *strides4(v), *strides4(o), T, H, NT, float(scale),
-            USE_G=gc is not None, PRECISION_H=prec_h, **meta)
-    return o, ht
+    run = TritonChunkedRun(q, k, v, g=g, g_gamma=g_gamma, scale=scale, chunk_size=chunk_size)
+    states = run.states(initial_state)
+    return run.outputs(states), (states.final if output_final_state else None)
 
 
 def chunk_linear_attention_backward_triton(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -485,45 +590,13 @@ def chunk_linear_attention_backward_triton(do: torch.Tensor, q: torch.Tensor, k:
         raise ValueError(f"do must be [B, T, H, Dv] = {(B, T, H, Dv)}; got {tuple(do.shape)}")
     if dht is not None and tuple(dht.shape) != (B, H, Dk, Dv):
         raise ValueError(f"dht must be [B, H, Dk, Dv] = {(B, H, Dk, Dv)}; got {tuple(dht.shape)}")
-    do = do.to(q.dtype)
-    check_int32_offsets(do=do)
-    scale = default_scale(q, scale)
-    BT = _chunk(chunk_size)
-    NT = triton.cdiv(T, BT)
-    dq = torch.zeros(B, T, H, Dk, dtype=torch.float32, device=q.device)
-    dk = torch.zeros_like(dq)
-    dv = torch.zeros(B, T, H, Dv, dtype=torch.float32, device=q.device)
-    meta = _meta(q, Dk, Dv, BT)
-    gc = _gate_cumsum(g, g_gamma, B, T, H, NT, BT, q.device)
-    need_final = g is not None and dht is not None
     if T == 0:
-        dg = torch.zeros(B, 0, H, dtype=torch.float32, device=q.device) if g is not None else None
-        dh0 = (dht.float().clone() if dht is not None else q.new_zeros(B, H, Dk, Dv, dtype=torch.float32)) \
-            if initial_state is not None else None
-        return dq, dk, dv, dg, dh0
-    hs, ht = _states(k, v, gc, initial_state, B, T, H, Dk, Dv, NT, meta, need_final)
-    gptr = gc if gc is not None else hs
-    dhs = torch.empty(B * H, NT, Dk, Dv, dtype=hs.dtype, device=q.device)
-    dh0 = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=q.device) if initial_state is not None else None
-    dht_c = dht.float().contiguous() if dht is not None else None
-    _launch("bwd_dh", lambda META: (triton.cdiv(Dk, META["BK"]), triton.cdiv(Dv, META["BV"]), B * H),
-            q, do, gptr, dht_c if dht_c is not None else hs, dhs, dh0 if dh0 is not None else hs,
-            *strides4(q), *strides4(do), T, H, NT, float(scale),
-            USE_G=gc is not None, USE_DHT=dht is not None, STORE_DH0=dh0 is not None, **meta)
-    prec_h = "tf32" if hs.dtype == torch.float32 and q.dtype != torch.float32 else meta["PRECISION"]
-    _launch("bwd_dv", (triton.cdiv(Dv, meta["BV"]), NT, B * H), q, k, do, gptr, dhs, dv,
-            *strides4(q), *strides4(k), *strides4(do), *strides4(dv), T, H, NT, float(scale),
-            USE_G=gc is not None, PRECISION_H=prec_h, **meta)
-    NK = triton.cdiv(Dk, meta["BK"])
-    dgp = torch.empty(NK, B * H, NT * BT, dtype=torch.float32, device=q.device) if g is not None else hs
-    _launch("bwd_dqk", (NK, NT, B * H), q, k, v, do, gptr, hs, dhs, dq, dk, dgp,
-            *strides4(q), *strides4(k), *strides4(v), *strides4(do), *strides4(dq), T, H, NT, float(scale),
-            USE_G=gc is not None, PRECISION_H=prec_h, STORE_DG=g is not None, **meta)
-    dg = None
-    if g is not None:
-        d = dgp.sum(0)[:, :T].view(B, H, T)  # sum_k (q dq - k dk) per token
-        dg = d.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)
-        if need_final:
-            dg = dg + (dht.float() * ht).sum((-2, -1)).unsqueeze(1)
-        dg = dg.contiguous()
-    return dq, dk, dv, dg, dh0
+        zeros = lambda *s: torch.zeros(*s, dtype=torch.float32, device=q.device)  # noqa: E731
+        dg = zeros(B, 0, H) if g is not None else None
+        dh0 = (dht.float().clone() if dht is not None else zeros(B, H, Dk, Dv)) if initial_state is not None else None
+        return zeros(B, 0, H, Dk), zeros(B, 0, H, Dk), zeros(B, 0, H, Dv), dg, dh0
+    run = TritonChunkedRun(q, k, v, g=g, g_gamma=g_gamma, scale=scale, chunk_size=chunk_size)
+    states = run.states(initial_state)
+    grads = run.state_grads(do, dht)
+    dq, dk, dv, dg = run.input_grads(do, states, grads, dht)
+    return dq, dk, dv, dg, (grads.initial if initial_state is not None else None)

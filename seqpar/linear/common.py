@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from seqpar.comm import CommHandle, all_gather, all_reduce, send_recv
-from seqpar.kernels.linear_reference import ChunkDecays, chunk_decays, decay_state
+from seqpar.kernels.linear import chunked_run
+from seqpar.kernels.linear_reference import decay_state
 from seqpar.kernels.softmax import resolve_backend
 from seqpar.layout import segments
 
@@ -165,7 +166,9 @@ class Run:
 
 @dataclass
 class Piece:
-    """One global chunk held by this rank: local tokens [start, stop), its inputs and decays."""
+    """One global chunk held by this rank: local tokens [start, stop), its inputs, and the
+    single-device chunked computation of its tokens (``kernel``: the stages of
+    ``seqpar.kernels.linear.chunked_run``). The strategies' local work is exactly those stages."""
 
     index: int
     start: int
@@ -174,7 +177,12 @@ class Piece:
     k: torch.Tensor
     v: torch.Tensor
     g: torch.Tensor | None
-    dec: ChunkDecays
+    kernel: object
+
+    @property
+    def log_total(self) -> torch.Tensor:
+        """log Gamma of the piece [B, H] (the sum of its log gates; zeros without gates)."""
+        return self.kernel.log_total
 
 
 def make_pieces(run: Run, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None) -> list[Piece]:
@@ -186,9 +194,10 @@ def make_pieces(run: Run, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
     pieces = []
     for seg in segs:
         s, e = seg.local_start, seg.local_start + seg.length
-        gs = cut(g, s, e)
-        dec = chunk_decays(gs, run.g_gamma, run.B, e - s, run.H, run.cd, q.device)
-        pieces.append(Piece(seg.global_start // seg.length, s, e, cut(q, s, e), cut(k, s, e), cut(v, s, e), gs, dec))
+        qs, ks, vs, gs = cut(q, s, e), cut(k, s, e), cut(v, s, e), cut(g, s, e)
+        kernel = chunked_run(qs, ks, vs, g=gs, g_gamma=run.g_gamma, scale=run.scale, chunk_size=run.chunk_size,
+                             backend=run.backend)
+        pieces.append(Piece(seg.global_start // seg.length, s, e, qs, ks, vs, gs, kernel))
     return pieces
 
 
@@ -242,8 +251,9 @@ def suffix_scan(dfinal: torch.Tensor, dM: Sequence[torch.Tensor], log_totals: Se
 def initial_state_share(pieces: Sequence[Piece], dM: Sequence[torch.Tensor], log_before: Sequence[torch.Tensor],
                         dfinal_mine: torch.Tensor | None, log_all: torch.Tensor | None) -> torch.Tensor:
     """This rank's share of d(initial_state): what its own loss puts on it, through its chunks'
-    outputs (exp(log A_c) dM_c, A_c the decay of every token before chunk c) and through its own
-    gradient of the final state (A_N dfinal). The shares of all ranks sum to the full gradient."""
+    outputs (exp(log A_c) dM_c, A_c the decay of every token before chunk c, dM_c the gradient
+    chunk c's outputs put on the state entering it) and through its own gradient of the final
+    state (A_N dfinal). The shares of all ranks sum to the full gradient."""
     share = sum(decay_state(m, lb) for m, lb in zip(dM, log_before))
     if dfinal_mine is not None:
         share = share + decay_state(dfinal_mine.to(share.dtype), log_all)

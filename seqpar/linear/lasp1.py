@@ -9,10 +9,13 @@ Two schedules, same messages:
 - ``lasp1_serial`` (LASP as published): wait for S_in, run the kernel with initial_state=S_in
   and output_final_state, send the final state. Every rank's whole compute sits on the critical
   path of the chain: time ~ P * (hop + chunk compute).
-- ``lasp1`` (pipelined): before waiting, every rank computes what needs no neighbour -- M_c and
-  the intra-chunk output (backward: dM_c and the intra-chunk gradients). When S_in arrives, the
-  hop of S_out goes out right after one Dk x Dv multiply-add, *before* the inter-chunk output is
-  computed; so the chain costs ~ P * hop + one chunk of compute.
+- ``lasp1`` (pipelined): before waiting, every rank runs the first stage of the chunked kernel
+  on its pieces from a zero state (``states()``: the chunk states and M_c; backward:
+  ``state_grads()``, giving dM_c, and the chunk states recomputed from the saved S_in). When S_in
+  arrives, the hop of S_out = Gamma S_in + M goes out right after one Dk x Dv multiply-add,
+  *before* the kernel's second stage (``outputs()`` from the chunk states shifted to S_in;
+  backward ``input_grads()``); so the chain costs ~ P * hop + one piece of compute, and the
+  local work is exactly the kernel's.
 
 Zigzag: chunk c is on rank c for c < P and on rank 2P-1-c after, so the chain goes up the ranks
 and back down: 2(P-1) serial hops (twice contiguous's P-1), each rank sends at most two states
@@ -30,7 +33,6 @@ from __future__ import annotations
 import torch
 
 from seqpar.kernels.linear import chunk_linear_attention_backward, chunk_linear_attention_forward
-from seqpar.kernels.linear_reference import chunk_state, output_state_grad, state_output
 from seqpar.linear.common import Piece, Run, initial_state_share, kernel_gates, pack, step, unpack
 from seqpar.linear.lasp2 import finish_grads
 
@@ -81,10 +83,8 @@ class Lasp1:
         dev = pieces[0].q.device
         N = run.n_chunks
         if self.pipelined:  # everything that needs no neighbour, before waiting
-            M = [chunk_state(p.k.to(run.cd), p.v.to(run.cd), p.dec) for p in pieces]
-            o_intra = [chunk_linear_attention_forward(p.q, p.k, p.v, initial_state=None, **kernel_gates(run, p))[0]
-                       for p in pieces]
-            run.mark("forward", "intra")
+            local = [p.kernel.states() for p in pieces]
+            run.mark("forward", "local")
         outs, s_in_list, log_before, sends = [], [], [], []
         carry = None
         for i, p in enumerate(pieces):
@@ -94,25 +94,23 @@ class Lasp1:
             s_in, lb = self._receive(run, p.index - 1 if p.index > 0 else 0, carry, first, "forward", dev)
             lb = self._log_before(run, p.index, lb, dev)
             if self.pipelined:
-                s_out = step(s_in, p.dec.log_total, M[i])
+                s_out = step(s_in, p.log_total, local[i].final)
             else:
                 o, s_out = chunk_linear_attention_forward(p.q, p.k, p.v, initial_state=s_in, output_final_state=True,
                                                           **kernel_gates(run, p))
                 run.mark("forward", "kernel")
-            value = (s_out, lb + p.dec.log_total)
+            value = (s_out, lb + p.log_total)
             carry = value if p.index == N - 1 else self._pass_on(run, p.index + 1, value, "forward", sends)
             if self.pipelined:  # after the hop went out
-                o = o_intra[i] + state_output(p.q.to(run.cd), s_in, p.dec, run.scale)
-                run.mark("forward", "inter")
+                o = p.kernel.outputs(p.kernel.with_initial_state(local[i], s_in))
+                run.mark("forward", "finish")
             outs.append(o)
             s_in_list.append(s_in)
             log_before.append(lb)
         for h in sends:
             h.wait()
         final, log_all = self._share_final(run, carry, dev)
-        saved = dict(s_in=s_in_list, log_before=log_before, log_all=log_all,
-                     M=M if self.pipelined else None)
-        return outs, final, saved
+        return outs, final, dict(s_in=s_in_list, log_before=log_before, log_all=log_all)
 
     def _share_final(self, run: Run, carry, dev):
         """Give the final state (and log A_N) of the last chunk's holder to every rank."""
@@ -131,22 +129,21 @@ class Lasp1:
 
     def backward(self, run: Run, pieces: list[Piece], dos: list[torch.Tensor], dfinal: torch.Tensor | None,
                  saved: dict, want_h0: bool):
-        dev = pieces[0].q.device
         N = run.n_chunks
         final_handle = None  # the sum over ranks of the final state's gradient, in flight
         if dfinal is not None and run.world_size > 1:
             final_handle = run.all_reduce(dfinal.to(run.cd), "backward")
-        dM = ([output_state_grad(p.q.to(run.cd), do, p.dec, run.scale) for p, do in zip(pieces, dos)]
-              if self.pipelined or want_h0 else None)
+        local = ([p.kernel.state_grads(do) for p, do in zip(pieces, dos)]
+                 if self.pipelined or want_h0 else None)
         if self.pipelined:  # everything that needs no neighbour, before waiting
-            intra = [chunk_linear_attention_backward(do, p.q, p.k, p.v, initial_state=None, dht=None,
-                                                     **kernel_gates(run, p))[:4] for p, do in zip(pieces, dos)]
-            run.mark("backward", "intra")
+            states = [p.kernel.states(s_in) for p, s_in in zip(pieces, saved["s_in"])]
+            run.mark("backward", "local")
         dfinal_sum = final_handle.wait() if final_handle is not None else (
             dfinal.to(run.cd) if dfinal is not None else None)
         grads: list = [None] * len(pieces)
         sends: list = []
         carry = None
+        dev = pieces[0].q.device
         zero_log = run.zeros_log(dev)
         for i in reversed(range(len(pieces))):
             p, do, s_in = pieces[i], dos[i], saved["s_in"][i]
@@ -155,7 +152,7 @@ class Lasp1:
                 first = (dfinal_sum if dfinal_sum is not None else run.zeros_state(dev), zero_log)
             ds_end, _ = self._receive(run, min(p.index + 1, N - 1), carry, first, "backward", dev)
             if self.pipelined:
-                ds_in = step(ds_end, p.dec.log_total, dM[i])
+                ds_in = step(ds_end, p.log_total, local[i].initial)
             else:
                 dq, dk, dv, dg, ds_in = chunk_linear_attention_backward(
                     do, p.q, p.k, p.v, initial_state=s_in, dht=ds_end, **kernel_gates(run, p))
@@ -163,14 +160,14 @@ class Lasp1:
             if p.index > 0:
                 carry = self._pass_on(run, p.index - 1, (ds_in, zero_log), "backward", sends)
             if self.pipelined:  # after the hop went out
-                s_out = step(s_in, p.dec.log_total, saved["M"][i])
-                grads[i] = finish_grads(run, p, do, intra[i], s_in, ds_end, s_out)
-                run.mark("backward", "inter")
+                grads[i] = finish_grads(p, do, states[i], local[i], ds_end)
+                run.mark("backward", "finish")
             else:
                 grads[i] = (dq, dk, dv, dg)
         for h in sends:
             h.wait()
         dh0 = None
         if want_h0:
+            dM = [sg.initial for sg in local]
             dh0 = initial_state_share(pieces, dM, saved["log_before"], dfinal, saved["log_all"])
         return grads, dh0
