@@ -30,6 +30,11 @@ def _strategy(name: str):
     raise ValueError(f"unknown linear-attention strategy {name!r}; expected one of {STRATEGIES}")
 
 
+def _join(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The pieces of this rank in local order, along the token axis (no copy for one piece)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 class _LinearAttentionSP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, h0, run: Run, strategy):
@@ -39,7 +44,7 @@ class _LinearAttentionSP(torch.autograd.Function):
         ctx.run, ctx.strategy, ctx.saved = run, strategy, saved
         ctx.save_for_backward(q, k, v, g)
         ctx.h0_dtype = None if h0 is None else h0.dtype
-        o = torch.cat(outs, dim=1).to(q.dtype)
+        o = _join(outs).to(q.dtype)
         if final is None:
             final = q.new_zeros((), dtype=run.cd)
             ctx.mark_non_differentiable(final)
@@ -54,9 +59,9 @@ class _LinearAttentionSP(torch.autograd.Function):
         with exclusive_use(*run.comm_groups(), what="seqpar.linear_attention (backward)"):
             grads, dh0 = ctx.strategy.backward(run, pieces, dos, dfinal if run.output_final_state else None,
                                                ctx.saved, ctx.needs_input_grad[4])
-        dq, dk, dv = (torch.cat([gr[i] for gr in grads], dim=1) for i in range(3))
+        dq, dk, dv = (_join([gr[i] for gr in grads]) for i in range(3))
         dh0 = dh0.to(ctx.h0_dtype) if dh0 is not None else None
-        dg = torch.cat([gr[3] for gr in grads], dim=1).to(g.dtype) if g is not None and ctx.needs_input_grad[3] else None
+        dg = _join([gr[3] for gr in grads]).to(g.dtype) if g is not None and ctx.needs_input_grad[3] else None
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0, None, None
 
 
