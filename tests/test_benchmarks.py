@@ -9,6 +9,7 @@ relies on (a configuration the shape rejects becomes a row with a note, not a cr
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,32 @@ def test_agreement_overhead_benchmark_runs():
     for row in rows:
         assert any(ch.isdigit() for ch in row.split("|")[2]), row
     assert "tiny model preset step" in out.stdout and "% |" in out.stdout
+
+
+OVERHEAD_ROWS = ("linear-fwdbwd", "linear-fwd", "linear-fwd-loop", "lasp2-contiguous", "lasp2-zigzag", "lasp1-contiguous",
+                 "lasp1-zigzag", "softmax-128", "softmax-256", "eff-ring-zigzag", "eff-allgather-zigzag",
+                 "eff-ulysses-contiguous", "trainer")
+
+
+def test_overhead_benchmark_quick(tmp_path):
+    """benchmarks/overhead.py --quick (tiny sizes; 2 gloo ranks and two short trainer runs): exit 0, every
+    row of the table printed with a finite positive ratio, and the JSON / markdown written. Only runs;
+    the ratios at tiny sizes say nothing about the targets."""
+    out = tmp_path / "overhead"
+    proc = _run("overhead.py", "--quick", "--out", str(out), timeout=300)
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["quick"] and data["machine"]["threads_per_process"] == 1 and data["machine"]["torch"]
+    rows = {r["id"]: r for r in data["rows"]}
+    assert tuple(rows) == OVERHEAD_ROWS
+    for rid, r in rows.items():
+        assert r["ratio"] is not None and math.isfinite(r["ratio"]) and r["ratio"] > 0, (rid, r["note"])
+        assert r["a_ms"] > 0 and r["b_ms"] > 0, rid
+        assert (r["holds"] is None) == (r["target"] is None), rid
+    printed = _table_rows(proc.stdout)
+    assert len(printed) == len(OVERHEAD_ROWS), proc.stdout
+    for cells in printed:
+        ratio = float(cells[1].rstrip("x"))
+        assert math.isfinite(ratio) and ratio > 0, cells
+        assert cells[3] in ("yes", "NO", "-"), cells
+    assert "1 torch thread per process" in proc.stdout and "torch " in proc.stdout
+    assert len(_table_rows(out.with_suffix(".md").read_text())) == len(OVERHEAD_ROWS)
