@@ -90,6 +90,8 @@ def linear_attention_recurrent_reference(q: torch.Tensor, k: torch.Tensor, v: to
 # CPU cache (batching all chunks made every temporary stream through memory: 2x slower at
 # T = 8192, H = 8, D = 64 than one chunk at a time)
 _MAX_BLOCK_ELEMS = 1 << 15
+# lowest cumulative log gate inside a chunk for which the intra-chunk decays are factorised
+_FACTOR_MIN_LOG = -60.0
 
 
 @dataclass
@@ -249,6 +251,23 @@ class ChunkedRun:
         self.gates = chunk_gates(g, g_gamma, self.B, self.T, self.H, chunk_size, self.cd, q.device)
         self._chunked: dict[str, torch.Tensor] = {}
         self.blocks = _blocks(self.gates, self.B, self.H)
+        # exp(b_i - b_j) = exp(b_i - r) exp(r - b_j), r = b_last / 2 of the chunk, needs no [L, L]
+        # exponentials; both factors stay within e^(+-60) (no overflow, no denormals) when the
+        # chunk's log decay b_last >= 2 * _FACTOR_MIN_LOG. Which chunks qualify is read once per run.
+        self.factored = (None if self.gates.b is None
+                         else (self.gates.log_chunk >= 2 * _FACTOR_MIN_LOG).flatten(0, 1).all(0).tolist())
+
+    def _is_factored(self, sl: slice) -> bool:
+        return self.factored is None or all(self.factored[sl])
+
+    def _sides(self, sl: slice) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(e^(b - r), e^(r - b)) of the chunks of block ``sl`` ([B, H, n, L, 1]; None without
+        gates), with r half the chunk's log decay: their products are the intra-chunk decays."""
+        if self.gates.b is None:
+            return None, None
+        b = self.gates.b[:, :, sl].unsqueeze(-1)
+        r = b[..., -1:, :] * 0.5
+        return (b - r).exp(), (r - b).exp()
 
     @property
     def log_total(self) -> torch.Tensor:
@@ -288,8 +307,13 @@ class ChunkedRun:
         gates, qc, kc, vc = self.gates, self._c("q"), self._c("k"), self._c("v")
         parts = []
         for sl in self.blocks:
-            A = (qc[:, :, sl] @ kc[:, :, sl].transpose(-1, -2)) * gates.intra(sl, self.cd, qc.device)
-            o = A @ vc[:, :, sl] + _scaled(qc[:, :, sl], gates.gamma(sl)) @ states.starts[:, :, sl]
+            q_, k_ = qc[:, :, sl], kc[:, :, sl]
+            if self._is_factored(sl):  # (masked entries may overflow to inf: tril_ overwrites them)
+                up, down = self._sides(sl)
+                A = (_scaled(q_, up) @ _scaled(k_, down).transpose(-1, -2)).tril_()
+            else:
+                A = (q_ @ k_.transpose(-1, -2)) * gates.intra(sl, self.cd, qc.device)
+            o = (A @ vc[:, :, sl]).add_(_scaled(q_, gates.gamma(sl)) @ states.starts[:, :, sl])
             parts.append(o.mul_(self.scale))
         return _from_chunks(torch.cat(parts, dim=2), self.T)
 
@@ -324,14 +348,26 @@ class ChunkedRun:
         dc = self._c("do", do) if dc is None else dc
         dq, dk, dv = [], [], []
         for sl in self.blocks:
-            D = gates.intra(sl, self.cd, qc.device) * self.scale
             q_, k_, v_, d_ = qc[:, :, sl], kc[:, :, sl], vc[:, :, sl], dc[:, :, sl]
-            dA = (d_ @ v_.transpose(-1, -2)) * D
-            A = (q_ @ k_.transpose(-1, -2)) * D
-            to_end, ends = gates.to_end(sl), grads.ends[:, :, sl]
-            dq.append(dA @ k_ + _scaled(d_ @ states.starts[:, :, sl].transpose(-1, -2), gates.gamma(sl)).mul_(self.scale))
-            dk.append(dA.transpose(-1, -2) @ q_ + _scaled(v_ @ ends.transpose(-1, -2), to_end))
-            dv.append(A.transpose(-1, -2) @ d_ + _scaled(k_ @ ends, to_end))
+            to_end, ends, starts = gates.to_end(sl), grads.ends[:, :, sl], states.starts[:, :, sl]
+            if self._is_factored(sl):  # dA_ij = scale dP_ij e^(b_i - b_j), dP = tril(dO V^T)
+                up, down = self._sides(sl)
+                qg, kn = _scaled(q_, up), _scaled(k_, down)
+                dP = (d_ @ v_.transpose(-1, -2)).tril_()
+                A = (qg @ kn.transpose(-1, -2)).tril_()
+                dq.append(_scaled(dP @ kn, up).add_(_scaled(d_ @ starts.transpose(-1, -2), gates.gamma(sl)))
+                          .mul_(self.scale))
+                dk_intra = _scaled(dP.transpose(-1, -2) @ qg, down).mul_(self.scale)
+                dv_intra = (A.transpose(-1, -2) @ d_).mul_(self.scale)
+            else:
+                D = gates.intra(sl, self.cd, qc.device) * self.scale
+                dA = (d_ @ v_.transpose(-1, -2)) * D
+                A = (q_ @ k_.transpose(-1, -2)) * D
+                dq.append(dA @ k_ + _scaled(d_ @ starts.transpose(-1, -2), gates.gamma(sl)).mul_(self.scale))
+                dk_intra = dA.transpose(-1, -2) @ q_
+                dv_intra = A.transpose(-1, -2) @ d_
+            dk.append(dk_intra.add_(_scaled(v_ @ ends.transpose(-1, -2), to_end)))
+            dv.append(dv_intra.add_(_scaled(k_ @ ends, to_end)))
         dq, dk, dv = (_from_chunks(torch.cat(x, dim=2), self.T) for x in (dq, dk, dv))
         dg = None
         if self.want_dg:

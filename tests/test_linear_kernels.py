@@ -228,3 +228,23 @@ def test_long_run_with_strong_gates_has_no_denormals():
         assert int(((x != 0) & (x.abs() < tiny)).sum()) == 0, f"{name} has denormals"
     o64, _ = linear_attention_recurrent_reference(q.double(), k.double(), v.double(), g=g.double())
     torch.testing.assert_close(o.double(), o64, rtol=1e-4, atol=1e-4)
+
+
+def test_chunks_with_weak_and_strong_gates():
+    """Chunks whose decay stays above e^-120 use factorised intra-chunk decays, the others the
+    exact exp(b_i - b_j); a run mixing both (and a no-decay chunk) matches the recurrence."""
+    q, k, v, g, _, h0 = make_inputs("g", T=100, seed=21)
+    g = g.clone()
+    g[:, 32:48] = -20.0  # one chunk of 16 far below e^-120
+    g[:, 48:64] = 0.0    # one chunk without decay
+    gen = torch.Generator().manual_seed(5)
+    do = torch.randn(q.shape[:3] + (v.shape[-1],), generator=gen, dtype=torch.float64)
+    dht = torch.randn(h0.shape, generator=gen, dtype=torch.float64)
+    o_ref, S_ref, *grads_ref = oracle(q, k, v, g, None, h0, do, dht)
+    o, S = chunk_linear_attention_forward_reference(q, k, v, g=g, initial_state=h0, output_final_state=True,
+                                                    chunk_size=16)
+    torch.testing.assert_close(o, o_ref, **F64)
+    torch.testing.assert_close(S, S_ref, **F64)
+    got = chunk_linear_attention_backward_reference(do, q, k, v, g=g, initial_state=h0, dht=dht, chunk_size=16)
+    for name, a, w in zip(["dq", "dk", "dv", "dg", "dh0"], got, grads_ref):
+        torch.testing.assert_close(a, w, **F64, msg=lambda m: f"{name}: {m}")
