@@ -314,13 +314,16 @@ def all_to_all(tensor: torch.Tensor, group: dist.ProcessGroup | None, *, scatter
         return CommHandle(finish=lambda: tensor)
     _check_free(group)
     stage = _needs_host_staging(group, tensor)
-    chunks = torch.stack(tensor.chunk(world_size, dim=scatter_dim))  # [P, ...]
+    # [P, ...] with chunk p first: a copy only when the layout needs one (not for the token axis
+    # of a batch of one)
+    chunks = tensor.unflatten(scatter_dim, (world_size, -1)).movedim(scatter_dim, 0).contiguous()
     send = _staged(chunks, stage)
     out = torch.empty_like(send)
     work = dist.all_to_all_single(out, send, group=group, async_op=True)
 
     def finish():
         received = out.to(tensor.device) if stage else out
-        return torch.cat(received.unbind(0), dim=gather_dim)
+        # the P received chunks side by side along gather_dim (a view where the layout allows)
+        return received.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)
 
     return CommHandle([work], finish)

@@ -8,11 +8,14 @@ the compute dtype (float32, or float64 for float64 inputs), lse [B, Hq, Tq],
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from seqpar.kernels.softmax_reference import (
     attention_block_backward_reference,
     attention_block_forward_reference,
+    compute_dtype,
 )
 
 BACKENDS = ("auto", "torch", "triton", "sdpa")
@@ -64,19 +67,65 @@ def attention_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     return attention_block_forward_reference(q, k, v, scale=scale, diagonal_offset=diagonal_offset)
 
 
+def _delta_of(out: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
+    """rowsum(out * do) [B, H, T] (contiguous) in the compute dtype."""
+    cd = compute_dtype(do.dtype)
+    return (out.to(cd) * do.to(cd)).sum(dim=-1).transpose(1, 2).contiguous()
+
+
 def attention_block_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             lse: torch.Tensor, delta: torch.Tensor, *, scale: float,
-                             diagonal_offset: int | None = None, backend: str = "auto"
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of one block given the row-global ``lse`` and ``delta = rowsum(o * do)``."""
+                             lse: torch.Tensor, delta: torch.Tensor | None, *, scale: float,
+                             diagonal_offset: int | None = None, backend: str = "auto",
+                             out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of one block given the row-global ``lse`` and ``delta = rowsum(o * do)``.
+
+    ``out`` (optional, [B, Tq, Hq, D]): a tensor with rowsum(out * do) = delta, e.g. the forward's
+    output o when there is no lse gradient, or the ``out`` of :func:`prepare_backward`; ``delta``
+    may then be None. The ``sdpa`` backend hands it to the fused op instead of building one."""
     chosen = block_backend(backend, q, k, v, diagonal_offset)
+    if chosen == "sdpa":
+        return _sdpa().attention_block_backward_sdpa(do, q, k, v, lse, delta, scale=scale,
+                                                     diagonal_offset=diagonal_offset, out=out)
+    if delta is None:
+        if out is None:
+            raise ValueError("attention_block_backward needs delta or out")
+        delta = _delta_of(out, do)
     if chosen == "triton":
         return _triton().attention_block_backward_triton(do, q, k, v, lse, delta, scale=scale,
                                                          diagonal_offset=diagonal_offset)
-    if chosen == "sdpa":
-        return _sdpa().attention_block_backward_sdpa(do, q, k, v, lse, delta, scale=scale,
-                                                     diagonal_offset=diagonal_offset)
     return attention_block_backward_reference(do, q, k, v, lse, delta, scale=scale, diagonal_offset=diagonal_offset)
+
+
+class BackwardOperands(NamedTuple):
+    """What every block backward of one call shares (:func:`prepare_backward`)."""
+
+    do: torch.Tensor
+    delta: torch.Tensor | None  # None only with ``out`` (then delta = rowsum(out * do))
+    out: torch.Tensor | None
+    backend: str
+
+
+def prepare_backward(do: torch.Tensor, delta: torch.Tensor | None, *, out: torch.Tensor | None = None,
+                     backend: str = "auto") -> BackwardOperands:
+    """Once per call, before the block backwards of one call (the driver's): the ``do``, ``delta``,
+    ``out`` and ``backend`` to pass to every :func:`attention_block_backward` of the call, sliced
+    like ``do`` [B, T, H, D] / ``delta`` [B, H, T].
+
+    ``out`` given (the forward's o, valid when delta = rowsum(o * do), i.e. no lse gradient):
+    ``delta`` may be None. For ``sdpa``, do and out are cast / laid out for the fused op once and
+    a missing out is reconstructed from delta (one host synchronisation per call, none per
+    block); where the fused ops cannot take the call (no such out: a row with do = 0 and
+    delta != 0; or ops this torch lacks) the backend becomes the reference ("torch"; "triton" on
+    CUDA) for the whole call. Other backends get delta (computed from out when None) and no out."""
+    if delta is None and out is None:
+        raise ValueError("prepare_backward needs delta or out")
+    chosen = resolve_backend(backend, do.device)
+    if chosen == "sdpa":
+        prepared = _sdpa().backward_operands_sdpa(do, delta, out)
+        if prepared is not None:
+            return BackwardOperands(*prepared, backend="sdpa")
+        chosen = "triton" if do.device.type == "cuda" else "torch"
+    return BackwardOperands(do, _delta_of(out, do) if delta is None else delta, None, chosen)
 
 
 def merge_partials_(o_acc: torch.Tensor, lse_acc: torch.Tensor, o_blk: torch.Tensor, lse_blk: torch.Tensor) -> None:
@@ -90,7 +139,7 @@ def merge_partials_(o_acc: torch.Tensor, lse_acc: torch.Tensor, o_blk: torch.Ten
     safe = torch.where(torch.isinf(lse_new), torch.zeros_like(lse_new), lse_new)
     w_acc = torch.exp(lse_acc - safe).transpose(1, 2).unsqueeze(-1)
     w_blk = torch.exp(lse_blk - safe).transpose(1, 2).unsqueeze(-1)
-    o_acc.mul_(w_acc).add_(w_blk * o_blk.to(o_acc.dtype))
+    o_acc.mul_(w_acc).addcmul_(w_blk, o_blk.to(o_acc.dtype))
     lse_acc.copy_(lse_new)
 
 

@@ -10,11 +10,19 @@ Ops used:
 * CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` and its ``_backward``. They take
   [B, H, T, D] views (we pass ``x.transpose(1, 2)``, no copy), fp64 natively, and GQA natively
   (query head h reads KV head h // G, checked against the reference). Non-fp64 inputs are cast to
-  fp32 first, so results are those of the fp32 reference.
+  fp32 first, so results are those of the fp32 reference. Their outputs come back in the memory
+  order of the query ([B, T, H, D] for our views), so ``o.transpose(1, 2)`` and the grads are
+  contiguous [B, T, H, D] tensors, handed on without a copy.
 * CUDA (opt-in): ``aten._scaled_dot_product_flash_attention`` and its ``_backward`` for fp16/bf16 with D % 8 == 0, D <= 256. The CUDA op has no GQA, so K/V are
   expanded to Hq heads *locally inside this call only* (a compute copy, never communicated) and
   dk/dv are summed over each group. The block output and grads come out in the input dtype and
   are cast to fp32: one bf16 rounding per block that the Triton backend does not have.
+
+Version check. These ops are private to torch. Before their first use on a device type,
+:func:`fused_ops_problem` checks that they exist with the positional argument names and order, the
+``scale`` keyword and the leading return values this module relies on (``op.default._schema``);
+if not, :func:`sdpa_supports` is False for that device type (the dispatcher then runs the
+reference / Triton kernels: exact, slower) and a ``RuntimeWarning`` says so, once per process.
 
 Strides. The CPU ops read every tensor operand (q, k, v; in backward also grad_out and out)
 through its batch, head and token strides only and assume a unit-stride head-dim axis
@@ -26,25 +34,39 @@ batch / token / head axes, fp64 and fp32). :func:`_operand` copies an operand on
 axis is not unit-stride, in the same pass as the dtype cast.
 
 Masks. The fused ops know "no mask" and top-left causal (key j visible to query i iff j <= i,
-whatever Tq and Tk). :func:`_pieces` rewrites any ``diagonal_offset`` m into at most two such
-pieces, each a (query range, key range, causal) triple with square causal pieces (the CUDA flash
-op aligns causal masks bottom-right when Tq != Tk):
+whatever Tq and Tk on CPU; the CUDA flash op aligns causal masks bottom-right when Tq != Tk, so
+its causal pieces are square). :func:`_pieces` rewrites any ``diagonal_offset`` m into at most
+two such pieces, each a (query range, key range, causal) triple:
 
+* m >= Tk - 1 or None: no mask (one piece);
 * m <= 0: queries [-m, Tq) against all keys, causal (rows i < -m see nothing: o = 0, lse = -inf);
-* 0 < m < Tk - 1: all queries against keys [0, m], no mask, plus queries [1, Tq) against keys
-  [m + 1, Tk), causal; the forward merges the two by log-sum-exp, the backward adds their grads;
-* m >= Tk - 1 or None: no mask.
+  one piece on CPU; on CUDA the square causal part plus a no-mask piece for the rows below it;
+* 0 < m < Tk - 1: on CPU all queries against keys [0, m), no mask, plus all queries against keys
+  [m, Tk), causal; on CUDA all queries against keys [0, m], plus queries [1, Tq) against keys
+  [m + 1, Tk), causal (square). The forward merges the pieces by log-sum-exp, the backward adds
+  their grads.
+
+The first piece that covers every row is handed on as is (no zero-filled buffer, no merge).
 
 Backward. The fused backward ops take (grad_out, q, k, v, out, logsumexp) and compute
 ``D = rowsum(out * grad_out)`` themselves, then dS = exp(s - logsumexp) * (dP - D). We pass the
-given row-global lse and an ``out`` *reconstructed from the given delta*
-(:func:`_out_for_delta`): out = u * delta / (u . do) with u = do / max|do|, so
-rowsum(out * do) = delta up to a few ulps. This keeps the dispatcher's (lse, delta) API, and delta
-may carry an lse gradient (``delta - dlse``). Rows where do = 0 but delta != 0 (a loss on lse
-only) have no such out: that block falls back to the reference (exact, slower). -inf lse rows are
-treated as 0, like the reference.
+given row-global lse (-inf rows as 0, like the reference) and an ``out`` with
+rowsum(out * do) = delta:
+
+* the caller's ``out`` when it has one: the driver passes the forward's final output o whenever
+  delta = rowsum(o * do) (no lse gradient), sliced like do; exact, nothing computed;
+* otherwise one reconstructed from delta (:func:`_out_for_delta`): out = u * delta / (u . do)
+  with u = do / max|do|, so rowsum(out * do) = delta up to a few ulps. delta may carry an lse
+  gradient (``delta - dlse``). Rows where do = 0 but delta != 0 (a loss on lse only) have no
+  such out. The driver builds it once per call (:func:`backward_operands_sdpa`, one host
+  synchronisation per call, none per block) and runs the whole call on the reference kernels
+  (exact, slower) when such a row exists; a direct call of
+  :func:`attention_block_backward_sdpa` without ``out`` builds it for its block and falls back
+  for that block.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -53,9 +75,11 @@ from seqpar.kernels.softmax_reference import attention_block_backward_reference,
 
 __all__ = [
     "sdpa_supports",
+    "fused_ops_problem",
     "attention_block_forward_sdpa",
     "attention_block_backward_sdpa",
     "attention_block_accumulate_sdpa_",
+    "backward_operands_sdpa",
 ]
 
 _CPU_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -63,11 +87,84 @@ _CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
 Piece = tuple[int, int, int, int, bool]  # q_start, q_stop, k_start, k_stop, causal
 
+# What this module relies on, per device type: (op name, positional argument names in the order we
+# pass them, leading return names). Every op is also called with the keyword ``scale``.
+FUSED_OPS: dict[str, tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]] = {
+    "cpu": (
+        ("_scaled_dot_product_flash_attention_for_cpu",
+         ("query", "key", "value", "dropout_p", "is_causal"), ("output", "logsumexp")),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward",
+         ("grad_out", "query", "key", "value", "out", "logsumexp", "dropout_p", "is_causal"),
+         ("grad_query", "grad_key", "grad_value")),
+    ),
+    "cuda": (
+        ("_scaled_dot_product_flash_attention",
+         ("query", "key", "value", "dropout_p", "is_causal", "return_debug_mask"), ("output", "logsumexp")),
+        ("_scaled_dot_product_flash_attention_backward",
+         ("grad_out", "query", "key", "value", "out", "logsumexp", "cum_seq_q", "cum_seq_k", "max_q", "max_k",
+          "dropout_p", "is_causal", "philox_seed", "philox_offset"),
+         ("grad_query", "grad_key", "grad_value")),
+    ),
+}
+_FUSED_OPS_OK: dict[str, bool] = {}  # device type -> checked result (filled at first use)
+
+
+def _op_schema(name: str):
+    """The schema of ``aten::name.default`` (raises if there is no such op)."""
+    return getattr(torch.ops.aten, name).default._schema
+
+
+def _schema_problem(name: str, positional: tuple[str, ...], returns: tuple[str, ...]) -> str | None:
+    try:
+        schema = _op_schema(name)
+    except Exception as e:  # noqa: BLE001 - a missing op shows up as AttributeError or RuntimeError
+        return f"aten::{name} is missing ({type(e).__name__})"
+    args = list(schema.arguments)
+    given = [a.name for a in args if not a.kwarg_only]
+    if given[:len(positional)] != list(positional):
+        return f"aten::{name} takes ({', '.join(given)}), expected ({', '.join(positional)}) first"
+    if "scale" not in [a.name for a in args]:
+        return f"aten::{name} has no 'scale' argument"
+    required = [a.name for a in args if a.name not in positional and a.name != "scale" and not a.has_default_value()]
+    if required:
+        return f"aten::{name} requires arguments this module does not pass: {', '.join(required)}"
+    got = [r.name for r in schema.returns]
+    if got[:len(returns)] != list(returns):
+        return f"aten::{name} returns ({', '.join(map(str, got))}), expected ({', '.join(returns)}) first"
+    return None
+
+
+def fused_ops_problem(device_type: str) -> str | None:
+    """Why the fused ops of ``device_type`` ("cpu", "cuda") cannot be used with this torch, or None
+    when they exist with the signatures this module calls them with."""
+    ops = FUSED_OPS.get(device_type)
+    if ops is None:
+        return f"no fused attention ops are known for device type {device_type!r}"
+    for name, positional, returns in ops:
+        problem = _schema_problem(name, positional, returns)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _fused_ops_available(device_type: str) -> bool:
+    """:func:`fused_ops_problem` checked once per device type; a problem warns once."""
+    ok = _FUSED_OPS_OK.get(device_type)
+    if ok is None:
+        problem = fused_ops_problem(device_type)
+        ok = _FUSED_OPS_OK[device_type] = problem is None
+        if problem is not None:
+            warnings.warn(f"seqpar: the 'sdpa' attention backend is off on {device_type} with torch "
+                          f"{torch.__version__}: {problem}; using the reference kernels instead (exact, slower)",
+                          RuntimeWarning, stacklevel=3)
+    return ok
+
 
 def sdpa_supports(q: torch.Tensor, k: torch.Tensor, diagonal_offset: int | None = None,
                   v: torch.Tensor | None = None) -> bool:
     """Whether the fused ops can compute this block (every ``diagonal_offset`` is expressible;
-    the limits are device, dtype, shapes). False means: use the reference / Triton instead."""
+    the limits are device, dtype, shapes, and the torch version's ops). False means: use the
+    reference / Triton instead."""
     if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0]:
         return False
     if q.shape[1] == 0 or k.shape[1] == 0 or k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
@@ -78,17 +175,22 @@ def sdpa_supports(q: torch.Tensor, k: torch.Tensor, diagonal_offset: int | None 
     if q.device != k.device or q.dtype != k.dtype:
         return False
     if q.device.type == "cpu":
-        return q.dtype in _CPU_DTYPES
+        return q.dtype in _CPU_DTYPES and _fused_ops_available("cpu")
     if q.device.type == "cuda":
-        return q.dtype in _CUDA_DTYPES and head_dim % 8 == 0 and head_dim <= 256
+        return q.dtype in _CUDA_DTYPES and head_dim % 8 == 0 and head_dim <= 256 and _fused_ops_available("cuda")
     return False
 
 
-def _pieces(tq: int, tk: int, diagonal_offset: int | None) -> list[Piece]:
-    """Cover the visible (query, key) pairs by disjoint no-mask / square top-left-causal pieces."""
+def _pieces(tq: int, tk: int, diagonal_offset: int | None, square: bool = True) -> list[Piece]:
+    """Cover the visible (query, key) pairs by disjoint no-mask / top-left-causal pieces; causal
+    pieces are square when ``square`` (the CUDA op), of any shape otherwise (the CPU op)."""
     m = diagonal_offset
     if m is None or m >= tk - 1:
         return [(0, tq, 0, tk, False)]
+    if not square:
+        if m <= 0:
+            return [(-m, tq, 0, tk, True)] if -m < tq else []
+        return [(0, tq, 0, m, False), (0, tq, m, tk, True)]
     if m <= 0:
         raw = [(-m, tq, 0, tk)] if -m < tq else []
         pieces: list[Piece] = []
@@ -127,6 +229,11 @@ def _operand(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype, memory_format=torch.contiguous_format)
 
 
+def _op_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the fused op of ``device`` reads: the compute dtype on CPU, the input's on CUDA."""
+    return compute_dtype(dtype) if device.type == "cpu" else dtype
+
+
 def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """One piece: (o [B, Tq, Hq, D], lse [B, Hq, Tq]) in the compute dtype."""
@@ -138,10 +245,10 @@ def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
             q.transpose(1, 2), _expand_kv(k, group).transpose(1, 2), _expand_kv(v, group).transpose(1, 2),
             0.0, causal, False, scale=scale)
         return out[0].transpose(1, 2).to(cd), out[1].to(cd)
-    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+    out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         _operand(q, cd).transpose(1, 2), _operand(k, cd).transpose(1, 2), _operand(v, cd).transpose(1, 2),
         0.0, causal, scale=scale)
-    return o.transpose(1, 2), lse
+    return out[0].transpose(1, 2), out[1]
 
 
 def _fused_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -161,70 +268,111 @@ def _fused_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
             t(do), t(q), t(ke), t(ve), t(out), lse.to(torch.float32).contiguous(), None, None,
             q.shape[1], k.shape[1], 0.0, causal, seed, torch.zeros((), dtype=torch.uint64, device=q.device),
             scale=scale)
-        dq, dk, dv = (t(g).to(cd) for g in grads)
+        dq, dk, dv = (t(g).to(cd) for g in grads[:3])
         return dq, _reduce_kv(dk, group), _reduce_kv(dv, group)
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         *(t(_operand(x, cd)) for x in (do, q, k, v, out)), lse.to(cd), 0.0, causal, scale=scale)
-    return t(dq), t(dk), t(dv)
+    return t(grads[0]), t(grads[1]), t(grads[2])
 
 
 def _out_for_delta(do: torch.Tensor, delta: torch.Tensor) -> torch.Tensor | None:
     """An ``out`` [B, Tq, Hq, D] (compute dtype) with rowsum(out * do) = delta [B, Hq, Tq] to a few
-    ulps, or None when some row has do = 0 and delta != 0 (or the result is not finite)."""
+    ulps, or None when some row has do = 0 and delta != 0 (or the result is not finite). One host
+    synchronisation (the data-dependent None)."""
     cd = compute_dtype(do.dtype)
     dof = do.to(cd)
     top = dof.abs().amax(dim=-1, keepdim=True)
     u = dof / torch.where(top > 0, top, torch.ones_like(top))  # |u| <= 1, no underflow in u . do
     norm = (u * dof).sum(dim=-1, keepdim=True)  # = |do|^2 / max|do| >= max|do|
     d = delta.to(cd).transpose(1, 2).unsqueeze(-1)
-    if bool(((norm == 0) & (d != 0)).any()):
-        return None
     out = u * (d / torch.where(norm > 0, norm, torch.ones_like(norm)))
-    return out if bool(torch.isfinite(out).all()) else None
+    # a row with norm = 0 has u = 0, hence out = 0 and rowsum(out * do) = 0: wrong iff its delta != 0
+    bad = ((norm == 0) & (d != 0)).any() | ~torch.isfinite(out).all()
+    return None if bool(bad) else out
+
+
+def backward_operands_sdpa(do: torch.Tensor, delta: torch.Tensor | None, out: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+    """Once per call, for every block backward of the call: ``(do, delta, out)`` with do (and out)
+    cast / laid out for the fused op once (so the per-block :func:`_operand` copies nothing) and
+    rowsum(out * do) = delta. ``out`` given (then ``delta`` may be None: it is that rowsum) is
+    used as is; otherwise it is reconstructed from ``delta`` (:func:`_out_for_delta`, one host
+    synchronisation). None when the fused ops are unavailable on this device or no such out
+    exists (a row with do = 0, delta != 0): run the call on the reference / Triton kernels."""
+    if do.device.type not in FUSED_OPS or not _fused_ops_available(do.device.type):
+        return None
+    dtype = _op_dtype(do.dtype, do.device)
+    do = _operand(do, dtype)
+    if out is None:
+        if delta is None:
+            raise ValueError("backward_operands_sdpa needs delta or out")
+        out = _out_for_delta(do, delta)
+        if out is None:
+            return None
+    return do, delta, _operand(out, dtype)
 
 
 def attention_block_forward_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
                                  diagonal_offset: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o, lse) of one block on the fused op (call only where :func:`sdpa_supports`)."""
+    """(o, lse) of one block on the fused op (call only where :func:`sdpa_supports`). A single piece
+    covering every row is returned as the op made it (o a [B, Tq, Hq, D] view, lse possibly strided)."""
     B, Tq, Hq, _ = q.shape
-    pieces = _pieces(Tq, k.shape[1], diagonal_offset)
-    if len(pieces) == 1 and pieces[0][:2] == (0, Tq):
-        _, _, ks, ke, causal = pieces[0]
-        return _fused_forward(q, k[:, ks:ke], v[:, ks:ke], scale, causal)
     cd = compute_dtype(q.dtype)
-    o = torch.zeros(B, Tq, Hq, v.shape[-1], dtype=cd, device=q.device)
-    lse = torch.full((B, Hq, Tq), float("-inf"), dtype=cd, device=q.device)
-    for qs, qe, ks, ke, causal in pieces:
+    o = lse = None
+    for qs, qe, ks, ke, causal in _pieces(Tq, k.shape[1], diagonal_offset, square=q.device.type == "cuda"):
         o_p, lse_p = _fused_forward(q[:, qs:qe], k[:, ks:ke], v[:, ks:ke], scale, causal)
+        if o is None and (qs, qe) == (0, Tq):
+            o, lse = o_p, lse_p
+            continue
+        if o is None:
+            o = torch.zeros(B, Tq, Hq, v.shape[-1], dtype=cd, device=q.device)
+            lse = torch.full((B, Hq, Tq), float("-inf"), dtype=cd, device=q.device)
         merge_partials_(o[:, qs:qe], lse[:, :, qs:qe], o_p, lse_p)
+    if o is None:  # no row sees a key
+        o = torch.zeros(B, Tq, Hq, v.shape[-1], dtype=cd, device=q.device)
+        lse = torch.full((B, Hq, Tq), float("-inf"), dtype=cd, device=q.device)
     return o, lse
 
 
+def _add_rows_(acc: torch.Tensor | None, part: torch.Tensor, start: int, stop: int, length: int) -> torch.Tensor:
+    """``acc`` (allocated on first use; a part covering all ``length`` rows is taken as is) plus
+    ``part`` on rows [start, stop) of dim 1."""
+    if acc is None:
+        if (start, stop) == (0, length):
+            return part
+        acc = torch.zeros((part.shape[0], length) + tuple(part.shape[2:]), dtype=part.dtype, device=part.device)
+    acc[:, start:stop] += part
+    return acc
+
+
 def attention_block_backward_sdpa(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                  lse: torch.Tensor, delta: torch.Tensor, *, scale: float,
-                                  diagonal_offset: int | None = None
+                                  lse: torch.Tensor, delta: torch.Tensor | None, *, scale: float,
+                                  diagonal_offset: int | None = None, out: torch.Tensor | None = None
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of one block given the row-global ``lse`` and ``delta`` (see module doc)."""
-    out = _out_for_delta(do, delta)
+    """(dq, dk, dv) of one block given the row-global ``lse`` and ``delta`` (see module doc).
+
+    ``out`` [B, Tq, Hq, D]: any tensor with rowsum(out * do) = delta (then ``delta`` may be None),
+    e.g. from :func:`backward_operands_sdpa`; without it one is reconstructed for this block."""
     if out is None:
-        return attention_block_backward_reference(do, q, k, v, lse, delta, scale=scale,
-                                                  diagonal_offset=diagonal_offset)
+        out = _out_for_delta(do, delta)
+        if out is None:
+            return attention_block_backward_reference(do, q, k, v, lse, delta, scale=scale,
+                                                      diagonal_offset=diagonal_offset)
     cd = compute_dtype(q.dtype)
     lse_f = lse.to(cd)
     lse_f = torch.where(torch.isinf(lse_f), torch.zeros_like(lse_f), lse_f)
     Tq, Tk = q.shape[1], k.shape[1]
-    pieces = _pieces(Tq, Tk, diagonal_offset)
-    if len(pieces) == 1 and pieces[0][:4] == (0, Tq, 0, Tk):
-        return _fused_backward(do, q, k, v, out, lse_f, scale, pieces[0][4])
-    dq = torch.zeros(q.shape, dtype=cd, device=q.device)
-    dk = torch.zeros(k.shape, dtype=cd, device=q.device)
-    dv = torch.zeros(v.shape, dtype=cd, device=q.device)
-    for qs, qe, ks, ke, causal in pieces:
+    dq = dk = dv = None
+    for qs, qe, ks, ke, causal in _pieces(Tq, Tk, diagonal_offset, square=q.device.type == "cuda"):
         dq_p, dk_p, dv_p = _fused_backward(do[:, qs:qe], q[:, qs:qe], k[:, ks:ke], v[:, ks:ke], out[:, qs:qe],
                                            lse_f[:, :, qs:qe], scale, causal)
-        dq[:, qs:qe] += dq_p
-        dk[:, ks:ke] += dk_p
-        dv[:, ks:ke] += dv_p
+        dq = _add_rows_(dq, dq_p, qs, qe, Tq)
+        dk = _add_rows_(dk, dk_p, ks, ke, Tk)
+        dv = _add_rows_(dv, dv_p, ks, ke, Tk)
+    if dq is None:  # no row sees a key
+        dq = torch.zeros(q.shape, dtype=cd, device=q.device)
+        dk = torch.zeros(k.shape, dtype=cd, device=q.device)
+        dv = torch.zeros(v.shape, dtype=cd, device=q.device)
     return dq, dk, dv
 
 

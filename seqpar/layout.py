@@ -234,6 +234,71 @@ def plan_blocks(q_segments: Sequence[Segment], k_segments: Sequence[Segment], ca
     return tasks
 
 
+def _joined(first: BlockTask, second: BlockTask) -> BlockTask | None:
+    """``first`` and ``second`` as one task, when ``second`` continues ``first`` below it (same
+    keys, the next rows) or right of it (same rows, the next keys) and one diagonal offset
+    reproduces both masks; else None."""
+    m1, m2 = first.diagonal_offset, second.diagonal_offset
+    if (first.k_start, first.k_len) == (second.k_start, second.k_len) and \
+            first.q_start + first.q_len == second.q_start:
+        # rows of second are rows q_len.. of the union: key j visible iff j <= i + M
+        if m1 is None:
+            offset = None if m2 is None else False  # the rows above see every key, so must these
+        elif m2 is None:
+            offset = m1 if first.q_len + m1 >= first.k_len - 1 else False
+        else:
+            offset = m1 if m2 == m1 + first.q_len else False
+        length = first.q_len + second.q_len
+        task = BlockTask(first.q_start, length, first.k_start, first.k_len, None)
+    elif (first.q_start, first.q_len) == (second.q_start, second.q_len) and \
+            first.k_start + first.k_len == second.k_start:
+        # keys of second are keys k_len.. of the union: key j' visible iff j' + k_len <= i + M
+        if m1 is None:
+            offset = None if m2 is None else (m2 + first.k_len if m2 >= -1 else False)
+        else:
+            offset = m1 if m2 is not None and m2 == m1 - first.k_len else False
+        task = BlockTask(first.q_start, first.q_len, first.k_start, first.k_len + second.k_len, None)
+    else:
+        return None
+    if offset is False:
+        return None
+    if offset is not None and offset >= task.k_len - 1:
+        offset = None
+    return BlockTask(task.q_start, task.q_len, task.k_start, task.k_len, offset)
+
+
+def merge_block_tasks(tasks: Sequence[BlockTask]) -> list[BlockTask]:
+    """Fewer, larger tasks with exactly the (query, key) pairs and masks of ``tasks``
+    (:func:`plan_blocks`' output for one key block).
+
+    Two tasks merge when one continues the other in the local query index with the same keys, or
+    in the local key index with the same queries, and one mask covers both, with diagonal offset
+    None (no mask) or <= 0: the masks that fused attention kernels take in one call (top-left
+    causal: each row sees one key more than the row above it, the first row sees keys [0, m]).
+    E.g. zigzag's own block, whose early half is causal and whose late half sees every key of the
+    early half, becomes one causal task (queries of both halves against the early keys) plus the
+    late half's causal diagonal; two unmasked tasks of the same queries against consecutive key
+    segments become one. Merges into a mask with offset > 0 are left out (a fused kernel would
+    split them again). The order of the result is not that of ``tasks``.
+    """
+    merged = list(tasks)
+    changed = True
+    while changed and len(merged) > 1:
+        changed = False
+        for key in (lambda t: (t.k_start, t.k_len, t.q_start), lambda t: (t.q_start, t.q_len, t.k_start)):
+            merged.sort(key=key)
+            out: list[BlockTask] = []
+            for task in merged:
+                joined = _joined(out[-1], task) if out else None
+                if joined is not None and (joined.diagonal_offset is None or joined.diagonal_offset <= 0):
+                    out[-1] = joined
+                    changed = True
+                else:
+                    out.append(task)
+            merged = out
+    return merged
+
+
 # ---------------------------------------------------------------------------------------------
 # Shard / unshard over a process group.
 

@@ -2,21 +2,32 @@
 
 Tolerances: fp64 inputs 1e-12 (both sides are fp64; differences are summation order), fp32
 inputs 1e-5 absolute on O(1) values. The CUDA path of the backend has never run (no GPU here);
-its test skips without CUDA.
+its test skips without CUDA. Also: the backward with a given ``out`` and the once-per-call
+``prepare_backward`` (host synchronisations counted), and the version check of the private
+fused ops (the installed torch passes; simulated mismatches warn once and fall back).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from seqpar.kernels import attention_block_accumulate_, attention_block_backward, attention_block_forward
+import seqpar
+from seqpar.kernels import (
+    attention_block_accumulate_,
+    attention_block_backward,
+    attention_block_forward,
+    attention_reference,
+)
 from seqpar.kernels.softmax import block_backend, merge_partials_, resolve_backend
 from seqpar.kernels.softmax_reference import attention_block_backward_reference, attention_block_forward_reference
+from seqpar.kernels import softmax_sdpa
+from seqpar.kernels.softmax import prepare_backward
 from seqpar.kernels.softmax_sdpa import (
     _out_for_delta,
     _pieces,
     attention_block_backward_sdpa,
     attention_block_forward_sdpa,
+    fused_ops_problem,
     sdpa_supports,
 )
 
@@ -134,17 +145,23 @@ def test_strided_views_and_low_precision_inputs():
     _close(o, o_ref, 1e-5, "bf16 o")
 
 
-def test_pieces_cover_the_mask_exactly():
+@pytest.mark.parametrize("square", [True, False])
+def test_pieces_cover_the_mask_exactly(square):
+    """square: the CUDA op's pieces (causal pieces square); else the CPU op's (top-left causal of
+    any shape: at most one piece for m <= 0, two for 0 < m < Tk - 1)."""
     for tq, tk in [(1, 1), (5, 9), (9, 5), (8, 8)]:
         for m in [None, -10, -3, -1, 0, 1, 2, 7, 8, 30]:
             covered = torch.zeros(tq, tk, dtype=torch.int64)
-            for qs, qe, ks, ke, causal in _pieces(tq, tk, m):
-                assert not causal or qe - qs == ke - ks  # causal pieces are square
+            pieces = _pieces(tq, tk, m, square=square)
+            for qs, qe, ks, ke, causal in pieces:
+                assert not (square and causal) or qe - qs == ke - ks  # causal pieces are square
                 block = torch.ones(qe - qs, ke - ks, dtype=torch.int64)
                 covered[qs:qe, ks:ke] += block.tril() if causal else block
             i, j = torch.arange(tq).unsqueeze(1), torch.arange(tk).unsqueeze(0)
             want = torch.ones(tq, tk, dtype=torch.int64) if m is None else (j <= i + m).long()
             assert torch.equal(covered, want), (tq, tk, m)
+            if not square:
+                assert len(pieces) <= (1 if m is None or m <= 0 or m >= tk - 1 else 2)
 
 
 def test_dispatcher_choice():
@@ -167,6 +184,119 @@ def test_dispatcher_choice():
     o, lse = attention_block_forward(q, k, v_wide, scale=0.3, diagonal_offset=0, backend="sdpa")
     o_ref, lse_ref = attention_block_forward_reference(q, k, v_wide, scale=0.3, diagonal_offset=0)
     _close(o, o_ref, 0.0, "fallback o")
+
+
+@pytest.mark.parametrize("offset", [None, 0, -3, 5])
+def test_backward_with_given_out(offset):
+    """``out`` = the block's own output (delta = rowsum(o * do), no lse gradient): delta may be None,
+    and the result is the reference's, through the dispatcher too (sdpa and the fallbacks)."""
+    q, k, v, do = _inputs(24, 30, 4, 2, torch.float64, seed=41)
+    o, lse = attention_block_forward_reference(q, k, v, scale=0.3, diagonal_offset=offset)
+    delta = (o * do).sum(-1).transpose(1, 2)
+    ref = attention_block_backward_reference(do, q, k, v, lse, delta, scale=0.3, diagonal_offset=offset)
+    got = attention_block_backward_sdpa(do, q, k, v, lse, None, scale=0.3, diagonal_offset=offset, out=o)
+    for backend in ("sdpa", "torch"):
+        via = attention_block_backward(do, q, k, v, lse, None, scale=0.3, diagonal_offset=offset, backend=backend,
+                                       out=o)
+        for name, a, b, c in zip(("dq", "dk", "dv"), got, via, ref):
+            _close(a, c, 1e-12, name)
+            _close(b, c, 1e-12, f"{backend} {name}")
+
+
+class _CountSyncs:
+    """Counts ``bool(tensor)`` (the host synchronisations of this backend) while active."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        original = torch.Tensor.__bool__
+
+        def counting(t):
+            self.count += 1
+            return original(t)
+
+        monkeypatch.setattr(torch.Tensor, "__bool__", counting)
+
+
+def test_prepare_backward_once_per_call(monkeypatch):
+    """The per-call preparation: out given -> no synchronisation; reconstructed from delta -> one;
+    a row with do = 0 and delta != 0 -> the whole call on the reference backend (exact)."""
+    q, k, v, do = _inputs(16, 16, 4, 2, torch.float64, seed=5)
+    o, lse = attention_block_forward_reference(q, k, v, scale=0.5, diagonal_offset=0)
+    delta = (o * do).sum(-1).transpose(1, 2) - 0.125
+    syncs = _CountSyncs(monkeypatch)
+    ops = prepare_backward(do, None, out=o, backend="auto")
+    assert ops.backend == "sdpa" and ops.out is o and ops.delta is None and syncs.count == 0
+    ops = prepare_backward(do, delta, backend="sdpa")
+    assert ops.backend == "sdpa" and syncs.count == 1
+    _close((ops.out * ops.do).sum(-1).transpose(1, 2), delta, 1e-14, "rowsum(out * do)")
+    for rows in (slice(0, 7), slice(7, 16)):  # the blocks of a call: slices, no further synchronisation
+        got = attention_block_backward(ops.do[:, rows], q[:, rows], k, v, lse[:, :, rows], ops.delta[:, :, rows],
+                                       scale=0.5, diagonal_offset=rows.start, backend=ops.backend,
+                                       out=ops.out[:, rows])
+        ref = attention_block_backward_reference(do[:, rows], q[:, rows], k, v, lse[:, :, rows], delta[:, :, rows],
+                                                 scale=0.5, diagonal_offset=rows.start)
+        for name, a, b in zip(("dq", "dk", "dv"), got, ref):
+            _close(a, b, 1e-12, name)
+    assert syncs.count == 1
+    do_bad = do.clone()
+    do_bad[1, 3, 2] = 0.0
+    ops = prepare_backward(do_bad, delta, backend="sdpa")
+    assert ops.backend == "torch" and ops.out is None and ops.delta is delta
+    assert prepare_backward(do, delta, backend="torch").backend == "torch"
+
+
+def test_fused_ops_check_accepts_installed_torch():
+    """The private aten ops exist with the argument names / order this module passes."""
+    assert fused_ops_problem("cpu") is None, fused_ops_problem("cpu")
+    assert fused_ops_problem("cuda") is None, fused_ops_problem("cuda")  # schemas exist in CPU builds too
+    q, k, v, _ = _inputs(8, 8, 2, 2, torch.float32, seed=2)
+    assert sdpa_supports(q, k, 0, v)
+
+
+_SWAPPED = ("aten::_scaled_dot_product_flash_attention_for_cpu(Tensor query, Tensor key, Tensor value, "
+            "bool is_causal=False, float dropout_p=0., *, Tensor? attn_mask=None, float? scale=None) "
+            "-> (Tensor output, Tensor logsumexp)")
+
+
+@pytest.mark.parametrize("mismatch", ["swapped", "missing", "returns"])
+def test_fused_ops_mismatch_falls_back(monkeypatch, mismatch):
+    """A torch whose private op changed (simulated): one RuntimeWarning, then every call runs on
+    the reference kernels and gives the reference's answer; nothing raises."""
+    import warnings
+
+    original = softmax_sdpa._op_schema
+
+    def fake_schema(name):
+        if name != "_scaled_dot_product_flash_attention_for_cpu":
+            return original(name)
+        if mismatch == "missing":
+            raise AttributeError(f"no op {name}")
+        if mismatch == "returns":
+            return torch._C.parse_schema(_SWAPPED.replace("bool is_causal=False, float dropout_p=0.",
+                                                          "float dropout_p=0., bool is_causal=False")
+                                         .replace("(Tensor output, Tensor logsumexp)", "Tensor output"))
+        return torch._C.parse_schema(_SWAPPED)
+
+    monkeypatch.setattr(softmax_sdpa, "_op_schema", fake_schema)
+    monkeypatch.setattr(softmax_sdpa, "_FUSED_OPS_OK", {})
+    assert fused_ops_problem("cpu") is not None
+    q, k, v, do = _inputs(12, 12, 4, 2, torch.float64, seed=9)
+    with pytest.warns(RuntimeWarning, match="'sdpa' attention backend is off on cpu"):
+        o, lse = attention_block_forward(q, k, v, scale=0.3, diagonal_offset=0, backend="sdpa")
+    o_ref, lse_ref = attention_block_forward_reference(q, k, v, scale=0.3, diagonal_offset=0)
+    _close(o, o_ref, 0.0, "o")
+    _close(lse, lse_ref, 0.0, "lse")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: no second warning
+        assert block_backend("auto", q, k, v, 0) == "torch"
+        assert prepare_backward(do, None, out=o, backend="auto").backend == "torch"
+        qa, ka, va = (x.clone().requires_grad_() for x in (q, k, v))
+        out = seqpar.attention(qa, ka, va, strategy="ring", causal=True)
+        out.backward(do)
+    ref = [x.clone().requires_grad_() for x in (q, k, v)]
+    attention_reference(*ref, causal=True)[0].backward(do)
+    for name, a, b in zip(("dq", "dk", "dv"), (qa.grad, ka.grad, va.grad), (x.grad for x in ref)):
+        _close(a, b, 1e-12, name)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -47,8 +47,10 @@ def _heads(strategy: str, world_size: int, gqa: bool) -> tuple[int, int]:
 
 
 def _make_case(world_size: int, num_q_heads: int, num_kv_heads: int, causal: bool, dtype: torch.dtype,
-               seed: int) -> dict:
-    """Full inputs, loss weights and the fp64 reference results of one case."""
+               seed: int, lse_loss: bool = True) -> dict:
+    """Full inputs, loss weights and the fp64 reference results of one case. ``lse_loss=False``:
+    the loss ignores the returned lse (w_lse None), so the backward gets no lse gradient and the
+    driver hands the forward's o to the fused backward instead of reconstructing one."""
     gen = torch.Generator().manual_seed(seed)
     length = world_size * _local_len(world_size)
 
@@ -59,9 +61,10 @@ def _make_case(world_size: int, num_q_heads: int, num_kv_heads: int, causal: boo
         draw(BATCH, length, num_kv_heads, HEAD_DIM)
     q, k, v = (x.to(dtype) for x in (q, k, v))
     w_o, w_lse = draw(BATCH, length, num_q_heads, HEAD_DIM), draw(BATCH, num_q_heads, length)
+    w_lse = w_lse if lse_loss else None
     ref_inputs = [x.detach().to(torch.float64).requires_grad_() for x in (q, k, v)]
     o, lse = attention_reference(*ref_inputs, causal=causal)
-    ((o * w_o).sum() + (lse * w_lse).sum()).backward()
+    ((o * w_o).sum() + ((lse * w_lse).sum() if lse_loss else 0)).backward()
     expected = [o.detach(), lse.detach()] + [x.grad for x in ref_inputs]
     return dict(inputs=(q, k, v), weights=(w_o, w_lse), causal=causal, expected=expected)
 
@@ -80,8 +83,9 @@ def case_attention(ctx, strategy: str, layout: str, usp: tuple[int, int] | None,
                                   return_lse=True)
         assert o.dtype == q.dtype and o.shape == q.shape
         assert lse.shape == (q.shape[0], q.shape[2], q.shape[1])
-        loss = (o.double() * shard_tensor(w_o, layout, rank, world_size)).sum() \
-            + (lse.double() * shard_tensor(w_lse, layout, rank, world_size, dim=2)).sum()
+        loss = (o.double() * shard_tensor(w_o, layout, rank, world_size)).sum()
+        if w_lse is not None:
+            loss = loss + (lse.double() * shard_tensor(w_lse, layout, rank, world_size, dim=2)).sum()
         loss.backward()
         results.append((o.detach(), lse.detach(), q.grad, k.grad, v.grad))
     return results
@@ -112,8 +116,12 @@ CONFIGS = [("ring", w, None) for w in (1, 2, 3, 4)] + [("allgather", w, None) fo
                          ids=[f"{s}-P{w}" + (f"-u{u[0]}r{u[1]}" if u else "") for s, w, u in CONFIGS])
 def test_matches_reference_fp64(pool, strategy, layout, world_size, usp):
     seed = zlib.crc32(f"{strategy}/{layout}/{world_size}/{usp}".encode()) % 10_000
-    cases = [_make_case(world_size, *_heads(strategy, world_size, gqa), causal, torch.float64, seed + 10 * i)
-             for i, (causal, gqa) in enumerate([(True, False), (True, True), (False, False), (False, True)])]
+    # with and without a loss on lse: the two ways the fused backward gets its delta
+    cases = [_make_case(world_size, *_heads(strategy, world_size, gqa), causal, torch.float64, seed + 10 * i,
+                        lse_loss=lse_loss)
+             for i, (causal, gqa, lse_loss) in enumerate([(True, False, True), (True, True, True), (False, False, True),
+                                                          (False, True, True), (True, True, False),
+                                                          (False, False, False)])]
     _check(pool, strategy, layout, world_size, usp, cases, [FP64_TOL] * 5)
 
 
@@ -121,7 +129,8 @@ def test_matches_reference_fp64(pool, strategy, layout, world_size, usp):
     ("ring", "zigzag", 4, None), ("allgather", "striped", 3, None), ("ulysses", "contiguous", 2, None),
     ("usp", "zigzag", 4, (2, 2))])
 def test_matches_reference_fp32(pool, strategy, layout, world_size, usp):
-    cases = [_make_case(world_size, 4, 2, True, torch.float32, 7)]
+    cases = [_make_case(world_size, 4, 2, True, torch.float32, 7),
+             _make_case(world_size, 4, 2, True, torch.float32, 8, lse_loss=False)]
     _check(pool, strategy, layout, world_size, usp, cases, [FP32_TOL] * 5)
 
 
@@ -414,3 +423,151 @@ def test_triton_kernels_under_the_driver_interpreted():
     pytest.importorskip("triton")
     pytest.importorskip("numpy")
     run_case_interpreted("test_softmax_attention", "case_triton_backend", world_size=2)
+
+
+# --- merged block plans and the driver's accumulators ----------------------------------------------
+
+
+def _task_pairs(tasks, tq: int, tk: int) -> torch.Tensor:
+    """How often each (local query, local key) pair is computed by ``tasks``."""
+    covered = torch.zeros(tq, tk, dtype=torch.int64)
+    for t in tasks:
+        block = torch.ones(t.q_len, t.k_len, dtype=torch.int64)
+        if t.diagonal_offset is not None:
+            i, j = torch.arange(t.q_len).unsqueeze(1), torch.arange(t.k_len).unsqueeze(0)
+            block = (j <= i + t.diagonal_offset).long()
+        covered[t.q_start:t.q_start + t.q_len, t.k_start:t.k_start + t.k_len] += block
+    return covered
+
+
+def test_merged_plans_keep_every_pair_once():
+    """layout.merge_block_tasks: the same (query, key) pairs as plan_blocks, each once, with no
+    merged mask of offset > 0, for every layout / world size / query rank / source rank (and the
+    unsorted Ulysses rows); zigzag's causal own block is 2 kernel calls instead of 3."""
+    from seqpar.layout import concat_segments, merge_block_tasks, plan_blocks, segments
+
+    rows = []
+    for layout in LAYOUTS:
+        for world_size in (1, 2, 3, 4):
+            segs = [segments(layout, r, world_size, 12) for r in range(world_size)]
+            rows += [(segs[r], segs[s]) for r in range(world_size) for s in range(world_size)]
+        row = concat_segments([segments(layout, u, 4, 4) for u in range(4)])
+        rows.append((row, row))
+    for q_segs, k_segs in rows:
+        for causal in (True, False):
+            try:
+                planned = plan_blocks(q_segs, k_segs, causal)
+            except ValueError:  # causal rows of different strides (unsorted striped Ulysses rows)
+                continue
+            merged = merge_block_tasks(planned)
+            tq, tk = (sum(s.length for s in segs) for segs in (q_segs, k_segs))
+            assert torch.equal(_task_pairs(merged, tq, tk), _task_pairs(planned, tq, tk)), (q_segs, k_segs, causal)
+            assert _task_pairs(merged, tq, tk).max() <= 1
+            assert len(merged) <= len(planned)
+            assert all(t in planned or t.diagonal_offset is None or t.diagonal_offset <= 0 for t in merged)
+    own = segments("zigzag", 0, 2, 8)
+    assert len(plan_blocks(own, own, True)) == 3 and len(merge_block_tasks(plan_blocks(own, own, True))) == 2
+    assert len(merge_block_tasks(plan_blocks(own, segments("zigzag", 1, 2, 8), True))) == 1
+
+
+class _LocalBlocks:
+    """A K/V source without communication: the blocks of several (k, v, segments) sources, in
+    ``head_groups`` KV-head groups (like GatheredKV); backward keeps every source's dK/dV."""
+
+    def __init__(self, sources, head_groups: int):
+        from seqpar.softmax.sources import KVBlock
+
+        self.block = KVBlock
+        self.sources = sources
+        self.k, self.v = sources[0][0], sources[0][1]
+        bounds = [self.k.shape[2] * i // head_groups for i in range(head_groups + 1)]
+        self.heads = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+    def forward_blocks(self):
+        for heads in self.heads:
+            for k, v, segs in self.sources:
+                yield self.block(k[:, :, heads], v[:, :, heads], segs, heads)
+
+    def backward_blocks(self):
+        self.grads = [(torch.empty_like(k), torch.empty_like(v)) for k, v, _ in self.sources]
+        for heads in self.heads:
+            for (k, v, segs), (dk, dv) in zip(self.sources, self.grads):
+                dk[:, :, heads], dv[:, :, heads] = yield self.block(k[:, :, heads], v[:, :, heads], segs, heads)
+        return self.grads[0]
+
+
+@pytest.mark.parametrize("sources", [(0, 1), (1,)])
+def test_driver_accumulators_and_one_sync_per_call(monkeypatch, sources):
+    """The driver on one process with several blocks (KV-head groups x zigzag sources) of several
+    tasks: the first part of a region is written, later ones merged / added, regions no task
+    reaches stay empty (with only source 1, the early queries see no key); fp64 against a dense
+    reference of the same mask, on sdpa and the reference kernels. The backward synchronises with
+    the host once per call with an lse gradient (out rebuilt from delta), never without one."""
+    from seqpar.layout import segments
+    from seqpar.softmax.driver import attention_backward, attention_forward
+
+    gen = torch.Generator().manual_seed(3)
+    batch, length, hq, hkv, d, scale = 2, 12, 6, 3, 8, 0.4
+    q, do = (torch.randn(batch, length, hq, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    kv = [tuple(torch.randn(batch, length, hkv, d, generator=gen, dtype=torch.float64) for _ in range(2))
+          for _ in sources]
+    dlse = torch.randn(batch, hq, length, generator=gen, dtype=torch.float64)
+    q_segs = segments("zigzag", 0, 2, length)
+    k_segs = [segments("zigzag", r, 2, length) for r in sources]
+    q_pos = torch.cat([seg.positions() for seg in q_segs])
+    k_pos = torch.cat([seg.positions() for segs in k_segs for seg in segs])
+    visible = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
+
+    ref = [q.clone().requires_grad_(), torch.cat([k for k, _ in kv], 1).requires_grad_(),
+           torch.cat([v for _, v in kv], 1).requires_grad_()]
+    s = torch.einsum("bqhgd,bkhd->bhgqk", ref[0].view(batch, length, hkv, hq // hkv, d), ref[1]) * scale
+    s = s.masked_fill(~visible, float("-inf"))
+    lse_ref = torch.logsumexp(s, dim=-1)
+    finite = torch.where(torch.isinf(lse_ref), 0.0, lse_ref)
+    o_ref = torch.einsum("bhgqk,bkhd->bqhgd", torch.exp(s - finite.unsqueeze(-1)), ref[2]).reshape(batch, length, hq, d)
+    lse_ref = lse_ref.reshape(batch, hq, length)
+    ((o_ref * do).sum() + (finite.reshape(batch, hq, length) * dlse).sum()).backward()
+
+    def source():
+        return _LocalBlocks([(k, v, segs) for (k, v), segs in zip(kv, k_segs)], head_groups=2)
+
+    calls = 0
+    original = torch.Tensor.__bool__
+
+    def counting(t):
+        nonlocal calls
+        calls += 1
+        return original(t)
+
+    for backend in ("sdpa", "torch"):
+        o, lse = attention_forward(q, source(), q_segs, causal=True, scale=scale, backend=backend)
+        torch.testing.assert_close(o, o_ref.detach(), **FP64_TOL)
+        torch.testing.assert_close(lse, lse_ref.detach(), **FP64_TOL)
+        assert o.is_contiguous() and lse.is_contiguous()
+        if sources == (1,):
+            assert torch.all(o[:, :6] == 0) and torch.all(torch.isneginf(lse[:, :, :6]))
+        delta = (o * do).sum(-1).transpose(1, 2) - dlse
+        for with_lse in (True, False):
+            src = source()
+            calls = 0
+            monkeypatch.setattr(torch.Tensor, "__bool__", counting)
+            if with_lse:
+                dq, _, _ = attention_backward(do, q, lse, delta, src, q_segs, causal=True, scale=scale,
+                                              backend=backend)
+            else:
+                dq, _, _ = attention_backward(do, q, lse, None, src, q_segs, causal=True, scale=scale,
+                                              backend=backend, out=o)
+            monkeypatch.undo()
+            assert calls == (1 if with_lse and backend == "sdpa" else 0), (backend, with_lse, calls)
+            if with_lse:
+                got = [dq, torch.cat([g[0] for g in src.grads], 1), torch.cat([g[1] for g in src.grads], 1)]
+                for name, a, x in zip(("dq", "dk", "dv"), got, ref):
+                    torch.testing.assert_close(a, x.grad, **FP64_TOL, msg=lambda m: f"{backend} {name}: {m}")
+            else:  # against the reference kernels with delta = rowsum(o * do)
+                ref_src = source()
+                ref_dq, _, _ = attention_backward(do, q, lse, delta + dlse, ref_src, q_segs, causal=True, scale=scale,
+                                                  backend="torch")
+                torch.testing.assert_close(dq, ref_dq, **FP64_TOL)
+                for a, b in zip(src.grads, ref_src.grads):
+                    torch.testing.assert_close(a[0], b[0], **FP64_TOL)
+                    torch.testing.assert_close(a[1], b[1], **FP64_TOL)

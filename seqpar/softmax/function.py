@@ -131,18 +131,23 @@ class SoftmaxContextParallel(torch.autograd.Function):
         dtype = compute_dtype(q_h.dtype)
         # no early return when both grads are None: every rank must join the collectives below
         do_h = torch.zeros_like(o_h) if do is None else plan.to_head_shards(do.to(o_h.dtype))[0]
-        delta = (o_h.to(dtype) * do_h.to(dtype)).sum(dim=-1).transpose(1, 2)  # [B, H, T]
         if dlse is None and ctx.lse_returned and plan.ulysses_size > 1:
             # the lse gradient crosses ranks under Ulysses: a rank whose loss ignores lse joins
             # that exchange with zeros, or the ranks' collectives would pair up wrongly
             dlse = torch.zeros(do_h.shape[0], do_h.shape[2] * plan.ulysses_size, do_h.shape[1] // plan.ulysses_size,
                                dtype=dtype, device=do_h.device)
-        if dlse is not None:
+        if dlse is None:
+            # delta = rowsum(o * do): the driver takes o itself (the fused backward computes delta
+            # from it; other kernels get it computed once)
+            delta, out = None, o_h
+        else:
             # d lse / d s = p, which folds into dS = P * (dP - delta) as delta - dlse
-            delta = delta - plan.lse_to_head_shards(dlse.to(dtype))
-        dq_h, dk_h, dv_h = attention_backward(do_h, q_h, lse_h, delta.contiguous(), plan.kv_source(k_h, v_h),
+            delta = (o_h.to(dtype) * do_h.to(dtype)).sum(dim=-1).transpose(1, 2)  # [B, H, T]
+            delta = (delta - plan.lse_to_head_shards(dlse.to(dtype))).contiguous()
+            out = None
+        dq_h, dk_h, dv_h = attention_backward(do_h, q_h, lse_h, delta, plan.kv_source(k_h, v_h),
                                               plan.q_segments, causal=plan.causal, scale=plan.scale,
-                                              backend=plan.backend)
+                                              backend=plan.backend, out=out)
         out_dtype = q_h.dtype
         if plan.kv_repeat == 1:  # communicate the final grads in the input dtype
             dq_h, dk_h, dv_h = dq_h.to(out_dtype), dk_h.to(out_dtype), dv_h.to(out_dtype)

@@ -10,8 +10,10 @@ current one and waiting for it afterwards, so that communication overlaps comput
   ring axis of USP). P-1 exchanges forward; in backward dK/dV travel with K/V and arrive home.
   With one rank it is plain local attention (no communication).
 - :class:`GatheredKV`: K/V are all-gathered (LASP-2H / Llama 3), split into KV-head groups so
-  that the gather of group i+1 overlaps the compute of group i; backward re-gathers (the gathered
-  copy is not kept between forward and backward) and reduce-scatters dK/dV per head group.
+  that the gather of group i+1 overlaps the compute of group i (and the gather of group i the
+  compute of its own block, which is read from the local K/V); backward re-gathers (the gathered
+  copy is not kept between forward and backward) and reduce-scatters dK/dV per head group, built
+  by the driver right in the reduce-scatter buffer (``KVBlock.grads``).
 
 In backward a source is a generator: it yields a block, receives that block's ``(dk, dv)``
 through ``send`` and finally returns the local ``(dk, dv)`` (``StopIteration.value``).
@@ -25,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.comm import all_gather, reduce_scatter, ring_exchange
+from seqpar.kernels import compute_dtype
 from seqpar.layout import Segment
 
 KVGrads = tuple[torch.Tensor, torch.Tensor]
@@ -32,12 +35,17 @@ KVGrads = tuple[torch.Tensor, torch.Tensor]
 
 @dataclass(frozen=True)
 class KVBlock:
-    """Keys / values [B, Tk, Hg, D] of KV heads ``kv_heads`` of one source, at ``segments``."""
+    """Keys / values [B, Tk, Hg, D] of KV heads ``kv_heads`` of one source, at ``segments``.
+
+    ``grads`` (backward only, optional): (dk, dv) buffers [B, Tk, Hg, D] in the compute dtype
+    where the driver builds this block's gradients (it writes every element and sends these
+    very tensors back), so that the source needs no copy of its own."""
 
     k: torch.Tensor
     v: torch.Tensor
     segments: Sequence[Segment]
     kv_heads: slice
+    grads: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class KVSource:
@@ -99,7 +107,8 @@ class RingKV(KVSource):
 
 class GatheredKV(KVSource):
     """K/V all-gathered in ``head_groups`` groups of KV heads (gather of group i+1 overlaps the
-    compute of group i); dK/dV reduce-scattered per group."""
+    compute of group i, the gather of group i that of its own block); dK/dV reduce-scattered per
+    group. One rank gathers nothing."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None, rank: int,
                  size: int, segments_of_source: Sequence[Sequence[Segment]], head_groups: int):
@@ -110,36 +119,48 @@ class GatheredKV(KVSource):
         self.head_slices = [slice(bounds[i], bounds[i + 1]) for i in range(head_groups)]
 
     def _gather(self, group_index: int):
-        if group_index >= len(self.head_slices):
+        if group_index >= len(self.head_slices) or self.size == 1:
             return None
         heads = self.head_slices[group_index]
         # one message per group: K and V stacked -> [P, 2, B, T, Hg, D] after the gather
         return all_gather(torch.stack([self.k[:, :, heads], self.v[:, :, heads]]), self.group)
 
-    def _gathered_groups(self) -> Iterator[tuple[slice, torch.Tensor]]:
+    def _blocks(self) -> Iterator[tuple[slice, int, torch.Tensor, torch.Tensor]]:
+        """(kv heads, source rank, k, v) in visiting order. Per head group the own block comes first,
+        read from the local K/V while the group's gather is still in flight (so even the first
+        gather overlaps compute), then the gathered blocks of the other sources."""
         pending = self._gather(0)
         for index, heads in enumerate(self.head_slices):
             next_pending = self._gather(index + 1)
-            yield heads, pending.wait()
+            yield heads, self.rank, self.k[:, :, heads], self.v[:, :, heads]
+            if pending is not None:
+                kv = pending.wait()
+                for source in self.source_order()[1:]:
+                    yield heads, source, kv[source, 0], kv[source, 1]
+                del kv
             pending = next_pending
 
     def forward_blocks(self) -> Iterator[KVBlock]:
-        for heads, kv in self._gathered_groups():
-            for source in self.source_order():
-                yield KVBlock(kv[source, 0], kv[source, 1], self.segments_of_source[source], heads)
-            del kv
+        for heads, source, k, v in self._blocks():
+            yield KVBlock(k, v, self.segments_of_source[source], heads)
 
     def backward_blocks(self) -> Generator[KVBlock, KVGrads, KVGrads]:
         scattering = []
-        for heads, kv in self._gathered_groups():
-            grads = None
-            for source in self.source_order():
-                dk, dv = yield KVBlock(kv[source, 0], kv[source, 1], self.segments_of_source[source], heads)
-                if grads is None:
-                    grads = torch.zeros((self.size, 2) + tuple(dk.shape), dtype=dk.dtype, device=dk.device)
-                grads[source, 0] = dk
-                grads[source, 1] = dv
-            del kv
-            scattering.append(reduce_scatter(grads, self.group))  # overlaps the next group
+        dtype = compute_dtype(self.k.dtype)
+        grads = None
+        for heads, source, k, v in self._blocks():
+            if source == self.rank:  # the first block of a head group
+                if grads is not None:
+                    scattering.append(reduce_scatter(grads, self.group))  # overlaps the next group
+                # the driver builds each source's dK/dV right in its slot (every slot is written)
+                grads = torch.empty((self.size, 2) + tuple(k.shape), dtype=dtype, device=k.device)
+            slots = (grads[source, 0], grads[source, 1])
+            dk, dv = yield KVBlock(k, v, self.segments_of_source[source], heads, slots)
+            for slot, got in zip(slots, (dk, dv)):
+                if got is not slot:
+                    slot.copy_(got)
+        scattering.append(reduce_scatter(grads, self.group))
         parts = [handle.wait() for handle in scattering]  # each [2, B, T, Hg, D]
+        if len(parts) == 1:
+            return parts[0][0], parts[0][1]
         return torch.cat([p[0] for p in parts], dim=2), torch.cat([p[1] for p in parts], dim=2)
