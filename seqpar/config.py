@@ -205,6 +205,7 @@ class TrainConfig:
     # logging / evaluation / checkpoints
     run_dir: str = "runs/default"
     log_interval: int = 1
+    profile_every: int = 0  # run every N-th step under torch.profiler (0: never)
     eval_interval: int = 0  # 0: evaluate only at the end
     eval_batches: int = 2
     checkpoint_interval: int = 0  # 0: only at the end
@@ -228,7 +229,7 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "steps", "eval_batches", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_interval", "checkpoint_interval", "keep_checkpoints"):
+        for name in ("warmup_steps", "eval_interval", "checkpoint_interval", "keep_checkpoints", "profile_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -305,7 +306,9 @@ FIELD_HELP: dict[str, str] = {
     "amp": "bf16 autocast on CUDA",
     "activation_checkpointing": "recompute each layer in backward to save activation memory",
     "run_dir": "directory for config.json, train.log, train.jsonl, loss.png and checkpoints/",
-    "log_interval": "write a train record every this many steps",
+    "log_interval": "write a train record (step time and where it went) every this many steps",
+    "profile_every": "run every N-th step under torch.profiler: a profile record of its collectives and a trace in "
+                     "run_dir/profiles/ (0: never)",
     "eval_interval": "evaluate on held-out data every this many steps (0: only at the end)",
     "eval_batches": "held-out batches per evaluation",
     "checkpoint_interval": "save a checkpoint every this many steps (0: only at the end)",

@@ -11,7 +11,8 @@ Both serve the GLOBAL batch of a step as a pure function of (seed, step): a data
 takes its slice, every rank of a sequence-parallel group receives the same full sequences and
 shards them (:func:`seqpar.parallelize.shard_batch`). The data position saved in a checkpoint
 is therefore just the number of batches consumed, and a run resumes on the same batches with
-any data- or sequence-parallel size.
+any data- or sequence-parallel size. Each batch also carries the number of scored labels of the
+GLOBAL batch (``Batch.label_count``), so that the trainer normalises the loss without a collective.
 """
 from __future__ import annotations
 
@@ -39,10 +40,13 @@ def _batch_generator(seed: int, step: int, salt: int) -> torch.Generator:
 
 @dataclass
 class Batch:
-    """Inputs and next-token labels [B, T] (int64) of one data-parallel rank."""
+    """Inputs and next-token labels [B, T] (int64) of one data-parallel rank, and the number of
+    labels that count (not ``ignore_index``) in the whole global batch, every replica's share
+    included (None when unknown: the trainer then all-reduces the count)."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
+    label_count: int | None = None
 
 
 def _dp_slice(x: torch.Tensor, dp_rank: int, dp_size: int) -> torch.Tensor:
@@ -94,7 +98,7 @@ class ByteCorpus:
         data = self.train if split == "train" else self.val
         gen = _batch_generator(seed, step, 0 if split == "train" else 1)
         seqs = _dp_slice(self._windows(data, gen, batch_size, seq_len), dp_rank, dp_size)
-        return Batch(seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous())
+        return Batch(seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous(), batch_size * seq_len)  # every byte counts
 
 
 class SyntheticCopy:
@@ -118,7 +122,7 @@ class SyntheticCopy:
         seqs = _dp_slice(torch.cat([first, first], dim=1)[:, :seq_len + 1], dp_rank, dp_size)
         labels = seqs[:, 1:].clone()
         labels[:, :half - 1] = self.ignore_index
-        return Batch(seqs[:, :-1].contiguous(), labels)
+        return Batch(seqs[:, :-1].contiguous(), labels, batch_size * (seq_len - min(half - 1, seq_len)))
 
 
 def make_dataset(name: str, *, max_bytes: int = 4_000_000, val_fraction: float = 0.05,

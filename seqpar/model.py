@@ -10,12 +10,19 @@ are the whole sequence). :func:`seqpar.parallelize.parallelize_model` sets the f
 :class:`ContextParallel` on every attention layer (and on the model, for RoPE positions), after
 which the layer calls :func:`seqpar.attention` / :func:`seqpar.linear_attention` on its local
 shard of the sequence. Nothing is patched: the switch is data on the modules.
+
+Every attention module also has a ``timer`` field, ``None`` by default: given a
+:class:`PhaseTimer` (:func:`attach_timer`), the layer adds the wall time of its token mixing
+(forward and backward) to the timer under its ``kind`` ("softmax" or "linear"); the trainer
+reports it per step (see docs/training.md, "Where the step time goes").
 """
 from __future__ import annotations
 
 import math
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -71,6 +78,123 @@ def local_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
 
 
 # ---------------------------------------------------------------------------------------------
+# Timing the token mixing (what the trainer's step-time breakdown reads).
+
+
+class PhaseTimer:
+    """Wall time per named phase, summed between :meth:`collect` calls, nearly free.
+
+    On CPU a phase boundary is one ``time.perf_counter()``. On CUDA it is an event recorded on
+    the current stream (no synchronisation); :meth:`collect` reads the events, so call it after
+    the device has been synchronised (the trainer does so once per log interval). Intervals of
+    one name may not nest (the layers of a model never do: each layer's mixing finishes before
+    the next begins, in forward and in backward). ``enabled`` False makes :meth:`call` a plain
+    call (the trainer turns the timer off during evaluation).
+    """
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device) if device is not None else None
+        self.cuda = self.device is not None and self.device.type == "cuda"
+        self.enabled = True
+        self._totals: dict[str, float] = {}
+        self._events: list[tuple[str, Any, Any]] = []
+        self._open: dict[str, list[Any]] = {}
+
+    def _mark(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(torch.cuda.current_stream(self.device))
+            return event
+        return time.perf_counter()
+
+    def start(self, name: str) -> None:
+        self._open.setdefault(name, []).append(self._mark())
+
+    def stop(self, name: str) -> None:
+        stack = self._open.get(name)
+        if not stack:  # a stop without its start (the timer was reset in between): nothing to add
+            return
+        begin, end = stack.pop(), self._mark()
+        if self.cuda:
+            self._events.append((name, begin, end))
+        else:
+            self._totals[name] = self._totals.get(name, 0.0) + (end - begin)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time the body as ``name`` (when enabled)."""
+        if not self.enabled:
+            yield
+            return
+        self.start(name)
+        try:
+            yield
+        finally:
+            self.stop(name)
+
+    def call(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, its forward timed as ``name``, and when autograd records it, its
+        backward too: identity autograd Functions on the tensor arguments that require grad and
+        on the result mark where the backward of ``fn`` ends and begins."""
+        if not self.enabled:
+            return fn(*args)
+        track = torch.is_grad_enabled()
+        if track:
+            args = _mark_backward(self, name, "stop", args)
+        self.start(name)
+        try:
+            out = fn(*args)
+        finally:
+            self.stop(name)
+        if track and isinstance(out, torch.Tensor) and out.requires_grad:
+            (out,) = _mark_backward(self, name, "start", (out,))
+        return out
+
+    def collect(self) -> dict[str, float]:
+        """Seconds per phase since the last call, and reset (open intervals are dropped)."""
+        totals, self._totals = self._totals, {}
+        for name, begin, end in self._events:
+            totals[name] = totals.get(name, 0.0) + begin.elapsed_time(end) / 1e3
+        self._events, self._open = [], {}
+        return totals
+
+
+class _BackwardMark(torch.autograd.Function):
+    """Identity on its tensors; its backward starts or stops a phase of a :class:`PhaseTimer`."""
+
+    @staticmethod
+    def forward(ctx, timer: PhaseTimer, name: str, action: str, *tensors: torch.Tensor):
+        ctx.timer, ctx.name, ctx.action = timer, name, action
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if ctx.timer.enabled:
+            getattr(ctx.timer, ctx.action)(ctx.name)
+        return (None, None, None) + grads
+
+
+def _mark_backward(timer: PhaseTimer, name: str, action: str, args: tuple) -> tuple:
+    """``args`` with the tensors that require grad passed through one :class:`_BackwardMark`."""
+    idx = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+    if not idx:
+        return args
+    marked = _BackwardMark.apply(timer, name, action, *(args[i] for i in idx))
+    out = list(args)
+    for i, t in zip(idx, marked):
+        out[i] = t
+    return tuple(out)
+
+
+def attach_timer(model: nn.Module, timer: PhaseTimer | None) -> nn.Module:
+    """Give every attention module of ``model`` the ``timer`` (None: stop timing). Returns the model."""
+    for m in model.modules():
+        if getattr(m, "kind", None) in ("softmax", "linear") and hasattr(m, "timer"):
+            m.timer = timer
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
 # Layers.
 
 
@@ -118,13 +242,15 @@ class SoftmaxAttention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.context_parallel: ContextParallel | None = None
+        self.timer: PhaseTimer | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        return self.wo(self.mix(q, k, v).reshape(B, T, -1))
+        o = self.mix(q, k, v) if self.timer is None else self.timer.call(self.kind, self.mix, q, k, v)
+        return self.wo(o.reshape(B, T, -1))
 
     def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Token mixing: on one device, or across the group of ``context_parallel``.
@@ -169,6 +295,7 @@ class LinearAttention(nn.Module):
                                       nn.Linear(cfg.gate_rank, cfg.n_heads, bias=True))
         self.out_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.linear_output_norm else None
         self.context_parallel: ContextParallel | None = None
+        self.timer: PhaseTimer | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -187,7 +314,10 @@ class LinearAttention(nn.Module):
             g = F.logsigmoid(gate if gate.dtype == torch.float64 else gate.float()) / self.gate_normalizer
         elif self.decay == "fixed":
             g_gamma = retnet_log_decay(self.n_heads, device=x.device, dtype=compute_dtype(q.dtype))
-        o = self.mix(q, k, v, g, g_gamma)
+        if self.timer is None:
+            o = self.mix(q, k, v, g, g_gamma)
+        else:
+            o = self.timer.call(self.kind, self.mix, q, k, v, g, g_gamma)
         if self.out_norm is not None:  # normalise in the parameters' dtype (fp32 under autocast)
             o = self.out_norm(o.to(self.out_norm.weight.dtype))
         return self.wo(o.reshape(B, T, -1))

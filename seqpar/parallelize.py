@@ -8,7 +8,10 @@
 - :func:`shard_batch` cuts the global batch into this rank's tokens, labels and positions.
 - :func:`sequence_parallel_loss` divides the sum of the local token losses by the global token
   count, and :func:`sync_gradients` sums the partial gradients, so that the update equals the
-  one of the unsharded model on the whole global batch.
+  one of the unsharded model on the whole global batch. When the global token count is known
+  without communication (the trainer's data says it), :func:`token_loss_sum` divided by it is
+  the same share, and the loss to log rides on the gradient all-reduce (``sync_gradients(...,
+  extra=...)``): one collective per step instead of two.
 
 Why a SUM over the sequence-parallel group: every rank holds the same (replicated) parameters
 and computes ``loss_r = sum of its tokens' losses / N`` where N counts the tokens of the whole
@@ -135,11 +138,15 @@ def shard_batch(tokens: torch.Tensor, labels: torch.Tensor, layout: str, group: 
     return ShardedBatch(tokens.index_select(1, positions), labels.index_select(1, positions), positions)
 
 
-def _all_reduce_sum(t: torch.Tensor, groups: SequenceParallelGroups | None) -> torch.Tensor:
+def _all_reduce_sum(t: torch.Tensor, groups: SequenceParallelGroups | None, timer: Any = None) -> torch.Tensor:
     """Sum ``t`` over every rank of the dp x sp world, in place (one collective when the
-    groups span the default group, else over sp then dp)."""
-    if groups is None:
+    groups span the default group, else over sp then dp). ``timer`` (a
+    :class:`seqpar.model.PhaseTimer`) adds the time to its "comm" phase."""
+    if groups is None or (groups.sp_size == 1 and groups.dp_size == 1):
         return t
+    if timer is not None and timer.enabled:
+        with timer.phase("comm"):
+            return _all_reduce_sum(t, groups)
     if groups.sp_size > 1 and groups.dp_size > 1 and dist.get_world_size() == groups.sp_size * groups.dp_size:
         dist.all_reduce(t)
         return t
@@ -150,35 +157,56 @@ def _all_reduce_sum(t: torch.Tensor, groups: SequenceParallelGroups | None) -> t
     return t
 
 
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Sum of the cross-entropy losses of this rank's tokens (fp32 for half-precision logits);
+    no communication. Divided by the token count of the whole global batch it is the share of
+    :func:`sequence_parallel_loss`."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return nn.functional.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=ignore_index,
+                                       reduction="sum")
+
+
 def sequence_parallel_loss(logits: torch.Tensor, labels: torch.Tensor, groups: SequenceParallelGroups | None,
-                           ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+                           ignore_index: int = -100, *, timer: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(this rank's share of the loss, the global mean loss for logging).
 
     The share is sum(local token losses) / (tokens of the whole global batch), so that summing
     gradients over every rank (:func:`sync_gradients`) gives the gradient of the global mean.
-    The second value is detached and all-reduced: the same number on every rank.
+    The second value is detached and all-reduced: the same number on every rank. ``timer``: see
+    :func:`sync_gradients`.
     """
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    local_sum = nn.functional.cross_entropy(logits.flatten(0, -2), labels.flatten(),
-                                            ignore_index=ignore_index, reduction="sum")
+    local_sum = token_loss_sum(logits, labels, ignore_index)
     count = (labels != ignore_index).sum().to(torch.float64)
-    stats = _all_reduce_sum(torch.stack([local_sum.detach().to(torch.float64), count]), groups)
+    stats = _all_reduce_sum(torch.stack([local_sum.detach().to(torch.float64), count]), groups, timer)
     total = stats[1].clamp_min(1.0)
     share = local_sum / total.to(local_sum.dtype)
     return share, (stats[0] / total).detach()
 
 
-def sync_gradients(params: Any, groups: SequenceParallelGroups | None, bucket_bytes: int = 64 << 20) -> None:
+def sync_gradients(params: Any, groups: SequenceParallelGroups | None, bucket_bytes: int = 64 << 20, *,
+                   extra: torch.Tensor | None = None, timer: Any = None) -> torch.Tensor | None:
     """Sum the gradients of replicated ``params`` over sp then dp (see the module docstring),
     in flat buckets. Parameters without a gradient are given zeros, so every rank takes part in
-    the same collectives."""
+    the same collectives.
+
+    ``extra``: a few more numbers to sum over the same ranks (the trainer's loss sum), a 1-D
+    tensor. They travel in the last bucket of the gradients in fp64 (or else fp32) -- no
+    collective of their own -- or alone when there is no such bucket; returned summed, in
+    ``extra``'s dtype (None without ``extra``). ``timer`` (a :class:`seqpar.model.PhaseTimer`)
+    adds the time of the collectives to its "comm" phase."""
     if groups is None or (groups.sp_size == 1 and groups.dp_size == 1):
-        return
+        return extra
     params = [p for p in params if p.requires_grad]
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    carrier = next((dt for dt in (torch.float64, torch.float32) if dt in by_dtype), None)
+    if extra is not None and carrier is not None:
+        by_dtype[carrier].append(extra.to(carrier, copy=True))  # reduced with the carrier's last bucket
     bucket: list[torch.Tensor] = []
     size = 0
 
@@ -186,14 +214,11 @@ def sync_gradients(params: Any, groups: SequenceParallelGroups | None, bucket_by
         nonlocal bucket, size
         if not bucket:
             return
-        flat = _all_reduce_sum(_flatten_dense_tensors(bucket), groups)
+        flat = _all_reduce_sum(_flatten_dense_tensors(bucket), groups, timer)
         for g, new in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
             g.copy_(new)
         bucket, size = [], 0
 
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for p in params:
-        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
     for grads in by_dtype.values():
         for g in grads:
             bucket.append(g)
@@ -201,3 +226,8 @@ def sync_gradients(params: Any, groups: SequenceParallelGroups | None, bucket_by
             if size >= bucket_bytes:
                 flush()
         flush()
+    if extra is None:
+        return None
+    if carrier is None:
+        return _all_reduce_sum(extra.clone(), groups, timer)
+    return by_dtype[carrier][-1].to(extra.dtype)

@@ -7,8 +7,16 @@ and the attention layers talk across the replica. Gradients are summed over sp a
 (:func:`seqpar.parallelize.sync_gradients`), clipped by their global norm, and AdamW with a
 cosine schedule updates the replicated parameters.
 
-Run dir: ``config.json``, ``train.jsonl`` (one JSON record per logged step / evaluation),
-``train.log`` (the same as text), ``loss.png`` and ``checkpoints/step_*.pt``.
+The loss is normalised by the global token count the data reports (``Batch.label_count``), and
+the loss sum to log travels in the gradient all-reduce: one collective of the trainer's own per
+step. Each train record says where the step time went (:data:`BREAKDOWN_FIELDS`: the softmax
+and the linear-attention layers' token mixing, the trainer's collectives, the rest), timed by a
+:class:`seqpar.model.PhaseTimer` at a cost of four clock reads and two identity autograd nodes
+per layer; ``--profile-every N`` runs every N-th step under torch.profiler.
+
+Run dir: ``config.json``, ``train.jsonl`` (one JSON record per logged step / evaluation /
+profiled step), ``train.log`` (the same as text), ``loss.png``, ``checkpoints/step_*.pt`` and,
+with ``--profile-every``, ``profiles/`` (Chrome traces).
 
 ``--fake-world-size N`` runs ONE real rank (``--fake-rank``) of an N-rank job on torch's fake
 process group: every collective is a no-op, so the numbers are meaningless but the memory and
@@ -25,6 +33,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -43,11 +52,11 @@ from seqpar.comm.groups import SequenceParallelGroups
 from seqpar.config import (FIELD_CHOICES, FIELD_HELP, MODEL_PRESETS, SEMANTIC_FIELDS, TRAIN_PRESETS, ModelConfig,
                            SequenceParallelConfig, TrainConfig, check_allow_changes, preset, resume_changes)
 from seqpar.data import make_dataset
-from seqpar.model import HybridLM
+from seqpar.model import HybridLM, PhaseTimer, attach_timer
 from seqpar.run_dir import (RunDirectoryError, RunDirLock, agree, existing_run, exit_with_launcher,
                              overwrite_conflict, prepare_run_dir, share_from_writer)
 from seqpar.parallelize import (make_groups, parallelize_model, sequence_parallel_loss, shard_batch,
-                                sync_gradients)
+                                sync_gradients, token_loss_sum)
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -85,12 +94,21 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW (weight decay on matrices only) and its cosine LambdaLR schedule."""
+    """AdamW (weight decay on matrices only) and its cosine LambdaLR schedule. On CPU the fused
+    AdamW kernel (one call per step instead of a loop over the parameters: 3 ms -> 0.9 ms a step
+    for the tiny model); on GPU torch's default (foreach)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    opt = None
+    if all(p.device.type == "cpu" for p in decay + no_decay):
+        try:
+            opt = torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, ValueError, TypeError):  # a torch without the CPU kernel, or a dtype it lacks
+            opt = None
+    if opt is None:
+        opt = torch.optim.AdamW(groups, **kwargs)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
 
@@ -196,9 +214,134 @@ class Progress:
         elif self.enabled and (self.done % self.every == 0 or self.done == self.total):
             print(f"step {self.done}/{self.total} " + " ".join(f"{k}={v}" for k, v in fields.items()), flush=True)
 
+    def write(self, line: str) -> None:
+        """A line of its own (above the bar on a terminal); nothing when progress is off."""
+        if self.bar is not None:
+            self.bar.write(line)
+        elif self.enabled:
+            print(line, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the step time goes (docs/training.md, "Where the step time goes").
+
+#: Fields of a train record that split its ``step_time_s`` (seconds per step, rank 0's):
+#: the token mixing of the softmax layers and of the linear-attention layers (forward and
+#: backward, with the communication inside them), the trainer's own collectives (loss and
+#: gradient all-reduce, waiting included), and the rest of the step time.
+BREAKDOWN_FIELDS = ("softmax_attention_s", "linear_attention_s", "comm_s", "rest_s")
+_PHASE_OF_FIELD = {"softmax_attention_s": "softmax", "linear_attention_s": "linear", "comm_s": "comm"}
+PROFILE_DIR = "profiles"
+
+
+class _Interval:
+    """Step time summed over some steps; or train records averaged, weighted by their steps."""
+
+    def __init__(self) -> None:
+        self.steps, self.time_s, self.cpu_s, self.first_step = 0, 0.0, 0.0, None
+        self.sums: dict[str, float] = {}
+
+    def add(self, dt: float, cpu_dt: float) -> None:
+        self.steps += 1
+        self.time_s += dt
+        self.cpu_s += cpu_dt
+
+    def mean_step_s(self) -> float:
+        return self.time_s / max(1, self.steps)
+
+    def add_record(self, rec: dict[str, Any], steps: int) -> None:
+        if self.first_step is None:
+            self.first_step = rec["step"] - steps + 1
+        self.steps += steps
+        for key in ("step_time_s", "cpu_time_s") + BREAKDOWN_FIELDS:
+            self.sums[key] = self.sums.get(key, 0.0) + rec[key] * steps
+
+    def mean_record(self) -> dict[str, float]:
+        return {k: v / max(1, self.steps) for k, v in self.sums.items()}
+
+
+def step_breakdown(phases: dict[str, float], time_s: float, steps: int) -> dict[str, float]:
+    """Per-step means of :data:`BREAKDOWN_FIELDS` from a :class:`seqpar.model.PhaseTimer`'s
+    totals over ``steps`` steps that took ``time_s`` in all; ``rest_s`` is what the measured
+    phases leave of the step time (never below 0)."""
+    steps = max(1, steps)
+    out = {f: phases.get(phase, 0.0) / steps for f, phase in _PHASE_OF_FIELD.items()}
+    out["rest_s"] = max(0.0, time_s / steps - sum(out.values()))
+    return out
+
+
+def breakdown_line(mean: dict[str, float], first: int | None, last: int) -> str:
+    """One console line: the mean step time of steps ``first``..``last`` and its parts."""
+    total = mean["step_time_s"]
+    names = {"softmax_attention_s": "softmax attention", "linear_attention_s": "linear attention",
+             "comm_s": "comm", "rest_s": "rest"}
+    parts = ", ".join(f"{names[f]} {mean[f] * 1e3:.1f} ms ({100 * mean[f] / total if total > 0 else 0:.0f}%)"
+                      for f in BREAKDOWN_FIELDS)
+    steps = f"step {last}" if first in (None, last) else f"steps {first}-{last}"
+    cpu = f"; process CPU time {mean['cpu_time_s'] * 1e3:.1f} ms" if "cpu_time_s" in mean else ""
+    return f"time/step {total * 1e3:.1f} ms ({steps}): {parts}{cpu}"
+
+
+def _profiler(device: torch.device) -> Any:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return profile(activities=activities)
+
+
+def _is_collective(event: Any, device: torch.device) -> bool:
+    name = event.name
+    if device.type == "cuda":  # the NCCL kernels' device time (host events only enqueue them)
+        return "nccl" in name.lower() and str(getattr(event, "device_type", "")).endswith("CUDA")
+    return name.startswith(("gloo:", "nccl:"))
+
+
+def _union_s(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of ``intervals`` (microseconds in, seconds out)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total / 1e6
+
+
+def profile_record(prof: Any, device: torch.device, step: int, dt: float, run_dir: str) -> dict[str, Any]:
+    """The ``kind: profile`` record of a step run under torch.profiler (``--profile-every``):
+    every collective the step ran, the trainer's and those inside the attention strategies,
+    by name (count, seconds), and the time during which at least one was in flight
+    (``collective_s``). Each rank writes its Chrome trace to ``run_dir/profiles/``."""
+    ops: dict[str, list[float]] = {}
+    spans: list[tuple[float, float]] = []
+    for e in prof.events():
+        if not _is_collective(e, device):
+            continue
+        start, end = e.time_range.start, e.time_range.end
+        spans.append((start, end))
+        entry = ops.setdefault(e.name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += (end - start) / 1e6
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    trace = os.path.join(PROFILE_DIR, f"step_{step:08d}.rank{rank}.json")
+    try:
+        os.makedirs(os.path.join(run_dir, PROFILE_DIR), exist_ok=True)
+        prof.export_chrome_trace(os.path.join(run_dir, trace))
+    except OSError:
+        trace = None
+    return {"kind": "profile", "step": step, "step_time_s": dt, "collective_s": _union_s(spans),
+            "collectives": {name: {"count": int(c), "s": t} for name, (c, t) in sorted(ops.items())},
+            "trace": trace}
+
+
+def profile_line(rec: dict[str, Any]) -> str:
+    ops = ", ".join(f"{name} x{v['count']} {v['s'] * 1e3:.1f} ms" for name, v in rec["collectives"].items())
+    return (f"profile of step {rec['step']} ({rec['step_time_s'] * 1e3:.1f} ms under the profiler): collectives in "
+            f"flight {rec['collective_s'] * 1e3:.1f} ms" + (f" ({ops})" if ops else "")
+            + (f"; trace {rec['trace']}" if rec["trace"] else ""))
 
 
 class DivergenceError(RuntimeError):
@@ -254,6 +397,9 @@ def apply_optimizer_settings(optimizer: torch.optim.Optimizer, scheduler: Any, c
     scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
     for i, group in enumerate(optimizer.param_groups):
         group.update(initial_lr=cfg.lr, lr=cfg.lr * factor, betas=(cfg.beta1, cfg.beta2))
+        for key in ("fused", "foreach"):  # the implementation build_optimizer chose, not the saved one
+            if key in optimizer.defaults:
+                group[key] = optimizer.defaults[key]
         if i == 0:  # build_optimizer: the matrices, with weight decay
             group["weight_decay"] = cfg.weight_decay
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
@@ -424,62 +570,102 @@ def _train_loop(cfg: TrainConfig, groups: SequenceParallelGroups, model: nn.Modu
     last_ckpt = None
     state_mb = 0.0
     skipped_in_row = 0
+    # where the step time goes (see docs/training.md): the layers' token mixing and the
+    # trainer's collectives are timed as they run, read once per record
+    timer = PhaseTimer(device)
+    attach_timer(model, timer)
+    since_record = _Interval()  # steps since the last train record
+    since_line = _Interval()  # records since the last console breakdown line
+    line_every = cfg.log_interval * max(1, -(-bar.every // cfg.log_interval))  # ~20 lines a run at most
+    if cfg.profile_every and rank0 and start_step == 0:
+        shutil.rmtree(os.path.join(run_dir, PROFILE_DIR), ignore_errors=True)  # a fresh run's traces only
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     before_first_step_mb = peak_memory_mb(device)
     for step in range(start_step, cfg.steps):
-        t0 = time.perf_counter()
-        batch = dataset.batch(step, cfg.batch_size, cfg.seq_len, seed=cfg.seed, dp_rank=groups.dp_rank,
-                              dp_size=groups.dp_size)
-        sb = shard_batch(batch.tokens.to(device), batch.labels.to(device), cfg.sp.layout, sp_group)
-        with autocast():
-            logits = model(sb.tokens, sb.positions)
-        share, loss = sequence_parallel_loss(logits, sb.labels, groups)
-        share.backward()
-        del logits, share
-        sync_gradients(params, groups)
-        if cfg.grad_clip > 0:
-            grad_norm = float(nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-        else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
-        lr = scheduler.get_last_lr()[0]
-        loss_value = float(loss)
         done = step + 1
-        # the loss is all-reduced and the gradients summed over every rank before their norm is
-        # taken, so every rank sees the same two numbers and takes the same decision
-        if dry_run or (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-            optimizer.step()
-            skipped_in_row = 0
-        else:
-            skipped_in_row += 1
-            stop = cfg.on_nonfinite == "stop" or skipped_in_row >= cfg.max_skipped_steps
-            record({"kind": "nonfinite", "step": done, "loss": _json_number(loss_value),
-                    "grad_norm": _json_number(grad_norm), "lr": lr, "action": "stop" if stop else "skip"})
-            if stop:
-                bar.close()
-                kept = latest_checkpoint(run_dir) if rank0 else None
-                why = (f"{skipped_in_row} steps in a row (--max-skipped-steps {cfg.max_skipped_steps})"
-                       if cfg.on_nonfinite == "skip" else "--on-nonfinite stop")
-                raise DivergenceError(
-                    f"step {done}: the loss is {loss_value} and the gradient norm {grad_norm}: not finite, so the "
-                    f"update was not applied and training stopped ({why}). No checkpoint was written after it"
-                    + (f"; the newest good one is {kept}" if kept else "") + ". Lower --lr or lengthen "
-                    "--warmup-steps and resume, or pass --on-nonfinite skip to skip such steps")
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t0
+        log_now = done % cfg.log_interval == 0 or done == cfg.steps
+        profiled = cfg.profile_every > 0 and done % cfg.profile_every == 0
+        with _profiler(device) if profiled else nullcontext() as prof:
+            t0, c0 = time.perf_counter(), time.process_time()
+            batch = dataset.batch(step, cfg.batch_size, cfg.seq_len, seed=cfg.seed, dp_rank=groups.dp_rank,
+                                  dp_size=groups.dp_size)
+            sb = shard_batch(batch.tokens.to(device), batch.labels.to(device), cfg.sp.layout, sp_group)
+            with autocast():
+                logits = model(sb.tokens, sb.positions)
+            count = getattr(batch, "label_count", None)
+            if count is not None:
+                # the data knows the global token count: no collective before backward, and the
+                # loss to log is summed in the gradient all-reduce (one collective per step)
+                local_sum = token_loss_sum(logits, sb.labels)
+                share = local_sum / max(count, 1)
+                share.backward()
+                del logits, share
+                loss_sum = sync_gradients(params, groups, extra=local_sum.detach().to(torch.float64).reshape(1),
+                                          timer=timer)
+                loss = loss_sum[0] / max(count, 1)
+            else:
+                share, loss = sequence_parallel_loss(logits, sb.labels, groups, timer=timer)
+                share.backward()
+                del logits, share
+                sync_gradients(params, groups, timer=timer)
+            if cfg.grad_clip > 0:
+                norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            else:
+                norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+            lr = scheduler.get_last_lr()[0]
+            # one host read of both numbers (a device sync on GPU: the guard below needs them)
+            loss_value, grad_norm = torch.stack([loss.detach().reshape(()).double(), norm.double()]).tolist()
+            # the loss is all-reduced and the gradients summed over every rank before their norm is
+            # taken, so every rank sees the same two numbers and takes the same decision
+            if dry_run or (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                optimizer.step()
+                skipped_in_row = 0
+            else:
+                skipped_in_row += 1
+                stop = cfg.on_nonfinite == "stop" or skipped_in_row >= cfg.max_skipped_steps
+                record({"kind": "nonfinite", "step": done, "loss": _json_number(loss_value),
+                        "grad_norm": _json_number(grad_norm), "lr": lr, "action": "stop" if stop else "skip"})
+                if stop:
+                    bar.close()
+                    kept = latest_checkpoint(run_dir) if rank0 else None
+                    why = (f"{skipped_in_row} steps in a row (--max-skipped-steps {cfg.max_skipped_steps})"
+                           if cfg.on_nonfinite == "skip" else "--on-nonfinite stop")
+                    raise DivergenceError(
+                        f"step {done}: the loss is {loss_value} and the gradient norm {grad_norm}: not finite, so "
+                        f"the update was not applied and training stopped ({why}). No checkpoint was written after "
+                        "it" + (f"; the newest good one is {kept}" if kept else "") + ". Lower --lr or lengthen "
+                        "--warmup-steps and resume, or pass --on-nonfinite skip to skip such steps")
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda" and (log_now or profiled):
+                torch.cuda.synchronize(device)  # once per record: the step times and the timer's events are read
+            dt = time.perf_counter() - t0
+            cpu_dt = time.process_time() - c0
         step_times.append(dt)
+        since_record.add(dt, cpu_dt)
         if step == start_step:
             state_mb = _state_memory_mb(device, before_first_step_mb, optimizer)
-        if done % cfg.log_interval == 0 or done == cfg.steps:
+        if log_now:
+            step_s = since_record.mean_step_s()
             rec = {"kind": "train", "step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                   "step_time_s": dt, "tokens_per_s": tokens_per_step / dt, "peak_memory_mb": peak_memory_mb(device)}
+                   "step_time_s": step_s, "tokens_per_s": tokens_per_step / step_s,
+                   "peak_memory_mb": peak_memory_mb(device), "cpu_time_s": since_record.cpu_s / since_record.steps}
+            rec.update(step_breakdown(timer.collect(), since_record.time_s, since_record.steps))
             if dry_run:
                 for key in ("loss", "grad_norm"):
                     rec.pop(key)
             record(rec)
+            since_line.add_record(rec, since_record.steps)
+            since_record = _Interval()
+            if rank0 and (done % line_every == 0 or done == cfg.steps):
+                bar.write(breakdown_line(since_line.mean_record(), since_line.first_step, done))
+                since_line = _Interval()
+        if profiled:
+            prec = profile_record(prof, device, done, dt, run_dir)
+            record(prec)
+            if rank0:
+                bar.write(profile_line(prec))
         if dry_run:
             bar.update(step_s=f"{dt:.2f}", peak_mib=f"{peak_memory_mb(device):,.0f}")
             continue
@@ -488,9 +674,13 @@ def _train_loop(cfg: TrainConfig, groups: SequenceParallelGroups, model: nn.Modu
             continue
         bar.update(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
         if cfg.eval_interval and done % cfg.eval_interval == 0 and done != cfg.steps:
+            timer.enabled = False
             record({"kind": "eval", "step": done, "val_loss": evaluate(model, dataset, cfg, groups, device, autocast)})
+            timer.enabled = True
         if cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0 and done != cfg.steps:
             last_ckpt = _save(cfg, groups, rank0, model, optimizer, scheduler, done, history)
+    timer.enabled = False
+    attach_timer(model, None)
     bar.close()
 
     final_val = None

@@ -11,15 +11,17 @@ PyTorch linear attention), not the seqpar strategies.
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
 
 from seqpar.comm.groups import SequenceParallelGroups, make_data_sequence_groups
 from seqpar.config import MODEL_PRESETS, ModelConfig, SequenceParallelConfig, TrainConfig, check_compatible, preset
-from seqpar.model import HybridLM, LinearAttention
+from seqpar.model import (FeedForward, HybridLM, LinearAttention, PhaseTimer, SoftmaxAttention, attach_timer,
+                          local_softmax_attention)
 from seqpar.parallelize import (parallelize_model, sequence_parallel_loss, shard_batch, sync_gradients,
-                                unparallelize_model)
+                                token_loss_sum, unparallelize_model)
 
 LOSS_TOL = 1e-10
 GRAD_TOL = 1e-8
@@ -61,7 +63,7 @@ def _compare(model: HybridLM, loss: float, ref_loss: float, ref_grads: dict) -> 
 
 
 def case_step(ctx, model_kw: dict, sp_kw: dict, B: int = 2, T: int = 16, dp: int = 1, default_positions: bool = False,
-              activation_checkpointing: bool = False):
+              activation_checkpointing: bool = False, known_count: bool = False):
     """One step on the pool ranks; returns the loss / gradient errors against the unsharded model."""
     torch.manual_seed(0)
     model = HybridLM(_tiny_config(**model_kw)).double()
@@ -82,9 +84,15 @@ def case_step(ctx, model_kw: dict, sp_kw: dict, B: int = 2, T: int = 16, dp: int
     model.activation_checkpointing = activation_checkpointing
     sb = shard_batch(tokens, labels, cfg.layout, groups.sp)
     logits = model(sb.tokens) if default_positions else model(sb.tokens, sb.positions)
-    share, loss = sequence_parallel_loss(logits, sb.labels, groups)
-    share.backward()
-    sync_gradients(model.parameters(), groups)
+    if known_count:  # the trainer's path: the global count from the data, the loss sum with the gradients
+        count = int((_batch(B, T, model.config.vocab_size)[1] != -100).sum())
+        local_sum = token_loss_sum(logits, sb.labels)
+        (local_sum / count).backward()
+        loss = sync_gradients(model.parameters(), groups, extra=local_sum.detach().reshape(1))[0] / count
+    else:
+        share, loss = sequence_parallel_loss(logits, sb.labels, groups)
+        share.backward()
+        sync_gradients(model.parameters(), groups)
     return _compare(model, float(loss), ref_loss, ref_grads)
 
 
@@ -130,6 +138,109 @@ def test_step_activation_checkpointing(pool):
 def test_step_data_and_sequence_parallel(pool):
     """dp=2 x sp=2: gradients summed over sp and dp equal the unsharded gradient of the whole batch."""
     _check(pool.run(case_step, 4, model_kw=dict(linear_decay="gate"), sp_kw=dict(layout="zigzag"), dp=2))
+
+
+@pytest.mark.parametrize("world,dp", [(2, 1), (4, 2)])
+def test_step_with_the_token_count_known_and_the_loss_summed_with_the_gradients(pool, world, dp):
+    """The trainer's one-collective step (share = local loss sum / global count known from the
+    data; the loss sum travels in the gradient all-reduce) equals the unsharded step too."""
+    _check(pool.run(case_step, world, model_kw=dict(linear_decay="gate"), sp_kw=dict(layout="zigzag"), dp=dp,
+                    known_count=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing the token mixing (the trainer's step-time breakdown).
+
+
+class _SleepInBackward(torch.autograd.Function):
+    """Identity that sleeps ``seconds`` in forward and ``2 * seconds`` in backward."""
+
+    @staticmethod
+    def forward(ctx, x, seconds):
+        ctx.seconds = seconds
+        time.sleep(seconds)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(2 * ctx.seconds)
+        return grad, None
+
+
+class _SlowMixSoftmax(SoftmaxAttention):
+    def mix(self, q, k, v):
+        return _SleepInBackward.apply(local_softmax_attention(q, k, v), 0.02)
+
+
+class _SlowFeedForward(FeedForward):
+    def forward(self, x):
+        return _SleepInBackward.apply(super().forward(x), 0.025)
+
+
+def test_phase_timer_times_the_mixing_forward_and_backward_and_nothing_else():
+    """The softmax layer's mixing sleeps 20 ms in forward and 40 ms in backward; the feed-forward
+    blocks sleep 50 ms in backward. The timer's "softmax" total holds the mixing's 60 ms (plus its
+    real work) but none of the feed-forward's sleep, and the gradients are those of an untimed run."""
+    torch.manual_seed(0)
+    cfg = _tiny_config(pattern="LS")
+    model = HybridLM(cfg)
+    for block in model.layers:  # the same layers, with sleeps
+        slow_ffn = _SlowFeedForward(cfg.dim, cfg.hidden_dim)
+        slow_ffn.load_state_dict(block.feed_forward.state_dict())
+        block.feed_forward = slow_ffn
+        if isinstance(block.attention, SoftmaxAttention):
+            slow_attention = _SlowMixSoftmax(cfg)
+            slow_attention.load_state_dict(block.attention.state_dict())
+            block.attention = slow_attention
+    tokens, labels = _batch(2, 16, model.config.vocab_size)
+    grads = {}
+    for timed in (False, True):
+        timer = PhaseTimer()
+        attach_timer(model, timer if timed else None)
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        token_loss_sum(model(tokens), labels).backward()
+        step = time.perf_counter() - t0
+        grads[timed] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    totals = timer.collect()
+    assert set(totals) == {"softmax", "linear"}
+    assert 0.06 <= totals["softmax"] < 0.06 + 0.045, totals  # 2 x 50 ms of feed-forward sleep are not in it
+    assert 0 < totals["linear"] < 0.045, totals
+    assert totals["softmax"] + totals["linear"] <= step
+    assert timer.collect() == {}  # collect resets
+    for n, g in grads[True].items():
+        assert torch.equal(g, grads[False][n]), n
+    # without autograd (evaluation) only the forward is timed; a disabled timer times nothing
+    with torch.no_grad():
+        model(tokens)
+    assert 0.02 <= timer.collect()["softmax"] < 0.02 + 0.045
+    timer.enabled = False
+    model(tokens).sum().backward()
+    assert timer.collect() == {}
+    attach_timer(model, None)
+    assert all(m.timer is None for m in model.attention_modules())
+
+
+def test_phase_timer_with_activation_checkpointing():
+    """Recomputed layers time their mixing again (forward) and the backward once; the
+    gradients are unchanged."""
+    torch.manual_seed(0)
+    model = HybridLM(_tiny_config(pattern="LS")).double()
+    tokens, labels = _batch(2, 16, model.config.vocab_size)
+    grads = {}
+    for timed in (False, True):
+        model.activation_checkpointing = timed
+        timer = PhaseTimer()
+        attach_timer(model, timer if timed else None)
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        token_loss_sum(model(tokens), labels).backward()
+        step = time.perf_counter() - t0
+        grads[timed] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    totals = timer.collect()
+    assert totals["softmax"] > 0 and totals["linear"] > 0 and sum(totals.values()) <= step
+    for n, g in grads[True].items():
+        torch.testing.assert_close(g, grads[False][n], rtol=0, atol=1e-12)
 
 
 def test_unparallelize_and_single_device_linear_mixer():

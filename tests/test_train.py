@@ -19,13 +19,16 @@ import torch
 
 from seqpar.comm.groups import SequenceParallelGroups, make_data_sequence_groups
 from seqpar.config import FIELD_HELP, ModelConfig, SequenceParallelConfig, TrainConfig, preset
-from seqpar.train import (RunDirectoryError, build_parser, config_from_args, cpu_threads_per_rank, main,
-                          program_name, train, world_error)
+from seqpar.train import (BREAKDOWN_FIELDS, RunDirectoryError, build_parser, config_from_args, cpu_threads_per_rank,
+                          main, program_name, train, world_error)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RESUME_LOSS_TOL = 1e-9
 RESUME_PARAM_TOL = 1e-8
+# On CPU the measured parts of the step (the layers' mixing, the trainer's collectives) are
+# disjoint sub-intervals of it on one thread: their sum is at most the step time, up to rounding.
+BREAKDOWN_TOL_S = 1e-6
 
 
 def _cfg(run_dir: str, sp_size: int, **kw):
@@ -51,6 +54,22 @@ def case_train(ctx, run_dir: str, sp_size: int, dp: int = 1, **kw):
 
 def _train_losses(history):
     return {h["step"]: h["loss"] for h in history if h["kind"] == "train"}
+
+
+def _check_breakdown(records, comm: bool):
+    """Every train record splits its step time: the fields exist and are >= 0, the measured ones
+    sum to no more than the step time, the rest is what they leave; both kinds of layer were
+    timed, and the trainer's collectives when there are any."""
+    train = [r for r in records if r["kind"] == "train"]
+    assert train
+    for r in train:
+        parts = [r[f] for f in BREAKDOWN_FIELDS]
+        assert all(isinstance(x, float) and x >= 0 for x in parts), r
+        measured = r["softmax_attention_s"] + r["linear_attention_s"] + r["comm_s"]
+        assert measured <= r["step_time_s"] + BREAKDOWN_TOL_S, r
+        assert abs(sum(parts) - r["step_time_s"]) <= BREAKDOWN_TOL_S, r
+        assert r["softmax_attention_s"] > 0 and r["linear_attention_s"] > 0, r
+        assert (r["comm_s"] > 0) == comm, r
 
 
 def test_tiny_preset_learns(tmp_path):
@@ -80,6 +99,7 @@ def test_resume_with_other_sequence_parallel_size(pool, tmp_path):
     records = [json.loads(line) for line in open(os.path.join(full, "train.jsonl"))]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert any(r["kind"] == "eval" for r in records)
+    _check_breakdown(records, comm=True)
     assert "final train loss" in open(os.path.join(full, "train.log")).read()
     ref_losses = _train_losses(ref["history"])
 
@@ -112,6 +132,54 @@ def test_command_line(tmp_path, capsys):
     main(["--config", str(run_dir / "config.json"), "--steps", "3", "--resume", "auto", "--no-progress"])
     records = [json.loads(line) for line in open(run_dir / "train.jsonl")]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
+
+
+def test_step_time_breakdown_in_the_log_and_on_the_console(tmp_path, capsys):
+    """One process: each train record (every --log-interval steps, means over them) says where the
+    step time went, and the console shows it as a line; --profile-every adds a profile record and
+    a Chrome trace of the sampled step."""
+    run_dir = tmp_path / "breakdown"
+    assert main(["--steps", "6", "--seq-len", "32", "--batch-size", "2", "--run-dir", str(run_dir),
+                 "--max-corpus-bytes", "200000", "--eval-batches", "1", "--no-plot", "--keep-checkpoints", "0",
+                 "--log-interval", "2", "--profile-every", "3", "--eval-interval", "2"]) == 0
+    out = capsys.readouterr().out
+    records = [json.loads(line) for line in open(run_dir / "train.jsonl")]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [2, 4, 6]
+    _check_breakdown(records, comm=False)
+    for r in records:
+        if r["kind"] == "train":
+            assert abs(r["tokens_per_s"] * r["step_time_s"] - 2 * 32) < 1e-6 and r["cpu_time_s"] > 0
+    lines = [line for line in out.splitlines() if line.startswith("time/step ")]
+    assert len(lines) == 3 and lines[-1].startswith("time/step ") and "(steps 5-6)" in lines[-1], out
+    assert all(re.search(r"softmax attention [\d.]+ ms \(\d+%\), linear attention [\d.]+ ms \(\d+%\), "
+                         r"comm [\d.]+ ms \(\d+%\), rest [\d.]+ ms \(\d+%\); process CPU time [\d.]+ ms$", line) for line in lines), lines
+    profiles = [r for r in records if r["kind"] == "profile"]
+    assert [r["step"] for r in profiles] == [3, 6]
+    for r in profiles:
+        assert r["collective_s"] == 0.0 and r["collectives"] == {}  # one process: no collective
+        assert os.path.getsize(run_dir / r["trace"]) > 0
+    assert "profile of step 3" in out
+
+
+def case_profiled_steps(ctx, run_dir: str):
+    torch.set_num_threads(1)
+    groups = SequenceParallelGroups(None, ctx.group, 1, ctx.world_size, 0, ctx.rank)
+    result = train(_cfg(run_dir, ctx.world_size, steps=2, profile_every=2, plot=False, keep_checkpoints=0), groups)
+    return result.history
+
+
+def test_sampled_profile_shows_the_collectives(pool, tmp_path):
+    """sp=2: the profiled step lists gloo's collectives (the trainer's all-reduce and the
+    strategies' exchanges) and each rank writes its trace."""
+    run_dir = tmp_path / "profiled"
+    history = pool.run(case_profiled_steps, 2, run_dir=str(run_dir))[0]
+    _check_breakdown(history, comm=True)
+    (prof,) = [h for h in history if h["kind"] == "profile"]
+    assert prof["step"] == 2 and 0 < prof["collective_s"]
+    assert prof["collectives"]["gloo:all_reduce"]["count"] == 1  # loss and gradients: one all-reduce
+    assert len(prof["collectives"]) > 1, prof  # and the attention strategies' own
+    for rank in (0, 1):
+        assert (run_dir / "profiles" / f"step_00000002.rank{rank}.json").stat().st_size > 0
 
 
 def test_fake_process_group_dry_run(tmp_path):
