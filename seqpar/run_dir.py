@@ -31,6 +31,7 @@ from seqpar.checkpoint import CHECKPOINT_DIR, list_checkpoints
 from seqpar.comm.groups import SequenceParallelGroups
 
 RUN_FILES = ("config.json", "train.jsonl", "train.log", "loss.png")
+PROFILE_DIR = "profiles"  # --profile-every traces, removed with the run by --overwrite
 LOCK_FILE = ".lock"
 
 
@@ -149,6 +150,7 @@ def prepare_run_dir(run_dir: str, resume: str | None, groups: SequenceParallelGr
                 if os.path.exists(path):
                     os.remove(path)
             shutil.rmtree(os.path.join(run_dir, CHECKPOINT_DIR), ignore_errors=True)
+            shutil.rmtree(os.path.join(run_dir, PROFILE_DIR), ignore_errors=True)
     problem = agree(groups, problem)
     if problem:
         if lock is not None:

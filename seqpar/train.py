@@ -53,7 +53,7 @@ from seqpar.config import (FIELD_CHOICES, FIELD_HELP, MODEL_PRESETS, SEMANTIC_FI
                            SequenceParallelConfig, TrainConfig, check_allow_changes, preset, resume_changes)
 from seqpar.data import make_dataset
 from seqpar.model import HybridLM, PhaseTimer, attach_timer
-from seqpar.run_dir import (RunDirectoryError, RunDirLock, agree, existing_run, exit_with_launcher,
+from seqpar.run_dir import (PROFILE_DIR, RunDirectoryError, RunDirLock, agree, existing_run, exit_with_launcher,
                              overwrite_conflict, prepare_run_dir, share_from_writer)
 from seqpar.parallelize import (make_groups, parallelize_model, sequence_parallel_loss, shard_batch,
                                 sync_gradients, token_loss_sum)
@@ -235,7 +235,6 @@ class Progress:
 #: gradient all-reduce, waiting included), and the rest of the step time.
 BREAKDOWN_FIELDS = ("softmax_attention_s", "linear_attention_s", "comm_s", "rest_s")
 _PHASE_OF_FIELD = {"softmax_attention_s": "softmax", "linear_attention_s": "linear", "comm_s": "comm"}
-PROFILE_DIR = "profiles"
 
 
 class _Interval:
