@@ -250,6 +250,7 @@ class ChunkedRun:
         self.q, self.k, self.v = q, k, v
         self.gates = chunk_gates(g, g_gamma, self.B, self.T, self.H, chunk_size, self.cd, q.device)
         self._chunked: dict[str, torch.Tensor] = {}
+        self._do: tuple[torch.Tensor, torch.Tensor] | None = None  # (do, its chunks)
         self.blocks = _blocks(self.gates, self.B, self.H)
         # exp(b_i - b_j) = exp(b_i - r) exp(r - b_j), r = b_last / 2 of the chunk, needs no [L, L]
         # exponentials; both factors stay within e^(+-60) (no overflow, no denormals) when the
@@ -274,12 +275,17 @@ class ChunkedRun:
         """Log decay of the whole run [B, H]."""
         return self.gates.log_total
 
-    def _c(self, name: str, x: torch.Tensor | None = None) -> torch.Tensor:
-        if x is not None:  # do: not cached
-            return _to_chunks(x, self.gates.L, self.gates.NT, self.cd)
+    def _c(self, name: str) -> torch.Tensor:
+        """q, k or v in chunks (cut once)."""
         if name not in self._chunked:
             self._chunked[name] = _to_chunks(getattr(self, name), self.gates.L, self.gates.NT, self.cd)
         return self._chunked[name]
+
+    def _c_do(self, do: torch.Tensor) -> torch.Tensor:
+        """``do`` in chunks, cut once for the two backward stages of the same tensor."""
+        if self._do is None or self._do[0] is not do:
+            self._do = (do, _to_chunks(do, self.gates.L, self.gates.NT, self.cd))
+        return self._do[1]
 
     def _zeros_state(self) -> torch.Tensor:
         return torch.zeros(self.B, self.H, self.Dk, self.Dv, dtype=self.cd, device=self.q.device)
@@ -320,8 +326,7 @@ class ChunkedRun:
     def state_grads(self, do: torch.Tensor, dht: torch.Tensor | None = None) -> ChunkStateGrads:
         """Stage 1 of the backward: dS_end(NT-1) = dht (or 0), dS_end(c-1) = Gamma_c dS_end(c) + dM_c
         with dM_c = scale * (Q_c * gamma)^T dO_c; ``initial`` = Gamma_0 dS_end(0) + dM_0."""
-        gates, qc, dc = self.gates, self._c("q"), self._c("do", do)
-        self._chunked["do"] = dc
+        gates, qc, dc = self.gates, self._c("q"), self._c_do(do)
         dM = torch.cat([(_scaled(qc[:, :, sl], gates.gamma(sl)).transpose(-1, -2) @ dc[:, :, sl]).mul_(self.scale)
                         for sl in self.blocks], dim=2)
         decay = _flushed_exp(gates.log_chunk)[..., None, None] if gates.b is not None else None
@@ -343,9 +348,7 @@ class ChunkedRun:
         """Stage 2 of the backward: (dq, dk, dv, dg or None) from the chunk-start states and the
         chunk-end state gradients of the run (both including any initial state / final-state
         gradient ``dht``, which dg needs too)."""
-        gates, qc, kc, vc = self.gates, self._c("q"), self._c("k"), self._c("v")
-        dc = self._chunked.pop("do", None)
-        dc = self._c("do", do) if dc is None else dc
+        gates, qc, kc, vc, dc = self.gates, self._c("q"), self._c("k"), self._c("v"), self._c_do(do)
         dq, dk, dv = [], [], []
         for sl in self.blocks:
             q_, k_, v_, d_ = qc[:, :, sl], kc[:, :, sl], vc[:, :, sl], dc[:, :, sl]
@@ -368,6 +371,7 @@ class ChunkedRun:
                 dv_intra = A.transpose(-1, -2) @ d_
             dk.append(dk_intra.add_(_scaled(v_ @ ends.transpose(-1, -2), to_end)))
             dv.append(dv_intra.add_(_scaled(k_ @ ends, to_end)))
+        self._do = None  # the last stage: its chunks are not needed again
         dq, dk, dv = (_from_chunks(torch.cat(x, dim=2), self.T) for x in (dq, dk, dv))
         dg = None
         if self.want_dg:

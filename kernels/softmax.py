@@ -67,8 +67,9 @@ def attention_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     return attention_block_forward_reference(q, k, v, scale=scale, diagonal_offset=diagonal_offset)
 
 
-def _delta_of(out: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
-    """rowsum(out * do) [B, H, T] (contiguous) in the compute dtype."""
+def output_delta(out: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
+    """delta = rowsum(out * do) [B, H, T] (contiguous) in the compute dtype: what the softmax
+    backward needs of the forward output o and its gradient."""
     cd = compute_dtype(do.dtype)
     return (out.to(cd) * do.to(cd)).sum(dim=-1).transpose(1, 2).contiguous()
 
@@ -89,7 +90,7 @@ def attention_block_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     if delta is None:
         if out is None:
             raise ValueError("attention_block_backward needs delta or out")
-        delta = _delta_of(out, do)
+        delta = output_delta(out, do)
     if chosen == "triton":
         return _triton().attention_block_backward_triton(do, q, k, v, lse, delta, scale=scale,
                                                          diagonal_offset=diagonal_offset)
@@ -125,7 +126,7 @@ def prepare_backward(do: torch.Tensor, delta: torch.Tensor | None, *, out: torch
         if prepared is not None:
             return BackwardOperands(*prepared, backend="sdpa")
         chosen = "triton" if do.device.type == "cuda" else "torch"
-    return BackwardOperands(do, _delta_of(out, do) if delta is None else delta, None, chosen)
+    return BackwardOperands(do, output_delta(out, do) if delta is None else delta, None, chosen)
 
 
 def merge_partials_(o_acc: torch.Tensor, lse_acc: torch.Tensor, o_blk: torch.Tensor, lse_blk: torch.Tensor) -> None:

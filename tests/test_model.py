@@ -177,6 +177,23 @@ class _SlowFeedForward(FeedForward):
         return _SleepInBackward.apply(super().forward(x), 0.025)
 
 
+def _untimed_and_timed_steps(model, tokens, labels, before=None):
+    """One forward + backward without a timer, then one with a PhaseTimer attached: ({False:
+    grads, True: grads}, the timer, the timed step's wall time). ``before(timed)`` runs first."""
+    grads = {}
+    for timed in (False, True):
+        if before is not None:
+            before(timed)
+        timer = PhaseTimer()
+        attach_timer(model, timer if timed else None)
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        token_loss_sum(model(tokens), labels).backward()
+        step = time.perf_counter() - t0
+        grads[timed] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return grads, timer, step
+
+
 def test_phase_timer_times_the_mixing_forward_and_backward_and_nothing_else():
     """The softmax layer's mixing sleeps 20 ms in forward and 40 ms in backward; the feed-forward
     blocks sleep 50 ms in backward. The timer's "softmax" total holds the mixing's 60 ms (plus its
@@ -193,15 +210,7 @@ def test_phase_timer_times_the_mixing_forward_and_backward_and_nothing_else():
             slow_attention.load_state_dict(block.attention.state_dict())
             block.attention = slow_attention
     tokens, labels = _batch(2, 16, model.config.vocab_size)
-    grads = {}
-    for timed in (False, True):
-        timer = PhaseTimer()
-        attach_timer(model, timer if timed else None)
-        model.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        token_loss_sum(model(tokens), labels).backward()
-        step = time.perf_counter() - t0
-        grads[timed] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    grads, timer, step = _untimed_and_timed_steps(model, tokens, labels)
     totals = timer.collect()
     assert set(totals) == {"softmax", "linear"}
     assert 0.06 <= totals["softmax"] < 0.06 + 0.045, totals  # 2 x 50 ms of feed-forward sleep are not in it
@@ -227,16 +236,11 @@ def test_phase_timer_with_activation_checkpointing():
     torch.manual_seed(0)
     model = HybridLM(_tiny_config(pattern="LS")).double()
     tokens, labels = _batch(2, 16, model.config.vocab_size)
-    grads = {}
-    for timed in (False, True):
+
+    def checkpoint_when_timed(timed: bool) -> None:
         model.activation_checkpointing = timed
-        timer = PhaseTimer()
-        attach_timer(model, timer if timed else None)
-        model.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        token_loss_sum(model(tokens), labels).backward()
-        step = time.perf_counter() - t0
-        grads[timed] = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    grads, timer, step = _untimed_and_timed_steps(model, tokens, labels, before=checkpoint_when_timed)
     totals = timer.collect()
     assert totals["softmax"] > 0 and totals["linear"] > 0 and sum(totals.values()) <= step
     for n, g in grads[True].items():

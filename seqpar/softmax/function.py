@@ -15,6 +15,7 @@ from torch.autograd.function import once_differentiable
 
 from seqpar.comm import all_to_all, exclusive_use
 from seqpar.kernels import compute_dtype
+from seqpar.kernels.softmax import output_delta
 from seqpar.layout import Segment
 from seqpar.softmax.driver import attention_backward, attention_forward
 from seqpar.softmax.sources import GatheredKV, KVSource, RingKV
@@ -142,8 +143,7 @@ class SoftmaxContextParallel(torch.autograd.Function):
             delta, out = None, o_h
         else:
             # d lse / d s = p, which folds into dS = P * (dP - delta) as delta - dlse
-            delta = (o_h.to(dtype) * do_h.to(dtype)).sum(dim=-1).transpose(1, 2)  # [B, H, T]
-            delta = (delta - plan.lse_to_head_shards(dlse.to(dtype))).contiguous()
+            delta = (output_delta(o_h, do_h) - plan.lse_to_head_shards(dlse.to(dtype))).contiguous()
             out = None
         dq_h, dk_h, dv_h = attention_backward(do_h, q_h, lse_h, delta, plan.kv_source(k_h, v_h),
                                               plan.q_segments, causal=plan.causal, scale=plan.scale,
