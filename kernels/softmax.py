@@ -3,11 +3,24 @@ backends (``sdpa``: torch's fused attention ops, :mod:`seqpar.kernels.softmax_sd
 
 Every function works on one device and knows nothing about ranks. Conventions are those of
 :mod:`seqpar.kernels.softmax_reference`: q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D], o and grads in
-the compute dtype (float32, or float64 for float64 inputs), lse [B, Hq, Tq],
-``diagonal_offset`` None (no mask) or m (key j visible to query i iff j <= i + m).
+the compute dtype (float32, or float64 for float64 inputs), lse [B, Hq, Tq].
+
+Masks (block-local indices): key j is visible to query i iff (``diagonal_offset`` m is None or
+j <= i + m) and (``window_offset`` w is None or j >= i + w): m alone is causal-like, w alone a
+lower bound, both a band (a sliding window as the planner cuts it per block). Rows that see no key
+give o = 0, lse = -inf and zero gradients. ``softcap`` c > 0 (Gemma 2): scores are
+c * tanh(scale * q.k / c), capped before the mask; lse is of the capped scores, and the
+row-global lse handed to a backward must be too.
+
+Every function takes ``window_offset`` and ``softcap`` as keyword-only arguments (default None)
+and validates them (:func:`check_mask_args`). The ``sdpa`` backend masks windows on CPU only and
+never caps logits: such blocks run on the reference (CPU) or Triton (CUDA), see
+:func:`block_backend`.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -33,6 +46,29 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _check_offset(name: str, value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def check_mask_args(diagonal_offset, window_offset, softcap) -> tuple[int | None, int | None, float | None]:
+    """Validated (diagonal_offset, window_offset, softcap) as (int | None, int | None, float | None):
+    offsets must be ints (bool refused: TypeError), softcap a finite number > 0 (TypeError for a
+    non-number, ValueError naming the value otherwise)."""
+    diagonal_offset = _check_offset("diagonal_offset", diagonal_offset)
+    window_offset = _check_offset("window_offset", window_offset)
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+            raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__} {softcap!r}")
+        softcap = float(softcap)
+        if not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"softcap must be a finite number > 0 (or None), got {softcap!r}")
+    return diagonal_offset, window_offset, softcap
+
+
 def _sdpa():
     from seqpar.kernels import softmax_sdpa
 
@@ -40,11 +76,14 @@ def _sdpa():
 
 
 def block_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  diagonal_offset: int | None) -> str:
+                  diagonal_offset: int | None, *, window_offset: int | None = None,
+                  softcap: float | None = None) -> str:
     """The backend that computes this block: resolve_backend, with 'sdpa' falling back to
-    'triton' (CUDA) or 'torch' where the fused ops cannot do it."""
+    'triton' (CUDA) or 'torch' where the fused ops cannot do it (a softcap; a window on CUDA)."""
+    diagonal_offset, window_offset, softcap = check_mask_args(diagonal_offset, window_offset, softcap)
     chosen = resolve_backend(backend, q.device)
-    if chosen == "sdpa" and not _sdpa().sdpa_supports(q, k, diagonal_offset, v):
+    if chosen == "sdpa" and not _sdpa().sdpa_supports(q, k, diagonal_offset, v, window_offset=window_offset,
+                                                      softcap=softcap):
         return "triton" if q.device.type == "cuda" else "torch"
     return chosen
 
@@ -56,15 +95,20 @@ def _triton():
 
 
 def attention_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
-                            diagonal_offset: int | None = None, backend: str = "auto"
+                            diagonal_offset: int | None = None, backend: str = "auto",
+                            window_offset: int | None = None, softcap: float | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, lse) of one block of softmax attention."""
-    chosen = block_backend(backend, q, k, v, diagonal_offset)
+    diagonal_offset, window_offset, softcap = check_mask_args(diagonal_offset, window_offset, softcap)
+    chosen = block_backend(backend, q, k, v, diagonal_offset, window_offset=window_offset, softcap=softcap)
     if chosen == "triton":
-        return _triton().attention_block_forward_triton(q, k, v, scale=scale, diagonal_offset=diagonal_offset)
+        return _triton().attention_block_forward_triton(q, k, v, scale=scale, diagonal_offset=diagonal_offset,
+                                                        window_offset=window_offset, softcap=softcap)
     if chosen == "sdpa":
-        return _sdpa().attention_block_forward_sdpa(q, k, v, scale=scale, diagonal_offset=diagonal_offset)
-    return attention_block_forward_reference(q, k, v, scale=scale, diagonal_offset=diagonal_offset)
+        return _sdpa().attention_block_forward_sdpa(q, k, v, scale=scale, diagonal_offset=diagonal_offset,
+                                                    window_offset=window_offset, softcap=softcap)
+    return attention_block_forward_reference(q, k, v, scale=scale, diagonal_offset=diagonal_offset,
+                                             window_offset=window_offset, softcap=softcap)
 
 
 def output_delta(out: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
@@ -77,24 +121,31 @@ def output_delta(out: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
 def attention_block_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              lse: torch.Tensor, delta: torch.Tensor | None, *, scale: float,
                              diagonal_offset: int | None = None, backend: str = "auto",
-                             out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of one block given the row-global ``lse`` and ``delta = rowsum(o * do)``.
+                             out: torch.Tensor | None = None, window_offset: int | None = None,
+                             softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of one block given the row-global ``lse`` (of the capped scores with
+    ``softcap``) and ``delta = rowsum(o * do)``.
 
     ``out`` (optional, [B, Tq, Hq, D]): a tensor with rowsum(out * do) = delta, e.g. the forward's
     output o when there is no lse gradient, or the ``out`` of :func:`prepare_backward`; ``delta``
-    may then be None. The ``sdpa`` backend hands it to the fused op instead of building one."""
-    chosen = block_backend(backend, q, k, v, diagonal_offset)
+    may then be None. The ``sdpa`` backend hands it to the fused op instead of building one; a
+    block that falls back (softcap, ...) computes delta from it."""
+    diagonal_offset, window_offset, softcap = check_mask_args(diagonal_offset, window_offset, softcap)
+    chosen = block_backend(backend, q, k, v, diagonal_offset, window_offset=window_offset, softcap=softcap)
     if chosen == "sdpa":
         return _sdpa().attention_block_backward_sdpa(do, q, k, v, lse, delta, scale=scale,
-                                                     diagonal_offset=diagonal_offset, out=out)
+                                                     diagonal_offset=diagonal_offset, out=out,
+                                                     window_offset=window_offset, softcap=softcap)
     if delta is None:
         if out is None:
             raise ValueError("attention_block_backward needs delta or out")
         delta = output_delta(out, do)
     if chosen == "triton":
         return _triton().attention_block_backward_triton(do, q, k, v, lse, delta, scale=scale,
-                                                         diagonal_offset=diagonal_offset)
-    return attention_block_backward_reference(do, q, k, v, lse, delta, scale=scale, diagonal_offset=diagonal_offset)
+                                                         diagonal_offset=diagonal_offset,
+                                                         window_offset=window_offset, softcap=softcap)
+    return attention_block_backward_reference(do, q, k, v, lse, delta, scale=scale, diagonal_offset=diagonal_offset,
+                                              window_offset=window_offset, softcap=softcap)
 
 
 class BackwardOperands(NamedTuple):
@@ -117,7 +168,8 @@ def prepare_backward(do: torch.Tensor, delta: torch.Tensor | None, *, out: torch
     a missing out is reconstructed from delta (one host synchronisation per call, none per
     block); where the fused ops cannot take the call (no such out: a row with do = 0 and
     delta != 0; or ops this torch lacks) the backend becomes the reference ("torch"; "triton" on
-    CUDA) for the whole call. Other backends get delta (computed from out when None) and no out."""
+    CUDA) for the whole call. Other backends get delta (computed from out when None) and no out.
+    Blocks of an ``sdpa`` call that fall back (softcap, ...) compute their delta from ``out``."""
     if delta is None and out is None:
         raise ValueError("prepare_backward needs delta or out")
     chosen = resolve_backend(backend, do.device)
@@ -146,15 +198,19 @@ def merge_partials_(o_acc: torch.Tensor, lse_acc: torch.Tensor, o_blk: torch.Ten
 
 def attention_block_accumulate_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_acc: torch.Tensor,
                                 lse_acc: torch.Tensor, *, scale: float, diagonal_offset: int | None = None,
-                                backend: str = "auto") -> None:
+                                backend: str = "auto", window_offset: int | None = None,
+                                softcap: float | None = None) -> None:
     """Compute one block and merge it into the running (o_acc, lse_acc) in place.
 
     The Triton backend fuses the merge into the kernel's epilogue (no extra pass over o)."""
-    if block_backend(backend, q, k, v, diagonal_offset) == "triton":
+    diagonal_offset, window_offset, softcap = check_mask_args(diagonal_offset, window_offset, softcap)
+    if block_backend(backend, q, k, v, diagonal_offset, window_offset=window_offset, softcap=softcap) == "triton":
         triton_mod = _triton()
         fused = getattr(triton_mod, "attention_block_accumulate_triton_", None)
         if fused is not None:
-            fused(q, k, v, o_acc, lse_acc, scale=scale, diagonal_offset=diagonal_offset)
+            fused(q, k, v, o_acc, lse_acc, scale=scale, diagonal_offset=diagonal_offset,
+                  window_offset=window_offset, softcap=softcap)
             return
-    o_blk, lse_blk = attention_block_forward(q, k, v, scale=scale, diagonal_offset=diagonal_offset, backend=backend)
+    o_blk, lse_blk = attention_block_forward(q, k, v, scale=scale, diagonal_offset=diagonal_offset, backend=backend,
+                                             window_offset=window_offset, softcap=softcap)
     merge_partials_(o_acc, lse_acc, o_blk, lse_blk)

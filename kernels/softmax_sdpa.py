@@ -1,9 +1,11 @@
 """Softmax attention block on torch's fused SDPA ops that return the log-sum-exp ("sdpa" backend).
 
 Same contract as :mod:`seqpar.kernels.softmax_reference` (the oracle): q [B, Tq, Hq, D],
-k/v [B, Tk, Hkv, D], GQA by index, ``diagonal_offset`` None (no mask) or m (key j visible to query
-i iff j <= i + m), outputs and grads in the compute dtype (fp32, fp64 for fp64), lse [B, Hq, Tq]
-natural log, rows that see no key give o = 0 and lse = -inf.
+k/v [B, Tk, Hkv, D], GQA by index, key j visible to query i iff (``diagonal_offset`` m is None or
+j <= i + m) and (``window_offset`` w is None or j >= i + w), outputs and grads in the compute
+dtype (fp32, fp64 for fp64), lse [B, Hq, Tq] natural log, rows that see no key give o = 0 and
+lse = -inf. ``softcap`` is not supported by the fused ops (:func:`sdpa_supports` is False, the
+dispatcher runs the reference / Triton for that block); nor is ``window_offset`` on CUDA.
 
 Ops used:
 
@@ -23,6 +25,9 @@ Version check. These ops are private to torch. Before their first use on a devic
 ``scale`` keyword and the leading return values this module relies on (``op.default._schema``);
 if not, :func:`sdpa_supports` is False for that device type (the dispatcher then runs the
 reference / Triton kernels: exact, slower) and a ``RuntimeWarning`` says so, once per process.
+Windowed blocks also need the ``attn_mask`` keyword (:data:`FUSED_MASK_KEYWORD`,
+:func:`fused_mask_problem`, checked at the first windowed block): without it only windowed blocks
+fall back (one ``RuntimeWarning``).
 
 Strides. The CPU ops read every tensor operand (q, k, v; in backward also grad_out and out)
 through its batch, head and token strides only and assume a unit-stride head-dim axis
@@ -48,6 +53,18 @@ two such pieces, each a (query range, key range, causal) triple:
 
 The first piece that covers every row is handed on as is (no zero-filled buffer, no merge).
 
+Windows (``window_offset`` w given; CPU only). The fused CPU ops take ``attn_mask``: an additive
+float mask of the compute dtype (0 visible, -inf hidden; a bool mask is refused), broadcast from
+[1, 1, Tq, Tk]. :func:`_band_extent` first cuts the block down to the rows that see at least one
+key and the keys any of them sees (w > m, or a band outside the block: nothing is computed, o = 0,
+lse = -inf). Offsets are re-based to that sub-block; a window bound that hides nothing there is
+dropped and the sub-block goes through the pieces above (no mask tensor); otherwise one op call
+with the band as an additive mask (:func:`_additive_mask`, cached per shape / offsets / dtype /
+device, up to 32 small masks). Every row of that call sees a key, so the op's lse = 0 for fully
+masked rows never arises; rows outside the sub-block get o = 0, lse = -inf (dq = 0), keys outside
+it dk = dv = 0. The sub-block is not tiled further: a band much narrower than a tall block costs
+the full sub-block of scores (the planner keeps banded blocks about window + 128 keys wide).
+
 Backward. The fused backward ops take (grad_out, q, k, v, out, logsumexp) and compute
 ``D = rowsum(out * grad_out)`` themselves, then dS = exp(s - logsumexp) * (dP - D). We pass the
 given row-global lse (-inf rows as 0, like the reference) and an ``out`` with
@@ -66,16 +83,22 @@ rowsum(out * do) = delta:
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 
 from seqpar.kernels.softmax import merge_partials_
-from seqpar.kernels.softmax_reference import attention_block_backward_reference, compute_dtype
+from seqpar.kernels.softmax_reference import (
+    attention_block_backward_reference,
+    attention_block_forward_reference,
+    compute_dtype,
+)
 
 __all__ = [
     "sdpa_supports",
     "fused_ops_problem",
+    "fused_mask_problem",
     "attention_block_forward_sdpa",
     "attention_block_backward_sdpa",
     "attention_block_accumulate_sdpa_",
@@ -107,6 +130,11 @@ FUSED_OPS: dict[str, tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]] =
     ),
 }
 _FUSED_OPS_OK: dict[str, bool] = {}  # device type -> checked result (filled at first use)
+
+# The keyword through which the fused ops of a device type take an additive float mask (windowed
+# blocks); a device type missing here has no mask support (windowed blocks fall back).
+FUSED_MASK_KEYWORD: dict[str, str] = {"cpu": "attn_mask"}
+_FUSED_MASK_OK: dict[str, bool] = {}  # device type -> checked result (filled at first windowed block)
 
 
 def _op_schema(name: str):
@@ -147,6 +175,35 @@ def fused_ops_problem(device_type: str) -> str | None:
     return None
 
 
+def fused_mask_problem(device_type: str) -> str | None:
+    """Why the fused ops of ``device_type`` cannot take an additive mask (windowed blocks), or
+    None when every op of :data:`FUSED_OPS` has the :data:`FUSED_MASK_KEYWORD` keyword."""
+    keyword = FUSED_MASK_KEYWORD.get(device_type)
+    if keyword is None:
+        return f"the fused attention ops of {device_type!r} take no mask"
+    problem = fused_ops_problem(device_type)
+    if problem is not None:
+        return problem
+    for name, _, _ in FUSED_OPS[device_type]:
+        if keyword not in [a.name for a in _op_schema(name).arguments]:
+            return f"aten::{name} has no {keyword!r} argument"
+    return None
+
+
+def _fused_mask_available(device_type: str) -> bool:
+    """:func:`fused_mask_problem` checked once per device type; a problem (on a device type that
+    has a mask keyword at all) warns once."""
+    ok = _FUSED_MASK_OK.get(device_type)
+    if ok is None:
+        problem = fused_mask_problem(device_type)
+        ok = _FUSED_MASK_OK[device_type] = problem is None
+        if problem is not None and device_type in FUSED_MASK_KEYWORD:
+            warnings.warn(f"seqpar: windowed attention blocks do not use the 'sdpa' backend on {device_type} with "
+                          f"torch {torch.__version__}: {problem}; using the reference kernels for them instead "
+                          "(exact, slower)", RuntimeWarning, stacklevel=3)
+    return ok
+
+
 def _fused_ops_available(device_type: str) -> bool:
     """:func:`fused_ops_problem` checked once per device type; a problem warns once."""
     ok = _FUSED_OPS_OK.get(device_type)
@@ -160,11 +217,20 @@ def _fused_ops_available(device_type: str) -> bool:
     return ok
 
 
+def _mask_supported(device_type: str, window_offset: int | None, softcap: float | None) -> bool:
+    """Whether the fused ops of ``device_type`` can apply this window / softcap (not the shapes)."""
+    if softcap is not None:
+        return False  # no fused op caps its logits
+    return window_offset is None or _fused_mask_available(device_type)
+
+
 def sdpa_supports(q: torch.Tensor, k: torch.Tensor, diagonal_offset: int | None = None,
-                  v: torch.Tensor | None = None) -> bool:
+                  v: torch.Tensor | None = None, *, window_offset: int | None = None,
+                  softcap: float | None = None) -> bool:
     """Whether the fused ops can compute this block (every ``diagonal_offset`` is expressible;
-    the limits are device, dtype, shapes, and the torch version's ops). False means: use the
-    reference / Triton instead."""
+    ``window_offset`` on CPU only, via an additive mask; ``softcap`` never; the other limits are
+    device, dtype, shapes, and the torch version's ops). False means: use the reference / Triton
+    instead."""
     if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0]:
         return False
     if q.shape[1] == 0 or k.shape[1] == 0 or k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
@@ -175,9 +241,10 @@ def sdpa_supports(q: torch.Tensor, k: torch.Tensor, diagonal_offset: int | None 
     if q.device != k.device or q.dtype != k.dtype:
         return False
     if q.device.type == "cpu":
-        return q.dtype in _CPU_DTYPES and _fused_ops_available("cpu")
+        return q.dtype in _CPU_DTYPES and _fused_ops_available("cpu") and _mask_supported("cpu", window_offset, softcap)
     if q.device.type == "cuda":
-        return q.dtype in _CUDA_DTYPES and head_dim % 8 == 0 and head_dim <= 256 and _fused_ops_available("cuda")
+        return (q.dtype in _CUDA_DTYPES and head_dim % 8 == 0 and head_dim <= 256 and _fused_ops_available("cuda")
+                and _mask_supported("cuda", window_offset, softcap))
     return False
 
 
@@ -203,6 +270,51 @@ def _pieces(tq: int, tk: int, diagonal_offset: int | None, square: bool = True) 
         if qe - qs > n:
             pieces.append((qs + n, qe, ks, ks + n, False))
     return pieces
+
+
+def _band_extent(tq: int, tk: int, diagonal_offset: int | None, window_offset: int | None
+                 ) -> tuple[int, int, int, int, int | None, int | None] | None:
+    """The sub-block of a banded block that holds every visible pair: (q_start, q_stop, k_start,
+    k_stop, m, w) with every row of [q_start, q_stop) seeing at least one key, all of them in
+    [k_start, k_stop), and m / w the offsets re-based to the sub-block (None where the bound
+    hides nothing there). None when no query sees a key."""
+    m, w = diagonal_offset, window_offset
+    if m is not None and w is not None and w > m:
+        return None
+    qs = 0 if m is None else max(0, -m)  # rows with i + m >= 0
+    qe = tq if w is None else min(tq, tk - w)  # rows with i + w <= tk - 1
+    if qs >= qe:
+        return None
+    ks = 0 if w is None else max(0, qs + w)
+    ke = tk if m is None else min(tk, qe + m)
+    shift = qs - ks
+    m = None if m is None or m + shift >= ke - ks - 1 else m + shift
+    w = None if w is None or w + shift + (qe - qs - 1) <= 0 else w + shift
+    return qs, qe, ks, ke, m, w
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_mask(tq: int, tk: int, diagonal_offset: int | None, window_offset: int, dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
+    i = torch.arange(tq, device=device).unsqueeze(1)
+    j = torch.arange(tk, device=device).unsqueeze(0)
+    hidden = j < i + window_offset
+    if diagonal_offset is not None:
+        hidden |= j > i + diagonal_offset
+    mask = torch.zeros(tq, tk, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
+    return mask.view(1, 1, tq, tk)
+
+
+_MASK_CACHE_ELEMS = 1 << 21  # larger masks are built per call (their op costs far more than the build)
+
+
+def _additive_mask(tq: int, tk: int, diagonal_offset: int | None, window_offset: int, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+    """[1, 1, tq, tk] additive mask (0 visible, -inf hidden) of the band, in ``dtype`` (the fused
+    CPU ops want the query's dtype). Read-only: small ones are shared through a cache."""
+    if tq * tk > _MASK_CACHE_ELEMS:
+        return _cached_mask.__wrapped__(tq, tk, diagonal_offset, window_offset, dtype, device)
+    return _cached_mask(tq, tk, diagonal_offset, window_offset, dtype, device)
 
 
 def _expand_kv(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -234,9 +346,10 @@ def _op_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return compute_dtype(dtype) if device.type == "cpu" else dtype
 
 
-def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One piece: (o [B, Tq, Hq, D], lse [B, Hq, Tq]) in the compute dtype."""
+def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+                   mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One piece: (o [B, Tq, Hq, D], lse [B, Hq, Tq]) in the compute dtype. ``mask``: an additive
+    mask in the compute dtype (CPU only)."""
     cd = compute_dtype(q.dtype)
     if q.device.type == "cuda":
         group = q.shape[2] // k.shape[2]
@@ -245,16 +358,18 @@ def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
             q.transpose(1, 2), _expand_kv(k, group).transpose(1, 2), _expand_kv(v, group).transpose(1, 2),
             0.0, causal, False, scale=scale)
         return out[0].transpose(1, 2).to(cd), out[1].to(cd)
+    masked = {} if mask is None else {FUSED_MASK_KEYWORD["cpu"]: mask}
     out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         _operand(q, cd).transpose(1, 2), _operand(k, cd).transpose(1, 2), _operand(v, cd).transpose(1, 2),
-        0.0, causal, scale=scale)
+        0.0, causal, scale=scale, **masked)
     return out[0].transpose(1, 2), out[1]
 
 
 def _fused_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                    lse: torch.Tensor, scale: float, causal: bool
+                    lse: torch.Tensor, scale: float, causal: bool, mask: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One piece: (dq, dk, dv) in the compute dtype; ``out`` satisfies rowsum(out * do) = delta."""
+    """One piece: (dq, dk, dv) in the compute dtype; ``out`` satisfies rowsum(out * do) = delta;
+    ``mask`` as in :func:`_fused_forward` (CPU only)."""
     cd = compute_dtype(q.dtype)
     t = lambda x: x.transpose(1, 2)  # noqa: E731
     if q.device.type == "cuda":
@@ -270,8 +385,9 @@ def _fused_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
             scale=scale)
         dq, dk, dv = (t(g).to(cd) for g in grads[:3])
         return dq, _reduce_kv(dk, group), _reduce_kv(dv, group)
+    masked = {} if mask is None else {FUSED_MASK_KEYWORD["cpu"]: mask}
     grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        *(t(_operand(x, cd)) for x in (do, q, k, v, out)), lse.to(cd), 0.0, causal, scale=scale)
+        *(t(_operand(x, cd)) for x in (do, q, k, v, out)), lse.to(cd), 0.0, causal, scale=scale, **masked)
     return t(grads[0]), t(grads[1]), t(grads[2])
 
 
@@ -312,10 +428,46 @@ def backward_operands_sdpa(do: torch.Tensor, delta: torch.Tensor | None, out: to
     return do, delta, _operand(out, dtype)
 
 
+def _empty_result(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o = 0, lse = -inf) of a block where no row sees a key."""
+    B, Tq, Hq, _ = q.shape
+    cd = compute_dtype(q.dtype)
+    return (torch.zeros(B, Tq, Hq, v.shape[-1], dtype=cd, device=q.device),
+            torch.full((B, Hq, Tq), float("-inf"), dtype=cd, device=q.device))
+
+
+def _windowed_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      diagonal_offset: int | None, window_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block with a window (CPU): the sub-block of :func:`_band_extent`, masked or as pieces."""
+    extent = _band_extent(q.shape[1], k.shape[1], diagonal_offset, window_offset)
+    if extent is None:
+        return _empty_result(q, v)
+    qs, qe, ks, ke, m, w = extent
+    qb, kb, vb = q[:, qs:qe], k[:, ks:ke], v[:, ks:ke]
+    if w is None:
+        o_p, lse_p = attention_block_forward_sdpa(qb, kb, vb, scale=scale, diagonal_offset=m)
+    else:
+        cd = compute_dtype(q.dtype)
+        o_p, lse_p = _fused_forward(qb, kb, vb, scale, False, _additive_mask(qe - qs, ke - ks, m, w, cd, q.device))
+    if (qs, qe) == (0, q.shape[1]):
+        return o_p, lse_p
+    o, lse = _empty_result(q, v)
+    o[:, qs:qe] = o_p
+    lse[:, :, qs:qe] = lse_p
+    return o, lse
+
+
 def attention_block_forward_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
-                                 diagonal_offset: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o, lse) of one block on the fused op (call only where :func:`sdpa_supports`). A single piece
+                                 diagonal_offset: int | None = None, window_offset: int | None = None,
+                                 softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse) of one block on the fused op (call only where :func:`sdpa_supports`; a ``softcap``,
+    or a window the device's ops cannot mask, runs on the reference instead). A single piece
     covering every row is returned as the op made it (o a [B, Tq, Hq, D] view, lse possibly strided)."""
+    if not _mask_supported(q.device.type, window_offset, softcap):
+        return attention_block_forward_reference(q, k, v, scale=scale, diagonal_offset=diagonal_offset,
+                                                 window_offset=window_offset, softcap=softcap)
+    if window_offset is not None:
+        return _windowed_forward(q, k, v, scale, diagonal_offset, window_offset)
     B, Tq, Hq, _ = q.shape
     cd = compute_dtype(q.dtype)
     o = lse = None
@@ -329,8 +481,7 @@ def attention_block_forward_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             lse = torch.full((B, Hq, Tq), float("-inf"), dtype=cd, device=q.device)
         merge_partials_(o[:, qs:qe], lse[:, :, qs:qe], o_p, lse_p)
     if o is None:  # no row sees a key
-        o = torch.zeros(B, Tq, Hq, v.shape[-1], dtype=cd, device=q.device)
-        lse = torch.full((B, Hq, Tq), float("-inf"), dtype=cd, device=q.device)
+        o, lse = _empty_result(q, v)
     return o, lse
 
 
@@ -345,19 +496,64 @@ def _add_rows_(acc: torch.Tensor | None, part: torch.Tensor, start: int, stop: i
     return acc
 
 
+def _zero_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    cd = compute_dtype(q.dtype)
+    return (torch.zeros(q.shape, dtype=cd, device=q.device), torch.zeros(k.shape, dtype=cd, device=q.device),
+            torch.zeros(v.shape, dtype=cd, device=q.device))
+
+
+def _windowed_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
+                       out: torch.Tensor, scale: float, diagonal_offset: int | None, window_offset: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of :func:`_windowed_forward` (CPU); ``out`` as in the block backward."""
+    Tq, Tk = q.shape[1], k.shape[1]
+    extent = _band_extent(Tq, Tk, diagonal_offset, window_offset)
+    if extent is None:
+        return _zero_grads(q, k, v)
+    qs, qe, ks, ke, m, w = extent
+    args = (do[:, qs:qe], q[:, qs:qe], k[:, ks:ke], v[:, ks:ke], lse[:, :, qs:qe])
+    if w is None:
+        grads = attention_block_backward_sdpa(*args, None, scale=scale, diagonal_offset=m, out=out[:, qs:qe])
+    else:
+        cd = compute_dtype(q.dtype)
+        lse_f = lse[:, :, qs:qe].to(cd)  # every row of the sub-block sees a key: lse is finite
+        grads = _fused_backward(*args[:4], out[:, qs:qe], lse_f, scale, False,
+                                _additive_mask(qe - qs, ke - ks, m, w, cd, q.device))
+    if (qs, qe, ks, ke) == (0, Tq, 0, Tk):
+        return grads
+    dq, dk, dv = _zero_grads(q, k, v)
+    dq[:, qs:qe] = grads[0]
+    dk[:, ks:ke] = grads[1]
+    dv[:, ks:ke] = grads[2]
+    return dq, dk, dv
+
+
 def attention_block_backward_sdpa(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   lse: torch.Tensor, delta: torch.Tensor | None, *, scale: float,
-                                  diagonal_offset: int | None = None, out: torch.Tensor | None = None
+                                  diagonal_offset: int | None = None, out: torch.Tensor | None = None,
+                                  window_offset: int | None = None, softcap: float | None = None
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of one block given the row-global ``lse`` and ``delta`` (see module doc).
 
     ``out`` [B, Tq, Hq, D]: any tensor with rowsum(out * do) = delta (then ``delta`` may be None),
-    e.g. from :func:`backward_operands_sdpa`; without it one is reconstructed for this block."""
+    e.g. from :func:`backward_operands_sdpa`; without it one is reconstructed for this block.
+    A ``softcap`` (or a window the device's ops cannot mask) runs on the reference, with delta
+    computed from ``out`` when None."""
+    if not _mask_supported(q.device.type, window_offset, softcap):
+        if delta is None:
+            if out is None:
+                raise ValueError("attention_block_backward_sdpa needs delta or out")
+            cd = compute_dtype(do.dtype)
+            delta = (out.to(cd) * do.to(cd)).sum(dim=-1).transpose(1, 2)
+        return attention_block_backward_reference(do, q, k, v, lse, delta, scale=scale, diagonal_offset=diagonal_offset,
+                                                  window_offset=window_offset, softcap=softcap)
     if out is None:
         out = _out_for_delta(do, delta)
         if out is None:
             return attention_block_backward_reference(do, q, k, v, lse, delta, scale=scale,
-                                                      diagonal_offset=diagonal_offset)
+                                                      diagonal_offset=diagonal_offset, window_offset=window_offset)
+    if window_offset is not None:
+        return _windowed_backward(do, q, k, v, lse, out, scale, diagonal_offset, window_offset)
     cd = compute_dtype(q.dtype)
     lse_f = lse.to(cd)
     lse_f = torch.where(torch.isinf(lse_f), torch.zeros_like(lse_f), lse_f)
@@ -370,15 +566,14 @@ def attention_block_backward_sdpa(do: torch.Tensor, q: torch.Tensor, k: torch.Te
         dk = _add_rows_(dk, dk_p, ks, ke, Tk)
         dv = _add_rows_(dv, dv_p, ks, ke, Tk)
     if dq is None:  # no row sees a key
-        dq = torch.zeros(q.shape, dtype=cd, device=q.device)
-        dk = torch.zeros(k.shape, dtype=cd, device=q.device)
-        dv = torch.zeros(v.shape, dtype=cd, device=q.device)
+        dq, dk, dv = _zero_grads(q, k, v)
     return dq, dk, dv
 
 
 def attention_block_accumulate_sdpa_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_acc: torch.Tensor,
-                                     lse_acc: torch.Tensor, *, scale: float, diagonal_offset: int | None = None
-                                     ) -> None:
+                                     lse_acc: torch.Tensor, *, scale: float, diagonal_offset: int | None = None,
+                                     window_offset: int | None = None, softcap: float | None = None) -> None:
     """Forward, then merge into the running (o_acc, lse_acc) in place (no fused epilogue)."""
-    o_blk, lse_blk = attention_block_forward_sdpa(q, k, v, scale=scale, diagonal_offset=diagonal_offset)
+    o_blk, lse_blk = attention_block_forward_sdpa(q, k, v, scale=scale, diagonal_offset=diagonal_offset,
+                                                  window_offset=window_offset, softcap=softcap)
     merge_partials_(o_acc, lse_acc, o_blk, lse_blk)

@@ -1,21 +1,26 @@
-"""A cost model of every strategy: per-rank FLOPs (from the same causal block plan the strategies
-execute), bytes on the wire, and an overlapped time estimate for a given machine.
+"""A cost model of every strategy: per-rank FLOPs (from the same block plan the strategies execute,
+under any :class:`~seqpar.masks.AttentionMask`: causal, sliding window, packed documents), bytes
+on the wire, and an overlapped time estimate for a given machine.
 
 There is one GPU in our lab, never several, so the multi-GPU behaviour of a strategy is shown by
 this model (plus gloo runs staged through host memory and one real rank under the fake process
 group). The work counts are exact: they come from :func:`seqpar.layout.plan_blocks`, the plan
-the ring / all-gather drivers run. Times are estimates: compute at a sustained rate, messages at
-a link bandwidth plus a fixed latency, and for overlapped strategies a step costs the larger of
-its compute and its communication.
+the ring / all-gather drivers run, and every block's (query, key) pairs are counted in closed form
+(:func:`visible_pairs`), so a 1M-token estimate with hundreds of documents takes well under a
+second. A ring visits only the K/V blocks some query can see (``seqpar.softmax.plan.ring_steps``:
+fewer than P with a sliding window), and sends only those; the all-gather strategy still gathers
+every rank's K/V but computes only the visible blocks. Times are estimates: compute at a sustained
+rate, messages at a link bandwidth plus a fixed latency, and for overlapped strategies a step costs
+the larger of its compute and its communication.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
-import torch
-
-from seqpar.layout import check_global_length, chunks_per_rank, plan_blocks, segments
+from seqpar.layout import Segment, check_global_length, chunks_per_rank, merge_block_tasks, plan_blocks, segments
+from seqpar.masks import AttentionMask, as_mask
 
 if TYPE_CHECKING:
     from seqpar.config import ModelConfig, SequenceParallelConfig
@@ -54,77 +59,185 @@ class Estimate:
     bytes_sent_per_rank: float  # forward pass
     serial_steps: int  # communication steps that wait on each other
     fwd_ms: float
+    mean_rank_tflop: float | None = None  # forward work of the average rank
+    ring_steps: int | None = None  # K/V blocks a ring visits (its own included); None: no ring (all-gather)
 
 
-def visible_pairs(q_len: int, k_len: int, diagonal_offset: int | None) -> int:
-    """Number of (query, key) pairs a block computes under its mask (exact)."""
-    if diagonal_offset is None:
-        return q_len * k_len
-    per_query = (torch.arange(q_len, dtype=torch.long) + diagonal_offset + 1).clamp(0, k_len)
-    return int(per_query.sum())
+def _pairs_at_or_below(q_len: int, k_len: int, offset: int) -> int:
+    """#{(i, j) in [0, q_len) x [0, k_len): j <= i + offset}: row i sees clamp(i + offset + 1, 0, k_len)
+    keys, an arithmetic run clamped at both ends; summed in closed form."""
+    first, last = offset + 1, offset + q_len  # keys seen by the first / last row, before clamping
+    full_rows = max(0, last - max(first, k_len) + 1)  # rows that see all k_len keys
+    a, b = max(first, 1), min(last, k_len - 1)  # the partly clamped rows see a, a + 1, ..., b keys
+    partial = (a + b) * (b - a + 1) // 2 if b >= a else 0
+    return full_rows * k_len + partial
 
 
-def _pairs_per_step(layout: str, world_size: int, local_len: int, causal: bool) -> list[list[int]]:
-    """pairs[step][rank]: (query, key) pairs rank computes against the block of rank - step."""
-    segs = [segments(layout, r, world_size, local_len) for r in range(world_size)]
-    table = []
-    for step in range(world_size):
-        row = []
-        for r in range(world_size):
-            src = (r - step) % world_size
-            row.append(sum(visible_pairs(t.q_len, t.k_len, t.diagonal_offset)
-                           for t in plan_blocks(segs[r], segs[src], causal)))
-        table.append(row)
-    return table
+def visible_pairs(q_len: int, k_len: int, diagonal_offset: int | None, window_offset: int | None = None) -> int:
+    """Number of (query, key) pairs a block computes under its band (exact, O(1)): key j is visible
+    to query i iff j <= i + ``diagonal_offset`` (None: no upper bound) and j >= i + ``window_offset``
+    (None: no lower bound), as in :class:`seqpar.layout.BlockTask`."""
+    if q_len <= 0 or k_len <= 0:
+        return 0
+    upper = q_len * k_len if diagonal_offset is None else _pairs_at_or_below(q_len, k_len, diagonal_offset)
+    below = 0 if window_offset is None else _pairs_at_or_below(q_len, k_len, window_offset - 1)
+    return max(0, upper - below)
+
+
+def _task_pairs(task) -> int:
+    return visible_pairs(task.q_len, task.k_len, task.diagonal_offset, task.window_offset)
+
+
+Rows = tuple[tuple[Segment, ...], ...]
+
+
+@lru_cache(maxsize=64)
+def _layout_rows(layout: str, world_size: int, local_len: int) -> Rows:
+    """The segments of every rank (a ring / all-gather over ``world_size`` ranks)."""
+    return tuple(tuple(segments(layout, r, world_size, local_len)) for r in range(world_size))
+
+
+@lru_cache(maxsize=64)
+def _ulysses_rows(layout: str, world_size: int, local_len: int, ulysses_size: int) -> Rows:
+    """The segments of every ring row after the Ulysses exchange (``ulysses_size`` ranks a row),
+    in the order the strategy holds them (``seqpar.softmax.plan._row``)."""
+    from seqpar.softmax.plan import _row  # lazy: the strategy's module, not needed for the layout rows
+
+    return tuple(tuple(_row(layout, i, ulysses_size, world_size, local_len)[1])
+                 for i in range(world_size // ulysses_size))
+
+
+def _ring_steps(rows: Rows, mask: AttentionMask) -> int:
+    from seqpar.softmax.plan import ring_steps  # lazy: keeps this module free of import cycles
+
+    return ring_steps(rows, mask)
+
+
+@lru_cache(maxsize=64)
+def _rows_pairs(rows: Rows, mask: AttentionMask) -> tuple[tuple[int, ...], ...]:
+    """pairs[step][r]: (query, key) pairs row r computes against the K/V of row r - step."""
+    size = len(rows)
+    return tuple(tuple(sum(_task_pairs(t) for t in plan_blocks(rows[r], rows[(r - step) % size], mask))
+                       for r in range(size))
+                 for step in range(size))
+
+
+@lru_cache(maxsize=64)
+def _rows_tasks(rows: Rows, mask: AttentionMask) -> tuple[tuple[int, ...], ...]:
+    """tasks[step][r]: kernel calls (merged block tasks, as the driver runs them) of row r against
+    the K/V of row r - step."""
+    size = len(rows)
+    return tuple(tuple(len(merge_block_tasks(plan_blocks(rows[r], rows[(r - step) % size], mask)))
+                       for r in range(size))
+                 for step in range(size))
+
+
+def _check_mask(mask: AttentionMask | bool, seq_len: int) -> AttentionMask:
+    mask = as_mask(mask)
+    if mask.documents is not None and (mask.documents[0] != 0 or mask.documents[-1] != seq_len):
+        raise ValueError(f"the mask's documents must run from 0 to the sequence length {seq_len}, got "
+                         f"({mask.documents[0]}, ..., {mask.documents[-1]})")
+    return mask
+
+
+def _pairs_per_step(layout: str, world_size: int, local_len: int,
+                    mask: AttentionMask | bool) -> tuple[tuple[int, ...], ...]:
+    """pairs[step][rank]: (query, key) pairs rank computes against the block of rank - step under
+    ``mask`` (an AttentionMask over global positions, or a bool: causal). Exact and cached."""
+    mask = _check_mask(mask, world_size * local_len)
+    return _rows_pairs(_layout_rows(layout, world_size, local_len), mask)
+
+
+def _rows_of(strategy: str, layout: str, world_size: int, local_len: int, ulysses_size: int) -> tuple[Rows, int]:
+    """(rows, ranks per row) of a strategy: one rank a row for ring / all-gather, the Ulysses group
+    for 'ulysses' (one row: the whole sequence) and 'usp'."""
+    if strategy in ("ring", "allgather"):
+        return _layout_rows(layout, world_size, local_len), 1
+    if strategy in ("ulysses", "usp"):
+        u = world_size if strategy == "ulysses" else ulysses_size
+        if u < 1 or world_size % u != 0:
+            raise ValueError(f"ulysses size {u} does not divide world size {world_size}")
+        return _ulysses_rows(layout, world_size, local_len, u), u
+    raise ValueError(f"unknown softmax strategy {strategy!r}")
+
+
+def _resolve_mask(causal: bool | None, mask: AttentionMask | bool | None) -> AttentionMask:
+    if mask is None:
+        return AttentionMask(causal=True if causal is None else bool(causal))
+    mask = as_mask(mask)
+    if causal is not None and bool(causal) != mask.causal:
+        raise ValueError(f"causal={causal} contradicts mask={mask} (pass one of them)")
+    return mask
+
+
+def block_tasks_per_rank(strategy: str, layout: str, world_size: int, seq_len: int,
+                         mask: AttentionMask | bool = True, ulysses_size: int = 1) -> list[int]:
+    """Kernel calls (merged block tasks: ``merge_block_tasks(plan_blocks(...))``, as the driver runs
+    them, per K/V block visited, not multiplied by KV-head groups) of every rank in one forward."""
+    local_len = check_global_length(layout, seq_len, world_size)
+    mask = _check_mask(mask, seq_len)
+    rows, u = _rows_of(strategy, layout, world_size, local_len, ulysses_size)
+    tasks = _rows_tasks(rows, mask)
+    steps = len(rows) if strategy == "allgather" else _ring_steps(rows, mask)
+    per_row = [sum(tasks[s][r] for s in range(steps)) for r in range(len(rows))]
+    return [per_row[rank // u] for rank in range(world_size)]
 
 
 def softmax_estimate(strategy: str, layout: str, world_size: int, shape: Shape, machine: Machine,
-                     causal: bool = True, ulysses_size: int = 1) -> Estimate:
+                     causal: bool | None = None, ulysses_size: int = 1,
+                     mask: AttentionMask | bool | None = None) -> Estimate:
     """Forward estimate of one softmax-attention layer under ``strategy`` ('ring', 'allgather',
-    'ulysses', 'usp' with ``ulysses_size``) and ``layout``."""
+    'ulysses', 'usp' with ``ulysses_size``) and ``layout``.
+
+    ``mask``: an :class:`~seqpar.masks.AttentionMask` over the ``shape.seq_len`` global positions
+    (its documents must end at seq_len), or a bool (causal); without it ``causal`` (default True)
+    gives a plain causal / full mask. Work is exact per rank (the strategies' block plan); a ring
+    visits and sends only the K/V blocks some query sees (``ring_steps``)."""
+    mask = _check_mask(_resolve_mask(causal, mask), shape.seq_len)
     local_len = check_global_length(layout, shape.seq_len, world_size)
     flop_per_pair = 4 * shape.batch * shape.heads * shape.head_dim
     kv_bytes_local = 2 * shape.batch * local_len * shape.kv_heads * shape.head_dim * shape.element_bytes
     rate = machine.attention_tflops * 1e12
     bw = machine.link_gbytes_s * 1e9
     lat = machine.latency_us * 1e-6
+    rows, u = _rows_of(strategy, layout, world_size, local_len, ulysses_size)
+    pairs = _rows_pairs(rows, mask)
+    size = len(rows)
+    per_row = [sum(pairs[s][r] for s in range(size)) for r in range(size)]
+    # a row of u ranks splits its heads u ways: each rank does 1/u of the row's pairs (over all heads)
+    busiest = max(per_row) * flop_per_pair / u
+    average = sum(per_row) * flop_per_pair / world_size
+    imbalance = busiest / average if average > 0 else 1.0
 
     if strategy in ("ring", "allgather"):
-        pairs = _pairs_per_step(layout, world_size, local_len, causal)
-        per_rank = [sum(pairs[s][r] for s in range(world_size)) for r in range(world_size)]
-        busiest = max(per_rank) * flop_per_pair
-        average = sum(per_rank) / world_size * flop_per_pair
         if strategy == "ring":
+            steps = _ring_steps(rows, mask)
             comm_step = lat + kv_bytes_local / bw
             time = 0.0
-            for s in range(world_size):
+            for s in range(steps):
                 compute = max(pairs[s]) * flop_per_pair / rate
-                time += max(compute, comm_step) if s < world_size - 1 else compute
-            sent, steps = kv_bytes_local * (world_size - 1), world_size - 1
+                time += max(compute, comm_step) if s < steps - 1 else compute
+            sent, serial, ring = kv_bytes_local * (steps - 1), steps - 1, steps
         else:
             gather = lat + kv_bytes_local * (world_size - 1) / bw
             # the gather is split over KV heads: only the first head group is exposed
             groups = max(1, min(shape.kv_heads, 4))
             time = gather / groups + max(busiest / rate, gather * (groups - 1) / groups)
-            sent, steps = kv_bytes_local * (world_size - 1), 1
-        return Estimate(strategy, layout, world_size, busiest / 1e12, busiest / average, sent, steps, time * 1e3)
+            sent, serial, ring = kv_bytes_local * (world_size - 1), 1, None
+        return Estimate(strategy, layout, world_size, busiest / 1e12, imbalance, sent, serial, time * 1e3,
+                        average / 1e12, ring)
 
-    if strategy in ("ulysses", "usp"):
-        u = world_size if strategy == "ulysses" else ulysses_size
-        if world_size % u != 0:
-            raise ValueError(f"ulysses size {u} does not divide world size {world_size}")
-        ring = world_size // u
-        q_bytes = shape.batch * local_len * shape.heads * shape.head_dim * shape.element_bytes
-        a2a = (q_bytes * 2 + kv_bytes_local) * (u - 1) / u  # q, o and k/v move; 1/u stays local
-        full_pairs = visible_pairs(shape.seq_len, shape.seq_len, 0 if causal else None) // world_size
-        compute = full_pairs * flop_per_pair / rate
-        # after the all-to-all a ring block is u * local_len tokens of Hkv / u heads: the same bytes
-        ring_comm = (ring - 1) * (lat + kv_bytes_local / bw) if ring > 1 else 0.0
-        time = 2 * (lat + a2a / bw) + max(compute, ring_comm)
-        sent = a2a + kv_bytes_local * (ring - 1)
-        return Estimate(strategy, layout, world_size, full_pairs * flop_per_pair / 1e12, 1.0, sent,
-                        2 + max(0, ring - 1), time * 1e3)
-    raise ValueError(f"unknown softmax strategy {strategy!r}")
+    # ulysses / usp
+    steps = _ring_steps(rows, mask) if size > 1 else 1
+    q_bytes = shape.batch * local_len * shape.heads * shape.head_dim * shape.element_bytes
+    a2a = (q_bytes * 2 + kv_bytes_local) * (u - 1) / u  # q, o and k/v move; 1/u stays local
+    compute = busiest / rate
+    # after the all-to-all a ring block is u * local_len tokens of Hkv / u heads: the same bytes
+    ring_comm = (steps - 1) * (lat + kv_bytes_local / bw)
+    time = 2 * (lat + a2a / bw) + max(compute, ring_comm)
+    sent = a2a + kv_bytes_local * (steps - 1)
+    return Estimate(strategy, layout, world_size, busiest / 1e12, imbalance, sent, 2 + (steps - 1), time * 1e3,
+                    average / 1e12, steps)
 
 
 def linear_estimate(strategy: str, world_size: int, shape: Shape, machine: Machine,

@@ -10,8 +10,9 @@ This module owns every index map of the library (docs/softmax.md, "Layouts"):
 Besides ``shard`` / ``unshard`` and the global positions of the local tokens (which RoPE and
 causal masks need), it describes the local tokens as *segments* (runs of tokens whose global
 positions form an arithmetic progression) and plans, for any pair of query / key segments, which
-part of the causal mask applies. Every strategy builds its per-step work from that plan, so the
-causal structure of all layouts lives here and nowhere else.
+part of the mask (``seqpar.masks.AttentionMask``: causal, sliding window, packed documents)
+applies. Every strategy builds its per-step work from that plan, so the mask structure of all
+layouts lives here and nowhere else.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.comm.groups import group_rank_and_size
+from seqpar.masks import AttentionMask, as_mask
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
 
@@ -193,8 +195,9 @@ def sort_row(per_rank: Sequence[Sequence[Segment]]) -> tuple[torch.Tensor, list[
 class BlockTask:
     """Queries [q_start, q_start+q_len) against keys [k_start, k_start+k_len) (local indices).
 
-    ``diagonal_offset`` is None for an unmasked block; otherwise key j is visible to query i
-    (indices within the block) iff j <= i + diagonal_offset.
+    Key j is visible to query i (indices within the block) iff ``diagonal_offset`` is None or
+    j <= i + diagonal_offset, and ``window_offset`` is None or j >= i + window_offset (the lower
+    edge of a sliding window). Both None: an unmasked block.
     """
 
     q_start: int
@@ -202,42 +205,128 @@ class BlockTask:
     k_start: int
     k_len: int
     diagonal_offset: int | None
+    window_offset: int | None = None
 
 
-def plan_blocks(q_segments: Sequence[Segment], k_segments: Sequence[Segment], causal: bool) -> list[BlockTask]:
+# Banded blocks (a sliding window) are cut into query tiles of at least this many rows, each
+# against only the keys its rows can see, so that work follows the band.
+BAND_TILE = 128
+
+
+def _band_tasks(q_start: int, q_len: int, k_start: int, k_len: int, hi: int | None,
+                lo: int | None, tile: bool = True) -> list[BlockTask]:
+    """The tasks of one block whose mask is the band lo <= j - i <= hi (None: unbounded), trimmed
+    to the rows and keys that see something, cut into query tiles when the band is narrow."""
+    for _ in range(2):  # trimming one side can tighten the other; two passes reach the fixpoint
+        if hi is not None and hi < 0:  # rows i < -hi see nothing
+            q_start, q_len, lo, hi = q_start - hi, q_len + hi, None if lo is None else lo - hi, 0
+        if lo is not None and lo > 0:  # keys j < lo are never seen
+            k_start, k_len, hi, lo = k_start + lo, k_len - lo, None if hi is None else hi - lo, 0
+        if q_len <= 0 or k_len <= 0:
+            return []
+        if hi is not None:
+            k_len = min(k_len, q_len + hi)  # keys beyond the last row's upper edge
+        if lo is not None:
+            q_len = min(q_len, k_len - lo)  # rows whose lower edge is past the last key
+        if q_len <= 0 or k_len <= 0:
+            return []
+    if hi is not None and hi >= k_len - 1:
+        hi = None
+    if lo is not None and lo <= 1 - q_len:
+        lo = None
+    if lo is None:
+        return [BlockTask(q_start, q_len, k_start, k_len, hi)]
+    width = (hi - lo + 1) if hi is not None else k_len
+    rows_per_tile = max(BAND_TILE, width // 2)
+    if not tile or q_len <= rows_per_tile:
+        return [BlockTask(q_start, q_len, k_start, k_len, hi, lo)]
+    tasks: list[BlockTask] = []
+    for a in range(0, q_len, rows_per_tile):
+        rows = min(rows_per_tile, q_len - a)
+        first = max(0, a + lo)
+        last = k_len - 1 if hi is None else min(k_len - 1, a + rows - 1 + hi)
+        tasks.extend(_band_tasks(q_start + a, rows, k_start + first, last - first + 1,
+                                 None if hi is None else hi + a - first, lo + a - first, tile=False))
+    return tasks
+
+
+def _document_runs(seg: Segment, documents: Sequence[int] | None) -> list[tuple[int, int, int]]:
+    """(document index, first, stop) local index runs of ``seg`` per document it touches."""
+    if documents is None:
+        return [(0, 0, seg.length)]
+    import bisect
+
+    last = seg.global_start + seg.stride * (seg.length - 1)
+    first_doc = bisect.bisect_right(documents, seg.global_start) - 1
+    last_doc = bisect.bisect_right(documents, last) - 1
+    runs = []
+    for doc in range(first_doc, last_doc + 1):
+        a, b = documents[doc], documents[doc + 1]
+        start = max(0, -(-(a - seg.global_start) // seg.stride))
+        stop = min(seg.length, -(-(b - seg.global_start) // seg.stride))
+        if stop > start:
+            runs.append((doc, start, stop))
+    return runs
+
+
+def _segment_pair_tasks(qs: Segment, ks: Segment, mask: AttentionMask) -> list[BlockTask]:
+    """The tasks of query segment ``qs`` against key segment ``ks`` under ``mask``."""
+    if mask.causal and qs.stride != ks.stride:
+        raise ValueError(f"cannot plan a causal block between strides {qs.stride} and {ks.stride}")
+    stride = qs.stride
+    if mask.causal:
+        # key j' sees query i' (segment indices) iff gk + s j' <= gq + s i': j' <= i' + floor((gq - gk) / s)
+        base_hi = (qs.global_start - ks.global_start) // stride
+        # window: gk + s j' > gq + s i' - W: j' >= i' + floor((gq - gk - W) / s) + 1
+        base_lo = None if mask.window is None else (qs.global_start - ks.global_start - mask.window) // stride + 1
+    else:
+        base_hi = base_lo = None
+    q_runs = _document_runs(qs, mask.documents)
+    k_runs = {doc: (a, b) for doc, a, b in _document_runs(ks, mask.documents)}
+    tasks: list[BlockTask] = []
+    for doc, qa, qb in q_runs:
+        if doc not in k_runs:
+            continue
+        ka, kb = k_runs[doc]
+        hi = None if base_hi is None else base_hi + qa - ka
+        lo = None if base_lo is None else base_lo + qa - ka
+        tasks.extend(_band_tasks(qs.local_start + qa, qb - qa, ks.local_start + ka, kb - ka, hi, lo))
+    return tasks
+
+
+def plan_blocks(q_segments: Sequence[Segment], k_segments: Sequence[Segment],
+                mask: AttentionMask | bool) -> list[BlockTask]:
     """The blocks of work of local queries against one key block, with their masks.
 
-    Fully masked pairs are left out; unmasked pairs that share the key segment and touch in the
-    query index are merged into one block so that kernels see as few calls as possible.
+    ``mask``: an :class:`~seqpar.masks.AttentionMask` (or a bool: causal, nothing else).
+    Documents split a segment pair into one block per shared document; causal masks and windows
+    become each block's band (``diagonal_offset`` / ``window_offset``), trimmed to the rows and keys
+    that see something. Fully masked pairs are left out; unmasked pairs that share the key segment
+    and touch in the query index are merged into one block so that kernels see as few calls as
+    possible.
     """
+    mask = as_mask(mask)
     tasks: list[BlockTask] = []
     for ks in k_segments:
         for qs in q_segments:
-            if not causal:
-                offset = None
-            else:
-                if qs.stride != ks.stride:
-                    raise ValueError(f"cannot plan a causal block between strides {qs.stride} and {ks.stride}")
-                offset = (qs.global_start - ks.global_start) // qs.stride
-                if offset + qs.length - 1 < 0:
-                    continue  # every key is in the future of every query
-                if offset >= ks.length - 1:
-                    offset = None  # every key is visible
-            task = BlockTask(qs.local_start, qs.length, ks.local_start, ks.length, offset)
-            prev = tasks[-1] if tasks else None
-            if (prev is not None and prev.diagonal_offset is None and offset is None
-                    and prev.k_start == task.k_start and prev.k_len == task.k_len
-                    and prev.q_start + prev.q_len == task.q_start):
-                tasks[-1] = BlockTask(prev.q_start, prev.q_len + task.q_len, prev.k_start, prev.k_len, None)
-            else:
-                tasks.append(task)
+            for task in _segment_pair_tasks(qs, ks, mask):
+                prev = tasks[-1] if tasks else None
+                if (prev is not None and prev.diagonal_offset is None and task.diagonal_offset is None
+                        and prev.window_offset is None and task.window_offset is None
+                        and prev.k_start == task.k_start and prev.k_len == task.k_len
+                        and prev.q_start + prev.q_len == task.q_start):
+                    tasks[-1] = BlockTask(prev.q_start, prev.q_len + task.q_len, prev.k_start, prev.k_len, None)
+                else:
+                    tasks.append(task)
     return tasks
 
 
 def _joined(first: BlockTask, second: BlockTask) -> BlockTask | None:
     """``first`` and ``second`` as one task, when ``second`` continues ``first`` below it (same
     keys, the next rows) or right of it (same rows, the next keys) and one diagonal offset
-    reproduces both masks; else None."""
+    reproduces both masks; else None (always None for banded tasks)."""
+    if first.window_offset is not None or second.window_offset is not None:
+        return None
     m1, m2 = first.diagonal_offset, second.diagonal_offset
     if (first.k_start, first.k_len) == (second.k_start, second.k_len) and \
             first.q_start + first.q_len == second.q_start:

@@ -214,7 +214,9 @@ def test_striped_masks_are_causal_or_strictly_causal():
     for q_rank in range(4):
         for k_rank in range(4):
             (task,) = plan_blocks(segments("striped", q_rank, 4, 6), segments("striped", k_rank, 4, 6), True)
-            assert task.diagonal_offset == (0 if k_rank <= q_rank else -1)
+            # strictly causal (keys of later ranks): the first row sees nothing and is left out
+            assert (task.q_start, task.q_len, task.k_len, task.diagonal_offset) == (
+                (0, 6, 6, 0) if k_rank <= q_rank else (1, 5, 5, 0))
 
 
 @pytest.mark.parametrize("layout,length,world_size,match", [

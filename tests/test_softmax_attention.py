@@ -24,6 +24,7 @@ import seqpar
 from seqpar.comm import UspGroups
 from seqpar.kernels import attention_reference, merge_partials_
 from seqpar.layout import LAYOUTS, shard_tensor, unshard_tensor
+from seqpar.masks import AttentionMask
 from seqpar.softmax import build_plan
 
 FP64_TOL = dict(atol=1e-10, rtol=1e-10)
@@ -540,7 +541,7 @@ def test_driver_accumulators_and_one_sync_per_call(monkeypatch, sources):
         return original(t)
 
     for backend in ("sdpa", "torch"):
-        o, lse = attention_forward(q, source(), q_segs, causal=True, scale=scale, backend=backend)
+        o, lse = attention_forward(q, source(), q_segs, mask=AttentionMask(True), scale=scale, backend=backend)
         torch.testing.assert_close(o, o_ref.detach(), **FP64_TOL)
         torch.testing.assert_close(lse, lse_ref.detach(), **FP64_TOL)
         assert o.is_contiguous() and lse.is_contiguous()
@@ -552,10 +553,10 @@ def test_driver_accumulators_and_one_sync_per_call(monkeypatch, sources):
             calls = 0
             monkeypatch.setattr(torch.Tensor, "__bool__", counting)
             if with_lse:
-                dq, _, _ = attention_backward(do, q, lse, delta, src, q_segs, causal=True, scale=scale,
+                dq, _, _ = attention_backward(do, q, lse, delta, src, q_segs, mask=AttentionMask(True), scale=scale,
                                               backend=backend)
             else:
-                dq, _, _ = attention_backward(do, q, lse, None, src, q_segs, causal=True, scale=scale,
+                dq, _, _ = attention_backward(do, q, lse, None, src, q_segs, mask=AttentionMask(True), scale=scale,
                                               backend=backend, out=o)
             monkeypatch.undo()
             assert calls == (1 if with_lse and backend == "sdpa" else 0), (backend, with_lse, calls)
@@ -565,7 +566,7 @@ def test_driver_accumulators_and_one_sync_per_call(monkeypatch, sources):
                     torch.testing.assert_close(a, x.grad, **FP64_TOL, msg=lambda m: f"{backend} {name}: {m}")
             else:  # against the reference kernels with delta = rowsum(o * do)
                 ref_src = source()
-                ref_dq, _, _ = attention_backward(do, q, lse, delta + dlse, ref_src, q_segs, causal=True, scale=scale,
+                ref_dq, _, _ = attention_backward(do, q, lse, delta + dlse, ref_src, q_segs, mask=AttentionMask(True), scale=scale,
                                                   backend="torch")
                 torch.testing.assert_close(dq, ref_dq, **FP64_TOL)
                 for a, b in zip(src.grads, ref_src.grads):

@@ -1,7 +1,8 @@
 """The one driver of every softmax strategy: local queries against the K/V blocks of a source.
 
 For each :class:`~seqpar.softmax.sources.KVBlock` the driver asks ``layout.plan_blocks`` which
-parts of the local queries see which parts of the block (and with which diagonal mask), merged
+parts of the local queries see which parts of the block under the call's
+:class:`~seqpar.masks.AttentionMask` (and with which band: diagonal and window offsets), merged
 into as few kernel calls as possible by ``layout.merge_block_tasks`` (cached per segment pair), then
 
 - forward: merges each part into a running (o, lse) kept in fp32 (fp64 for fp64 inputs) with
@@ -28,6 +29,7 @@ import torch
 from seqpar.kernels import attention_block_accumulate_, attention_block_backward, compute_dtype, merge_partials_
 from seqpar.kernels.softmax import attention_block_forward, prepare_backward
 from seqpar.layout import BlockTask, Segment, merge_block_tasks, plan_blocks
+from seqpar.masks import AttentionMask
 from seqpar.softmax.sources import KVBlock, KVSource
 
 
@@ -38,13 +40,15 @@ def _query_heads(block: KVBlock, queries_per_kv_head: int) -> slice:
 
 
 @lru_cache(maxsize=1024)
-def _tasks(q_segments: tuple[Segment, ...], k_segments: tuple[Segment, ...], causal: bool) -> tuple[BlockTask, ...]:
-    return tuple(merge_block_tasks(plan_blocks(q_segments, k_segments, causal)))
+def _tasks(q_segments: tuple[Segment, ...], k_segments: tuple[Segment, ...],
+           mask: AttentionMask) -> tuple[BlockTask, ...]:
+    return tuple(merge_block_tasks(plan_blocks(q_segments, k_segments, mask)))
 
 
-def block_tasks(q_segments: Sequence[Segment], k_segments: Sequence[Segment], causal: bool) -> tuple[BlockTask, ...]:
+def block_tasks(q_segments: Sequence[Segment], k_segments: Sequence[Segment],
+                mask: AttentionMask) -> tuple[BlockTask, ...]:
     """The kernel calls of local queries against one key block (merged ``plan_blocks``)."""
-    return _tasks(tuple(q_segments), tuple(k_segments), bool(causal))
+    return _tasks(tuple(q_segments), tuple(k_segments), mask)
 
 
 class _Written:
@@ -138,8 +142,8 @@ class _GradSum:
         return self.value
 
 
-def attention_forward(q: torch.Tensor, source: KVSource, q_segments: Sequence[Segment], *, causal: bool,
-                      scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_forward(q: torch.Tensor, source: KVSource, q_segments: Sequence[Segment], *, mask: AttentionMask,
+                      scale: float, backend: str, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, lse) in the compute dtype of local queries q [B, T, Hq, D] against every block of
     ``source``; rows that see no key keep o = 0, lse = -inf. o and lse are contiguous."""
     batch, length, num_heads, _ = q.shape
@@ -155,11 +159,12 @@ def attention_forward(q: torch.Tensor, source: KVSource, q_segments: Sequence[Se
     group_size = num_heads // source.k.shape[2]
     for block in source.forward_blocks():
         qh = _query_heads(block, group_size)
-        for task in block_tasks(q_segments, block.segments, causal):
+        for task in block_tasks(q_segments, block.segments, mask):
             rows = slice(task.q_start, task.q_start + task.q_len)
             keys = slice(task.k_start, task.k_start + task.k_len)
             args = (q[:, rows, qh], block.k[:, keys], block.v[:, keys])
-            kw = dict(scale=scale, diagonal_offset=task.diagonal_offset, backend=backend)
+            kw = dict(scale=scale, diagonal_offset=task.diagonal_offset, window_offset=task.window_offset,
+                      softcap=softcap, backend=backend)
             state = written.state(rows, qh)
             if state == "all":
                 attention_block_accumulate_(*args, o[:, rows, qh], lse[:, qh, rows], **kw)
@@ -187,8 +192,8 @@ def attention_forward(q: torch.Tensor, source: KVSource, q_segments: Sequence[Se
 
 
 def attention_backward(do: torch.Tensor, q: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor | None,
-                       source: KVSource, q_segments: Sequence[Segment], *, causal: bool, scale: float,
-                       backend: str, out: torch.Tensor | None = None
+                       source: KVSource, q_segments: Sequence[Segment], *, mask: AttentionMask, scale: float,
+                       backend: str, out: torch.Tensor | None = None, softcap: float | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the compute dtype. ``lse`` is the final (global) log-sum-exp of every row and
     ``delta`` = rowsum(o * do) [B, Hq, T] (minus the gradient of lse, when lse is used).
@@ -207,13 +212,14 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, lse: torch.Tensor, del
         dk = _GradSum(block.k.shape, dtype, q.device, dk_buf)
         dv = _GradSum(block.v.shape, dtype, q.device, dv_buf)
         every_head = slice(0, block.k.shape[2])
-        for task in block_tasks(q_segments, block.segments, causal):
+        for task in block_tasks(q_segments, block.segments, mask):
             rows = slice(task.q_start, task.q_start + task.q_len)
             keys = slice(task.k_start, task.k_start + task.k_len)
             dq_part, dk_part, dv_part = attention_block_backward(
                 do[:, rows, qh], q[:, rows, qh], block.k[:, keys], block.v[:, keys], lse[:, qh, rows],
                 None if delta is None else delta[:, qh, rows], scale=scale, diagonal_offset=task.diagonal_offset,
-                backend=backend, out=None if out is None else out[:, rows, qh])
+                window_offset=task.window_offset, softcap=softcap, backend=backend,
+                out=None if out is None else out[:, rows, qh])
             dq.add(dq_part, rows, qh)
             dk.add(dk_part, keys, every_head)
             dv.add(dv_part, keys, every_head)

@@ -17,6 +17,7 @@ from seqpar.comm import all_to_all, exclusive_use
 from seqpar.kernels import compute_dtype
 from seqpar.kernels.softmax import output_delta
 from seqpar.layout import Segment
+from seqpar.masks import AttentionMask
 from seqpar.softmax.driver import attention_backward, attention_forward
 from seqpar.softmax.sources import GatheredKV, KVSource, RingKV
 
@@ -33,7 +34,7 @@ class ParallelPlan:
     when the rank-major order is kept.
     """
 
-    causal: bool
+    mask: AttentionMask
     scale: float
     backend: str
     ulysses_group: dist.ProcessGroup | None
@@ -48,6 +49,13 @@ class ParallelPlan:
     kv_head_groups: int
     token_order: torch.Tensor | None = None
     token_inverse: torch.Tensor | None = None
+    softcap: float | None = None
+    ring_steps: int | None = None  # K/V blocks the ring visits (None: all); fewer with a window
+    q_heads: slice | None = None  # the query heads this rank computes after the head exchange
+
+    @property
+    def causal(self) -> bool:
+        return self.mask.causal
 
     def comm_groups(self) -> tuple:
         """The groups this plan communicates on (None: the default group)."""
@@ -57,7 +65,7 @@ class ParallelPlan:
         if self.kv_transport == "allgather":
             return GatheredKV(k, v, self.kv_group, self.kv_rank, self.kv_size, self.segments_of_source,
                               self.kv_head_groups)
-        return RingKV(k, v, self.kv_group, self.kv_rank, self.kv_size, self.segments_of_source)
+        return RingKV(k, v, self.kv_group, self.kv_rank, self.kv_size, self.segments_of_source, self.ring_steps)
 
     # --- Ulysses head exchange (identity when ulysses_size == 1) ---------------------------------
 
@@ -98,24 +106,39 @@ class ParallelPlan:
         return grad.view(b, t, h // self.kv_repeat, self.kv_repeat, d).sum(dim=3)
 
 
+def _apply_sinks(o: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add one term exp(sink_h) to every row's softmax denominator: lse' = logaddexp(lse, sink),
+    o' = o * exp(lse - lse'). o [B, T, H, D], lse [B, H, T], sinks [H] (compute dtype)."""
+    with_sink = torch.logaddexp(lse, sinks.view(1, -1, 1))
+    return o * torch.exp(lse - with_sink).transpose(1, 2).unsqueeze(-1), with_sink
+
+
 class SoftmaxContextParallel(torch.autograd.Function):
     """Exact softmax attention over a sequence-parallel group; returns (o, lse).
 
+    ``sinks`` (optional [Hq]): per-head sink logits, one term exp(sink_h) in every row's
+    denominator, added once after every block is merged; its gradient is this rank's part
+    (the rows this rank computes), to be summed over the group like any replicated parameter's.
     ``lse_returned``: whether the caller hands lse on (``return_lse``), so that its gradient may
     be non-zero on some ranks and absent (None) on others."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ParallelPlan,
-                lse_returned: bool = False):
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None,
+                plan: ParallelPlan, lse_returned: bool = False):
         ctx.set_materialize_grads(False)
         ctx.lse_returned = lse_returned
         # seqpar.attention holds the group (exclusive_use) over the agreement check and this forward
         q_h, k_h, v_h = plan.to_head_shards(q, plan.expand_kv(k), plan.expand_kv(v))
-        o_h, lse_h = attention_forward(q_h, plan.kv_source(k_h, v_h), plan.q_segments, causal=plan.causal,
-                                       scale=plan.scale, backend=plan.backend)
+        o_h, lse_h = attention_forward(q_h, plan.kv_source(k_h, v_h), plan.q_segments, mask=plan.mask,
+                                       scale=plan.scale, backend=plan.backend, softcap=plan.softcap)
+        sinks_h = None
+        if sinks is not None:
+            sinks_h = sinks.detach()[plan.q_heads].to(lse_h.dtype)
+            o_h, lse_h = _apply_sinks(o_h, lse_h, sinks_h)
         o_h = o_h.to(q.dtype)
-        ctx.save_for_backward(q_h, k_h, v_h, o_h, lse_h)
+        ctx.save_for_backward(q_h, k_h, v_h, o_h, lse_h, sinks_h)
         ctx.plan = plan
+        ctx.sinks_meta = None if sinks is None else (sinks.shape, sinks.dtype)
         (o,) = plan.to_token_shards(o_h)
         return o, plan.lse_to_token_shards(lse_h)
 
@@ -128,7 +151,7 @@ class SoftmaxContextParallel(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, do: torch.Tensor | None, dlse: torch.Tensor | None):
         plan: ParallelPlan = ctx.plan
-        q_h, k_h, v_h, o_h, lse_h = ctx.saved_tensors
+        q_h, k_h, v_h, o_h, lse_h, sinks_h = ctx.saved_tensors
         dtype = compute_dtype(q_h.dtype)
         # no early return when both grads are None: every rank must join the collectives below
         do_h = torch.zeros_like(o_h) if do is None else plan.to_head_shards(do.to(o_h.dtype))[0]
@@ -137,20 +160,31 @@ class SoftmaxContextParallel(torch.autograd.Function):
             # that exchange with zeros, or the ranks' collectives would pair up wrongly
             dlse = torch.zeros(do_h.shape[0], do_h.shape[2] * plan.ulysses_size, do_h.shape[1] // plan.ulysses_size,
                                dtype=dtype, device=do_h.device)
-        if dlse is None:
+        if dlse is None and sinks_h is None:
             # delta = rowsum(o * do): the driver takes o itself (the fused backward computes delta
             # from it; other kernels get it computed once)
             delta, out = None, o_h
         else:
             # d lse / d s = p, which folds into dS = P * (dP - delta) as delta - dlse
-            delta = (output_delta(o_h, do_h) - plan.lse_to_head_shards(dlse.to(dtype))).contiguous()
-            out = None
+            delta = output_delta(o_h, do_h)
+            if dlse is not None:
+                delta = delta - plan.lse_to_head_shards(dlse.to(dtype))
+            delta = delta.contiguous()
+            out = o_h if dlse is None else None  # o still has rowsum(o * do) = delta
+        dsinks = None
+        if sinks_h is not None:
+            # the sink is a key with value 0: d sink_h = -sum over rows of p_sink * delta
+            dsinks_h = -(torch.exp(sinks_h.view(1, -1, 1) - lse_h) * delta).sum(dim=(0, 2))
+            shape, sinks_dtype = ctx.sinks_meta
+            dsinks = torch.zeros(shape, dtype=dtype, device=dsinks_h.device)
+            dsinks[plan.q_heads] = dsinks_h
+            dsinks = dsinks.to(sinks_dtype)
         dq_h, dk_h, dv_h = attention_backward(do_h, q_h, lse_h, delta, plan.kv_source(k_h, v_h),
-                                              plan.q_segments, causal=plan.causal, scale=plan.scale,
-                                              backend=plan.backend, out=out)
+                                              plan.q_segments, mask=plan.mask, scale=plan.scale,
+                                              backend=plan.backend, out=out, softcap=plan.softcap)
         out_dtype = q_h.dtype
         if plan.kv_repeat == 1:  # communicate the final grads in the input dtype
             dq_h, dk_h, dv_h = dq_h.to(out_dtype), dk_h.to(out_dtype), dv_h.to(out_dtype)
         dq, dk, dv = plan.to_token_shards(dq_h, dk_h, dv_h)
         dk, dv = plan.reduce_kv_grad(dk), plan.reduce_kv_grad(dv)
-        return dq.to(out_dtype), dk.to(out_dtype), dv.to(out_dtype), None, None
+        return dq.to(out_dtype), dk.to(out_dtype), dv.to(out_dtype), dsinks, None, None

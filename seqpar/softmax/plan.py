@@ -6,13 +6,15 @@ before any communication starts, instead of hanging a collective.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import torch.distributed as dist
 
 from seqpar.comm import UspGroups, group_rank_and_size
 from seqpar.kernels import resolve_backend
-from seqpar.layout import Segment, check_layout, check_local_length, concat_segments, segments, sort_row
+from seqpar.layout import Segment, check_layout, check_local_length, concat_segments, plan_blocks, segments, sort_row
+from seqpar.masks import AttentionMask, check_documents, check_sinks, check_softcap, check_window
 from seqpar.softmax.function import ParallelPlan
 from seqpar.validation import check_flag, check_scale
 
@@ -72,12 +74,32 @@ def _row(layout: str, ring_rank: int, ulysses_size: int, world_size: int,
     return order, sorted_segments
 
 
+@lru_cache(maxsize=256)
+def ring_steps(rows: tuple[tuple[Segment, ...], ...], mask: AttentionMask) -> int:
+    """How many K/V blocks a ring over ``rows`` (the segments of each ring rank) must visit so that
+    every rank sees every key its queries can see: 1 + the largest step s at which some rank's
+    queries see a key of the rank s before it (fewer than the ring size with a sliding window)."""
+    size = len(rows)
+    for step in range(size - 1, 0, -1):
+        if any(plan_blocks(rows[r], rows[(r - step) % size], mask) for r in range(size)):
+            return step + 1
+    return 1
+
+
 def build_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: str, layout: str, group,
-               causal: bool, scale: float | None, backend: str) -> ParallelPlan:
+               causal: bool, scale: float | None, backend: str, window: int | None = None,
+               cu_seqlens: torch.Tensor | None = None, softcap: float | None = None,
+               sinks: torch.Tensor | None = None) -> ParallelPlan:
     """Validate everything that can be checked locally and return the strategy's plan."""
     check_inputs(q, k, v)
     check_flag("causal", causal)
     check_scale(scale)
+    window = check_window(window)
+    softcap = check_softcap(softcap)
+    check_sinks(sinks, q.shape[2], q.device)
+    if window is not None and not causal:
+        raise ValueError(f"window={window} needs causal=True: sliding windows are causal "
+                         f"(query i sees keys i - window < j <= i); non-causal windows are not supported")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
     check_layout(layout)
@@ -114,8 +136,16 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: s
         else:
             ulysses_size, ring_size, ring_rank = 1, world_size, sp_rank
             ulysses_group, ring_group = None, sp_group
+        ulysses_rank = sp_rank if strategy == "ulysses" else 0
 
     check_local_length(layout, local_len, world_size)
+    global_len = local_len * world_size
+    documents = check_documents(cu_seqlens, global_len, q.device)
+    if documents is not None and batch != 1:
+        raise ValueError(f"cu_seqlens describes the documents of ONE packed row; got batch size {batch}. "
+                         f"Pack the batch into one row of {batch} x {global_len} tokens (B = 1)")
+    mask = AttentionMask(causal=bool(causal), window=None if window is not None and window >= global_len else window,
+                         documents=documents)
     kv_repeat = 1
     if ulysses_size > 1:
         if num_q_heads % ulysses_size != 0:
@@ -134,8 +164,12 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: s
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel())
         order, inverse = order.to(q.device, non_blocking=True), inverse.to(q.device, non_blocking=True)
+    row_segments = tuple(tuple(segs) for _, segs in rows)
+    heads_per_rank = num_q_heads // ulysses_size
     return ParallelPlan(
-        causal=bool(causal), scale=scale, backend=backend,
+        mask=mask, scale=scale, backend=backend, softcap=softcap,
+        ring_steps=ring_steps(row_segments, mask) if strategy != "allgather" else None,
+        q_heads=slice(ulysses_rank * heads_per_rank, (ulysses_rank + 1) * heads_per_rank),
         ulysses_group=ulysses_group, ulysses_size=ulysses_size, kv_repeat=kv_repeat,
         kv_transport="allgather" if strategy == "allgather" else "ring",
         kv_group=ring_group, kv_rank=ring_rank, kv_size=ring_size,

@@ -71,7 +71,20 @@ class KVSource:
 
 
 class RingKV(KVSource):
-    """K/V blocks passed around a ring: at step s this rank holds the block of rank (r - s) mod P."""
+    """K/V blocks passed around a ring: at step s this rank holds the block of rank (r - s) mod P.
+
+    ``steps`` (default P): how many blocks every rank visits (the own block and the ``steps - 1``
+    before it). A sliding window needs only the first few; the caller computes ``steps`` from the
+    mask, the same on every rank. In backward, each block's dK/dV travel with it and, after the
+    last step, go straight home (one exchange over ``steps - 1`` ranks; one hop when steps = P).
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None, rank: int,
+                 size: int, segments_of_source: Sequence[Sequence[Segment]], steps: int | None = None):
+        super().__init__(k, v, group, rank, size, segments_of_source)
+        self.steps = size if steps is None else int(steps)
+        if not 1 <= self.steps <= size:
+            raise ValueError(f"a ring of {size} ranks visits 1 to {size} blocks, got steps={steps}")
 
     def _block(self, k: torch.Tensor, v: torch.Tensor, step: int) -> KVBlock:
         source = (self.rank - step) % self.size
@@ -79,8 +92,8 @@ class RingKV(KVSource):
 
     def forward_blocks(self) -> Iterator[KVBlock]:
         k, v = self.k, self.v
-        for step in range(self.size):
-            incoming = ring_exchange([k, v], self.group) if step < self.size - 1 else None
+        for step in range(self.steps):
+            incoming = ring_exchange([k, v], self.group) if step < self.steps - 1 else None
             yield self._block(k, v, step)
             if incoming is not None:
                 k, v = incoming.wait()
@@ -89,15 +102,17 @@ class RingKV(KVSource):
         k, v = self.k, self.v
         grads_in_flight = None  # dK/dV accumulators of the block that arrives with the next K/V
         dk = dv = None
-        for step in range(self.size):
-            incoming = ring_exchange([k, v], self.group) if step < self.size - 1 else None
+        for step in range(self.steps):
+            last = step == self.steps - 1
+            incoming = ring_exchange([k, v], self.group) if not last else None
             dk, dv = yield self._block(k, v, step)
             if grads_in_flight is not None:
                 dk_acc, dv_acc = grads_in_flight.wait()
                 dk, dv = dk_acc.add_(dk), dv_acc.add_(dv)
-            if self.size > 1:
-                # after the last step this send brings every accumulator home
-                grads_in_flight = ring_exchange([dk, dv], self.group)
+            if self.steps > 1:
+                # on, with the K/V; after the last step straight home to rank r - step (the owner of
+                # the block held now), which is the next rank when every block was visited
+                grads_in_flight = ring_exchange([dk, dv], self.group, shift=1 if not last else -step)
             if incoming is not None:
                 k, v = incoming.wait()
         if grads_in_flight is not None:
