@@ -3,7 +3,8 @@
     python benchmarks/masks.py                # T = 1M, P = 8; writes benchmarks/results/masks_cost_model.{md,json}
     python benchmarks/masks.py --quick        # T = 64K, P = 8, a few seconds; writes only with --out
 
-Per mask, layout (contiguous, zigzag, striped) and strategy (ring, allgather, ulysses where the
+Per mask, layout (contiguous, zigzag, striped, and the document-aware ``balanced`` layout built
+for the mask by ``seqpar.layout.balanced_layout``) and strategy (ring, allgather, ulysses where the
 heads split over P): kernel calls per rank (max), forward TFLOP per rank (max and mean),
 imbalance (max / mean), MiB each rank sends per forward pass, ring steps (K/V blocks a ring
 visits, its own included) and the estimated forward time. Work, calls, steps and bytes are exact:
@@ -26,11 +27,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from seqpar.cost_model import Machine, Shape, block_tasks_per_rank, softmax_estimate
-from seqpar.layout import LAYOUTS
+from seqpar.layout import LAYOUTS, balanced_layout
 from seqpar.masks import AttentionMask
 
 RESULTS = Path(__file__).resolve().parent / "results" / "masks_cost_model"
 STRATEGIES = ("ring", "allgather", "ulysses")
+LAYOUT_NAMES = LAYOUTS + ("balanced",)
 
 
 def lognormal_documents(seq_len: int, median: int, sigma: float, seed: int) -> tuple[int, ...]:
@@ -75,7 +77,9 @@ def main() -> None:
 
     rows = []
     for mask_name, mask in masks:
-        for layout in LAYOUTS:
+        # the document-aware layout is built for each mask (its documents and window)
+        balanced = balanced_layout(mask.documents or (0, seq_len), P, window=mask.window)
+        for layout_name, layout in [(name, name) for name in LAYOUTS] + [("balanced", balanced)]:
             for strategy in STRATEGIES:
                 if strategy == "ulysses" and (shape.heads % P or shape.kv_heads % P):
                     continue  # heads do not split over P (the strategy would repeat KV heads)
@@ -83,7 +87,7 @@ def main() -> None:
                 est = softmax_estimate(strategy, layout, P, shape, machine, mask=mask)
                 model_s = time.perf_counter() - t0
                 tasks = block_tasks_per_rank(strategy, layout, P, seq_len, mask)
-                rows.append(dict(mask=mask_name, layout=layout, strategy=strategy, tasks_max=max(tasks),
+                rows.append(dict(mask=mask_name, layout=layout_name, strategy=strategy, tasks_max=max(tasks),
                                  tflop_max=est.max_rank_tflop, tflop_mean=est.mean_rank_tflop,
                                  imbalance=est.imbalance, mib_sent=est.bytes_sent_per_rank / 2 ** 20,
                                  ring_steps=est.ring_steps if strategy == "ring" else None,
@@ -104,8 +108,8 @@ def main() -> None:
         f"(median length {docs['median_length']}).", "",
         "Exact (from the strategies' block plan): kernel calls per rank = merged block tasks summed over the K/V "
         "blocks visited (per KV-head group); TFLOP = 4 B H D x visible (query, key) pairs; MiB = what a rank "
-        "sends in one forward (ring: (ring steps - 1) x its K/V block; allgather: every rank's K/V, whatever "
-        "the mask; ulysses: the q / o / K/V all-to-alls); ring steps = K/V blocks a ring visits, its own "
+        "sends in one forward (ring: (ring steps - 1) x its K/V block; allgather: every rank's K/V, or with a window "
+        "or documents only to the ranks whose queries see them (the busiest sender); ulysses: the q / o / K/V all-to-alls); ring steps = K/V blocks a ring visits, its own "
         "included (fewer than P when no query sees further back).", "",
         "| mask | layout | strategy | calls/rank max | TFLOP/rank max | TFLOP/rank mean | imbalance | "
         "MiB sent/rank | ring steps | fwd ms (est.) |",
@@ -117,12 +121,12 @@ def main() -> None:
                      f"{'-' if r['ring_steps'] is None else r['ring_steps']} | {r['fwd_ms']:.2f} |")
 
     def pivot(title: str, cell) -> None:
-        lines.extend(["", title, "", "| mask | " + " | ".join(f"{s} {lay}" for s in STRATEGIES for lay in LAYOUTS)
-                      + " |", "|" + "---|" * (1 + len(STRATEGIES) * len(LAYOUTS))])
+        lines.extend(["", title, "", "| mask | " + " | ".join(f"{s} {lay}" for s in STRATEGIES for lay in LAYOUT_NAMES)
+                      + " |", "|" + "---|" * (1 + len(STRATEGIES) * len(LAYOUT_NAMES))])
         for mask_name, _ in masks:
             by = {(r["strategy"], r["layout"]): r for r in rows if r["mask"] == mask_name}
             lines.append(f"| {mask_name} | " + " | ".join(cell(by[s, lay]) if (s, lay) in by else "-"
-                                                          for s in STRATEGIES for lay in LAYOUTS) + " |")
+                                                          for s in STRATEGIES for lay in LAYOUT_NAMES) + " |")
 
     pivot("Imbalance (busiest rank / mean rank):", lambda r: f"{r['imbalance']:.3f}")
     pivot("MiB sent per rank per forward (ring: steps in parentheses):",
@@ -131,7 +135,8 @@ def main() -> None:
                   "only (ceil((window - 1) / T_local) + 1 blocks); zigzag's late chunk (2P-1-r) needs the end of chunk "
                   "2P-2-r, held by rank r+1, which is P-1 ring steps away, so the ring still goes all the way round "
                   "(the steps in between carry K/V and compute nothing); striped ranks interleave token by token, so "
-                  "every rank needs every other rank's keys. The all-gather always moves every rank's K/V. Documents "
+                  "every rank needs every other rank's keys. With a window or documents the all-gather sends a rank's K/V only "
+                  "to the ranks whose queries see them (zero-redundant), whatever the layout. Documents "
                   "shorten a contiguous ring to the ranks the longest document spans."])
     runtime = time.perf_counter() - started
     text = "\n".join(lines).replace("{runtime}", f"{runtime:.1f} s")

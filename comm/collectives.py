@@ -1,6 +1,6 @@
 """Collectives with explicit groups and wait handles (ring exchange, all-gather, reduce-scatter,
-all-to-all, point-to-point). Communication is issued when the function is called; the result is
-read with ``handle.wait()``.
+all-to-all, point-to-point, many-peer point-to-point exchange). Communication is issued when the
+function is called; the result is read with ``handle.wait()``.
 
 One thread at a time per group: :class:`exclusive_use` marks groups as in use by the calling
 thread for the length of a multi-collective call (a caller such as ``seqpar.attention`` holds it
@@ -245,6 +245,63 @@ def send_recv(send: torch.Tensor | None, dst: int | None, recv_like: torch.Tenso
         if recv_buf is None:
             return None
         return recv_buf.to(recv_like.device) if stage else recv_buf
+
+    return CommHandle(works, finish)
+
+
+def exchange(sends: dict[int, Sequence[torch.Tensor]], recv_like: dict[int, Sequence[torch.Tensor]],
+             group: dist.ProcessGroup | None) -> CommHandle:
+    """Point-to-point with many peers at once: send ``sends[p]`` (a list of tensors) to group rank
+    p, and receive from group rank p tensors shaped like ``recv_like[p]`` (only shape, dtype and
+    device are read). A peer may appear in either dict, both or neither; a rank with nothing to
+    send or receive calls with empty dicts (no communication). The caller must make both sides
+    agree: rank p's ``sends[r]`` is rank r's ``recv_like[p]``, tensor by tensor.
+
+    Every send and receive goes out in one ``batch_isend_irecv``, in one global order of the
+    ordered pairs -- messages between ranks a < b sorted by (a, b), a -> b before b -> a, then by
+    position in the list -- so the first pending message of the whole group is always the first
+    pending message of both its ranks: even backends whose sends and receives block cannot
+    deadlock. A tensor sent to several peers (the same object) is staged / made contiguous once.
+    The inputs must not be modified until the handle is waited on. ``wait()`` returns
+    ``{p: [received tensors]}`` for the peers of ``recv_like``, on the devices of ``recv_like``.
+    """
+    rank, world_size = group_rank_and_size(group)
+    for what, peers in (("sends", sends), ("recv_like", recv_like)):
+        for peer in peers:
+            if not (isinstance(peer, int) and 0 <= peer < world_size) or peer == rank:
+                raise ValueError(f"exchange: {what} names peer {peer!r}; expected another rank of the group "
+                                 f"(0..{world_size - 1}, not this rank {rank})")
+    if not any(len(ts) for ts in sends.values()) and not any(len(ts) for ts in recv_like.values()):
+        return CommHandle(finish=lambda: {peer: [] for peer in recv_like})
+    _check_free(group)
+    stage = any(_needs_host_staging(group, t) for ts in (*sends.values(), *recv_like.values()) for t in ts)
+    staged: dict[int, torch.Tensor] = {}  # id(tensor) -> its send buffer (one per tensor, however many peers)
+    keyed = []
+    for peer, tensors in sends.items():
+        direction = 0 if rank < peer else 1  # 0: from the lower rank of the pair to the higher
+        for index, t in enumerate(tensors):
+            buf = staged.get(id(t))
+            if buf is None:
+                buf = staged[id(t)] = _staged(t, stage)
+            keyed.append(((min(rank, peer), max(rank, peer), direction, index),
+                          dist.P2POp(dist.isend, buf, _global_rank(group, peer), group)))
+    received: dict[int, list[torch.Tensor]] = {}
+    for peer, likes in recv_like.items():
+        direction = 0 if peer < rank else 1
+        bufs = received[peer] = [torch.empty(t.shape, dtype=t.dtype, device="cpu" if stage else t.device)
+                                 for t in likes]
+        for index, buf in enumerate(bufs):
+            keyed.append(((min(rank, peer), max(rank, peer), direction, index),
+                          dist.P2POp(dist.irecv, buf, _global_rank(group, peer), group)))
+    keyed.sort(key=lambda pair: pair[0])
+    works = dist.batch_isend_irecv([op for _, op in keyed])
+
+    def finish():
+        staged.clear()  # keep the send buffers alive until completion
+        if stage:
+            return {peer: [b.to(like.device, non_blocking=True) for b, like in zip(bufs, recv_like[peer])]
+                    for peer, bufs in received.items()}
+        return received
 
     return CommHandle(works, finish)
 

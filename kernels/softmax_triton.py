@@ -2,30 +2,42 @@
 
 Conventions are those of :mod:`seqpar.kernels.softmax_reference` (the oracle): q [B, Tq, Hq, D],
 k [B, Tk, Hkv, D], v [B, Tk, Hkv, Dv] with any strides, GQA by index (query head h reads KV
-head h // (Hq // Hkv); K/V are never repeated), ``diagonal_offset`` None (no mask) or m (key j
-visible to query i iff j <= i + m). Outputs and gradients are fp32; lse is fp32 [B, Hq, Tq],
-natural log; rows that see no key give o = 0, lse = -inf.
+head h // (Hq // Hkv); K/V are never repeated). The mask is a band in block-local indices: key j
+is visible to query i iff (``diagonal_offset`` is None or j <= i + diagonal_offset) and
+(``window_offset`` is None or j >= i + window_offset); both None: no mask, diagonal_offset alone:
+causal at some offset, both: a sliding window (or any band). ``softcap`` c (Gemma 2) caps the
+logits before the mask: s = c * tanh(scale * q.k / c); lse is of the capped scores and the
+backward applies the exact chain rule (dS_raw = dS_capped * (1 - tanh^2)). Outputs and gradients
+are fp32; lse is fp32 [B, Hq, Tq], natural log; rows that see no key give o = 0, lse = -inf (and
+zero gradients); a band no query sees launches nothing.
 
 Design (after Triton's fused-attention tutorial / FlashAttention-2):
 
 * forward: one program per (query block, batch * query head). The key loop lives in
   :func:`_attn_fwd_inner`, which carries the online-softmax state (m, l, acc) in log2 units
-  (``scale * log2(e)`` folded into one multiply, ``exp2``). Key blocks are split into an
-  unmasked stage (every row sees every key: no mask arithmetic, no bounds checks) and a masked
-  stage (the diagonal band and the key tail); key blocks that no row of the query block can see
-  are never visited. The epilogue either writes (o, lse) or, in the fused accumulate path,
+  (``scale * log2(e)`` folded into one multiply, ``exp2``; the soft cap is applied to these
+  log2-unit scores with constants rescaled to match, see :func:`_softcap`). :func:`_band_tiles`
+  gives each query block the key blocks of the band, in three stages: the lower (window) edge,
+  masked; the blocks every row sees whole, with no mask arithmetic and no bounds checks; the
+  upper (diagonal) edge and the key tail, masked. Key blocks that no row of the query block can
+  see are never visited. The epilogue either writes (o, lse) or, in the fused accumulate path,
   merges the block into a running fp32 (o_acc, lse_acc) in place (log-sum-exp merge, -inf safe).
 * backward: delta = rowsum(o * do) is given, so there is no preprocess kernel. One kernel
-  computes dK/dV per key block, looping over the query blocks of every query head of the KV
-  group (GQA reduction without atomics); one kernel computes dQ per query block, looping over
-  key blocks. Both use the same unmasked/masked stage split.
-* autotuning over a small config list keyed on head dims, dtype and (power-of-two buckets of)
-  the lengths, pruned by head dim and the device's shared memory. Under the interpreter a single
-  small config is used.
+  computes dK/dV per key block, looping over the query blocks of the band seen from the key side
+  (query i sees key j iff j - diag <= i <= j - win) for every query head of the KV group (GQA
+  reduction without atomics); one kernel computes dQ per query block, looping over the key blocks
+  of the band. Both use the same masked / unmasked / masked stage split.
+* window and softcap are compile-time switches (HAS_WINDOW, HAS_SOFTCAP, like HAS_MASK for the
+  diagonal bound): the plain and causal paths pay nothing for them.
+* autotuning over a small config list keyed on head dims, dtype, the mask / softcap switches and
+  (power-of-two buckets of) the lengths, pruned by head dim and the device's shared memory. Under
+  the interpreter a single small config is used.
 
 float64 inputs are not supported by Triton: they fall back to the plain PyTorch reference.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -123,7 +135,71 @@ def _bwd_dq_configs():
                   (64, 32, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2)))
 
 
-_KEY = ["HEAD_DIM", "HEAD_DV", "TQ_KEY", "TK_KEY", "HAS_MASK"]
+_KEY = ["HEAD_DIM", "HEAD_DV", "TQ_KEY", "TK_KEY", "HAS_MASK", "HAS_WINDOW", "HAS_SOFTCAP"]
+
+
+# --------------------------------------------------------------------------------------------
+# shared pieces: the band's tile ranges, the soft cap
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _band_tiles(r0, N, lo_off, hi_off, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK: tl.constexpr, TAIL_FULL: tl.constexpr):
+    """Column tiles of the row tile [r0, r0 + BLOCK_R) of a band: column c in [0, N) is visible
+    to row r iff (not HAS_LO or c >= r + lo_off) and (not HAS_HI or c <= r + hi_off).
+
+    Returns (lo, f_lo, f_hi, hi), lo <= f_lo <= f_hi <= hi: columns outside [lo, hi) are
+    invisible to every row; the BLOCK-wide tiles of [f_lo, f_hi) are visible to every row (no
+    mask work); the tiles of [lo, f_lo) (lower edge) and [f_hi, hi) (upper edge, and the column
+    tail) need the mask. lo, f_lo, f_hi are multiples of BLOCK (or equal to hi). The full tiles
+    lie inside [0, N) unless TAIL_FULL (the caller bounds-checks columns in every stage, so a
+    partial last tile that every row sees counts as full). The range is tight for a non-empty
+    band (lo_off <= hi_off): the first and last tile hold a visible column, lo == hi when the
+    rows see nothing. Rows of the last tile past the row count count as rows (never stored; as in
+    the tutorial: clamping them cost the causal path registers in ptxas). Integer divisions only
+    see non-negative operands (C and Python division differ on negatives, and the interpreter uses
+    Python's)."""
+    r1 = r0 + BLOCK_R
+    if HAS_HI:
+        c_hi = tl.minimum(tl.maximum(r1 + hi_off, 0), N)           # past the last row's last column
+        full_hi = tl.minimum(tl.maximum(r0 + hi_off + 1, 0), N)    # past the first row's last column
+        if TAIL_FULL:
+            f_hi = tl.where(full_hi >= N, c_hi, (full_hi // BLOCK) * BLOCK)
+        else:
+            f_hi = (full_hi // BLOCK) * BLOCK
+    else:
+        c_hi = N
+        if TAIL_FULL:
+            f_hi = N
+        else:
+            f_hi = (N // BLOCK) * BLOCK
+    if HAS_LO:
+        c_lo = tl.maximum(r0 + lo_off, 0)              # first column of the first row
+        full_lo = tl.maximum(r1 - 1 + lo_off, 0)       # first column of the last row
+        lo = (c_lo // BLOCK) * BLOCK
+        hi = tl.where(c_lo < c_hi, c_hi, lo)
+        f_lo = tl.minimum(tl.maximum(((full_lo + BLOCK - 1) // BLOCK) * BLOCK, lo), hi)
+        f_hi = tl.minimum(tl.maximum(f_hi, f_lo), hi)
+    else:  # 0 <= f_hi <= c_hi already; the constant loop start keeps the causal / unmasked code as it was
+        lo = 0
+        hi = c_hi
+        f_lo = 0
+    return lo, f_lo, f_hi, hi
+
+
+@triton.jit
+def _softcap(x, cap_k, cap_out):
+    """Soft cap in log2 units: x = s * log2(e) for a natural-scale score s; returns
+    (c * tanh(s / c) * log2(e), d/ds of c * tanh(s / c) = 1 - tanh^2) with cap_k = 2 / c and
+    cap_out = c * log2(e). tanh through exp2 of a non-positive argument only (no overflow, no
+    tl.tanh / libdevice: the same code runs in the interpreter and on every backend):
+    e = exp(-2 |s| / c) = exp2(-|x| * cap_k) in (0, 1], |tanh| = (1 - e) / (1 + e) and
+    1 - tanh^2 = 4 e / (1 + e)^2 (no cancellation where tanh saturates)."""
+    e = tl.math.exp2(-tl.abs(x) * cap_k)
+    r = 1.0 / (1.0 + e)
+    t = (1.0 - e) * r
+    t = tl.where(x < 0.0, -t, t)
+    return t * cap_out, 4.0 * e * r * r
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,15 +208,16 @@ _KEY = ["HEAD_DIM", "HEAD_DV", "TQ_KEY", "TK_KEY", "HAS_MASK"]
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                    offs_m, offs_d, offs_dv, lo, hi, Tk, qk_scale, diag,
-                    MASKED: tl.constexpr, HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    offs_m, offs_d, offs_dv, lo, hi, Tk, qk_scale, diag, win, cap_k, cap_out,
+                    MASKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                    HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr,
                     HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
                     PRECISION: tl.constexpr):
     """Online softmax over key blocks [lo, hi); returns the running (acc, l, m) (log2 units)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     d_mask = offs_d < HEAD_DIM
     dv_mask = offs_dv < HEAD_DV
-    # the masked band is one or two blocks: software-pipelining it only costs registers
+    # the masked band edges are one or two blocks: software-pipelining them only costs registers
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED else None):
         offs_n = start_n + offs_n0
         if MASKED:
@@ -153,10 +230,14 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stri
         if UPCAST:
             k = k.to(tl.float32)
         qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+        if HAS_SOFTCAP:  # cap first, then mask
+            qk, _ = _softcap(qk, cap_k, cap_out)
         if MASKED:
             vis = n_ok[None, :]
             if HAS_MASK:
                 vis = vis & (offs_n[None, :] <= offs_m[:, None] + diag)
+            if HAS_WINDOW:
+                vis = vis & (offs_n[None, :] >= offs_m[:, None] + win)
             qk = tl.where(vis, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         if MASKED:  # a row may have seen no key yet: keep exp2 away from -inf - -inf
@@ -181,31 +262,16 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stri
 
 
 @triton.jit
-def _key_range(start_m, Tk, diag, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(n_full, hi): key blocks [0, n_full) are visible to every row of the query block,
-    [n_full, hi) need the mask; keys >= hi are invisible to every row."""
-    if HAS_MASK:
-        hi = tl.minimum(Tk, start_m + BLOCK_M + diag)
-        full = tl.minimum(hi, start_m + diag + 1)
-    else:
-        hi = Tk
-        full = Tk
-    hi = tl.maximum(hi, 0)
-    full = tl.maximum(full, 0)
-    n_full = (full // BLOCK_N) * BLOCK_N
-    return n_full, hi
-
-
-@triton.jit
 def _attn_fwd(Q, K, V, O, LSE,
               stride_qb, stride_qt, stride_qh, stride_qd,
               stride_kb, stride_kt, stride_kh, stride_kd,
               stride_vb, stride_vt, stride_vh, stride_vd,
               stride_ob, stride_ot, stride_oh, stride_od,
               stride_lb, stride_lh, stride_lt,
-              Tq, Tk, Hq, G, qk_scale, diag, TQ_KEY, TK_KEY,
+              Tq, Tk, Hq, G, qk_scale, diag, win, cap_k, cap_out, TQ_KEY, TK_KEY,
               HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_DV: tl.constexpr, HAS_MASK: tl.constexpr, ACCUMULATE: tl.constexpr,
+              BLOCK_DV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              HAS_SOFTCAP: tl.constexpr, ACCUMULATE: tl.constexpr,
               UPCAST: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -233,17 +299,23 @@ def _attn_fwd(Q, K, V, O, LSE,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    n_full, hi = _key_range(start_m, Tk, diag, HAS_MASK, BLOCK_M, BLOCK_N)
-    # stage 1: key blocks every row sees (no mask, no bounds check on keys)
+    # key j visible to query i iff i + win <= j <= i + diag: only key blocks of the band are visited
+    lo, f_lo, f_hi, hi = _band_tiles(start_m, Tk, win, diag, HAS_WINDOW, HAS_MASK, BLOCK_M, BLOCK_N, False)
+    if HAS_WINDOW:  # stage 1: the lower (window) edge, masked
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd,
+                                        stride_vt, stride_vd, offs_m, offs_d, offs_dv, lo, f_lo, Tk,
+                                        qk_scale, diag, win, cap_k, cap_out, True, HAS_MASK, HAS_WINDOW,
+                                        HAS_SOFTCAP, HEAD_DIM, HEAD_DV, BLOCK_N, UPCAST, PRECISION)
+    # stage 2: key blocks every row sees (no mask, no bounds check on keys)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd,
-                                    stride_vt, stride_vd, offs_m, offs_d, offs_dv, 0, n_full, Tk,
-                                    qk_scale, diag, False, HAS_MASK, HEAD_DIM, HEAD_DV, BLOCK_N,
-                                    UPCAST, PRECISION)
-    # stage 2: the diagonal band and the key tail (masked)
+                                    stride_vt, stride_vd, offs_m, offs_d, offs_dv, f_lo, f_hi, Tk,
+                                    qk_scale, diag, win, cap_k, cap_out, False, HAS_MASK, HAS_WINDOW,
+                                    HAS_SOFTCAP, HEAD_DIM, HEAD_DV, BLOCK_N, UPCAST, PRECISION)
+    # stage 3: the upper (diagonal) edge and the key tail, masked
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd,
-                                    stride_vt, stride_vd, offs_m, offs_d, offs_dv, n_full, hi, Tk,
-                                    qk_scale, diag, True, HAS_MASK, HEAD_DIM, HEAD_DV, BLOCK_N,
-                                    UPCAST, PRECISION)
+                                    stride_vt, stride_vd, offs_m, offs_d, offs_dv, f_hi, hi, Tk,
+                                    qk_scale, diag, win, cap_k, cap_out, True, HAS_MASK, HAS_WINDOW,
+                                    HAS_SOFTCAP, HEAD_DIM, HEAD_DV, BLOCK_N, UPCAST, PRECISION)
 
     # epilogue
     empty = l_i == 0.0
@@ -282,14 +354,15 @@ _attn_fwd_acc_tuned = triton.autotune(configs=_fwd_configs(), key=_KEY, restore_
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                          stride_qt, stride_qd, stride_dot, stride_dod, stride_lt, stride_dt,
-                         offs_n, offs_d, offs_dv, lo, hi, Tq, qk_scale, diag,
-                         MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
+                         offs_n, offs_d, offs_dv, lo, hi, Tq, qk_scale, diag, win, cap_k, cap_out,
+                         MASKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                         HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
                          BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dK/dV of one key block over query blocks [lo, hi) of one query head."""
     offs_m0 = tl.arange(0, BLOCK_M)
     d_mask = offs_d < HEAD_DIM
     dv_mask = offs_dv < HEAD_DV
-    # the masked band is one or two blocks: software-pipelining it only costs registers
+    # the masked band edges are one or two blocks: software-pipelining them only costs registers
     for start_m in tl.range(lo, hi, BLOCK_M, num_stages=1 if MASKED else None):
         offs_m = start_m + offs_m0
         m_ok = offs_m < Tq
@@ -304,13 +377,24 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
         lse = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
         delta = tl.load(delta_base + offs_m * stride_dt, mask=m_ok, other=0.0)
         qkT = tl.dot(k, qT, input_precision=PRECISION) * qk_scale
+        if HAS_SOFTCAP:
+            qkT, dcapT = _softcap(qkT, cap_k, cap_out)
         pT = tl.math.exp2(qkT - lse[None, :])
         if MASKED:
-            pT = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, pT, 0.0)
+            # only compiled under HAS_MASK or HAS_WINDOW (the query tail needs no mask here)
+            if HAS_MASK:
+                vis = offs_n[:, None] <= offs_m[None, :] + diag
+                if HAS_WINDOW:
+                    vis = vis & (offs_n[:, None] >= offs_m[None, :] + win)
+            else:
+                vis = offs_n[:, None] >= offs_m[None, :] + win
+            pT = tl.where(vis, pT, 0.0)
         # out-of-range query rows have do = 0 and delta = 0: they contribute nothing
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dsT = pT * (dpT - delta[None, :])
+        if HAS_SOFTCAP:
+            dsT = dsT * dcapT
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
     return dk, dv
 
@@ -325,9 +409,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                    stride_db, stride_dh, stride_dt,
                    stride_dkb, stride_dkt, stride_dkh, stride_dkd,
                    stride_dvb, stride_dvt, stride_dvh, stride_dvd,
-                   Tq, Tk, Hkv, G, scale, qk_scale, diag, TQ_KEY, TK_KEY,
+                   Tq, Tk, Hkv, G, scale, qk_scale, diag, win, cap_k, cap_out, TQ_KEY, TK_KEY,
                    HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_DV: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                   HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -348,16 +433,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    # query blocks [lo, mid) need the mask, [mid, Tq) see the whole key block
-    if HAS_MASK:
-        q_lo = tl.maximum(start_n - diag, 0)
-        lo = tl.minimum((q_lo // BLOCK_M) * BLOCK_M, Tq)
-        q_full = tl.maximum(start_n + BLOCK_N - 1 - diag, 0)
-        mid = tl.maximum(((q_full + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, lo)
-    else:
-        lo = 0
-        mid = 0
-    mid_c = tl.minimum(mid, Tq)
+    # query i sees key j iff j - diag <= i <= j - win: the band seen from the key side. Query
+    # blocks [lo, f_lo) (diagonal edge) and [f_hi, hi) (window edge) need the mask, [f_lo, f_hi)
+    # see the whole key block; the query loop bounds-checks rows, so the query tail is no edge.
+    lo, f_lo, f_hi, hi = _band_tiles(start_n, Tq, -diag, -win, HAS_MASK, HAS_WINDOW, BLOCK_N, BLOCK_M, True)
 
     for g in range(0, G):
         off_h = off_hk * G + g
@@ -365,14 +444,23 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
         do_base = DO + off_b * stride_dob + off_h * stride_doh
         lse_base = LSE + off_b * stride_lb + off_h * stride_lh
         delta_base = DELTA + off_b * stride_db + off_h * stride_dh
+        if HAS_MASK:
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                          stride_qt, stride_qd, stride_dot, stride_dod, stride_lt, stride_dt,
+                                          offs_n, offs_d, offs_dv, lo, f_lo, Tq, qk_scale, diag, win, cap_k, cap_out,
+                                          True, HAS_MASK, HAS_WINDOW, HAS_SOFTCAP, HEAD_DIM, HEAD_DV, BLOCK_M,
+                                          UPCAST, PRECISION)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                       stride_qt, stride_qd, stride_dot, stride_dod, stride_lt, stride_dt,
-                                      offs_n, offs_d, offs_dv, lo, mid_c, Tq, qk_scale, diag,
-                                      True, HEAD_DIM, HEAD_DV, BLOCK_M, UPCAST, PRECISION)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                      stride_qt, stride_qd, stride_dot, stride_dod, stride_lt, stride_dt,
-                                      offs_n, offs_d, offs_dv, mid, Tq, Tq, qk_scale, diag,
-                                      False, HEAD_DIM, HEAD_DV, BLOCK_M, UPCAST, PRECISION)
+                                      offs_n, offs_d, offs_dv, f_lo, f_hi, Tq, qk_scale, diag, win, cap_k, cap_out,
+                                      False, HAS_MASK, HAS_WINDOW, HAS_SOFTCAP, HEAD_DIM, HEAD_DV, BLOCK_M,
+                                      UPCAST, PRECISION)
+        if HAS_WINDOW:
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                          stride_qt, stride_qd, stride_dot, stride_dod, stride_lt, stride_dt,
+                                          offs_n, offs_d, offs_dv, f_hi, hi, Tq, qk_scale, diag, win, cap_k, cap_out,
+                                          True, HAS_MASK, HAS_WINDOW, HAS_SOFTCAP, HEAD_DIM, HEAD_DV, BLOCK_M,
+                                          UPCAST, PRECISION)
     dk = dk * scale
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
              dk, mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -382,15 +470,16 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                       offs_m, offs_d, offs_dv, lo, hi, Tk, qk_scale, diag,
-                       MASKED: tl.constexpr, HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       offs_m, offs_d, offs_dv, lo, hi, Tk, qk_scale, diag, win, cap_k, cap_out,
+                       MASKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                       HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr,
                        HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
                        PRECISION: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [lo, hi)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     d_mask = offs_d < HEAD_DIM
     dv_mask = offs_dv < HEAD_DV
-    # the masked band is one or two blocks: software-pipelining it only costs registers
+    # the masked band edges are one or two blocks: software-pipelining them only costs registers
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED else None):
         offs_n = start_n + offs_n0
         if MASKED:
@@ -408,14 +497,20 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_
             kT = kT.to(tl.float32)
             vT = vT.to(tl.float32)
         qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+        if HAS_SOFTCAP:
+            qk, dcap = _softcap(qk, cap_k, cap_out)
         p = tl.math.exp2(qk - lse[:, None])
         if MASKED:
             vis = n_ok[None, :]
             if HAS_MASK:
                 vis = vis & (offs_n[None, :] <= offs_m[:, None] + diag)
+            if HAS_WINDOW:
+                vis = vis & (offs_n[None, :] >= offs_m[:, None] + win)
             p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, vT, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * dcap
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
     return dq
 
@@ -429,9 +524,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                  stride_lb, stride_lh, stride_lt,
                  stride_db, stride_dh, stride_dt,
                  stride_dqb, stride_dqt, stride_dqh, stride_dqd,
-                 Tq, Tk, Hq, G, scale, qk_scale, diag, TQ_KEY, TK_KEY,
+                 Tq, Tk, Hq, G, scale, qk_scale, diag, win, cap_k, cap_out, TQ_KEY, TK_KEY,
                  HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_DV: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+                 BLOCK_DV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -456,13 +552,18 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_base = K + off_b * stride_kb + off_hk * stride_kh
     v_base = V + off_b * stride_vb + off_hk * stride_vh
-    n_full, hi = _key_range(start_m, Tk, diag, HAS_MASK, BLOCK_M, BLOCK_N)
+    lo, f_lo, f_hi, hi = _band_tiles(start_m, Tk, win, diag, HAS_WINDOW, HAS_MASK, BLOCK_M, BLOCK_N, False)
+    if HAS_WINDOW:
+        dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                                offs_m, offs_d, offs_dv, lo, f_lo, Tk, qk_scale, diag, win, cap_k, cap_out,
+                                True, HAS_MASK, HAS_WINDOW, HAS_SOFTCAP, HEAD_DIM, HEAD_DV, BLOCK_N, UPCAST,
+                                PRECISION)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                            offs_m, offs_d, offs_dv, 0, n_full, Tk, qk_scale, diag,
-                            False, HAS_MASK, HEAD_DIM, HEAD_DV, BLOCK_N, UPCAST, PRECISION)
+                            offs_m, offs_d, offs_dv, f_lo, f_hi, Tk, qk_scale, diag, win, cap_k, cap_out,
+                            False, HAS_MASK, HAS_WINDOW, HAS_SOFTCAP, HEAD_DIM, HEAD_DV, BLOCK_N, UPCAST, PRECISION)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                            offs_m, offs_d, offs_dv, n_full, hi, Tk, qk_scale, diag,
-                            True, HAS_MASK, HEAD_DIM, HEAD_DV, BLOCK_N, UPCAST, PRECISION)
+                            offs_m, offs_d, offs_dv, f_hi, hi, Tk, qk_scale, diag, win, cap_k, cap_out,
+                            True, HAS_MASK, HAS_WINDOW, HAS_SOFTCAP, HEAD_DIM, HEAD_DV, BLOCK_N, UPCAST, PRECISION)
     dq = dq * scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
              dq, mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -506,7 +607,37 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int,
     return B, Tq, Hq, D, Tk, Hkv, Dv
 
 
-def _meta(q: torch.Tensor, D: int, Dv: int, Tq: int, Tk: int, diagonal_offset: int | None) -> dict:
+_OFFSET_SLACK = 1024  # > every BLOCK_M / BLOCK_N
+
+
+def _check_softcap(softcap: float | None) -> None:
+    if softcap is not None and not (math.isfinite(float(softcap)) and float(softcap) > 0.0):
+        raise ValueError(f"softcap must be None or a finite number > 0; got {softcap}")
+
+
+def _band(Tq: int, Tk: int, diagonal_offset: int | None, window_offset: int | None,
+          softcap: float | None) -> tuple[int, int, float, float, bool]:
+    """Kernel scalars (diag, win, cap_k, cap_out) and whether the band is empty (no query of the
+    block sees any key). Offsets are clamped to [-(Tq + S), Tk + S] with S (1024) more than any
+    tile: that changes no visibility, not even for the rows past the end of a last tile (an upper
+    bound that high or lower bound that low holds for every pair, the others for none), and keeps
+    the kernels' int32 index arithmetic far from overflow."""
+    lo_clamp, hi_clamp = -(Tq + _OFFSET_SLACK), Tk + _OFFSET_SLACK
+    diag = 0 if diagonal_offset is None else max(lo_clamp, min(int(diagonal_offset), hi_clamp))
+    win = 0 if window_offset is None else max(lo_clamp, min(int(window_offset), hi_clamp))
+    # query i sees some key iff max(0, i + win) <= min(Tk - 1, i + diag)
+    first = max(0, -diag) if diagonal_offset is not None else 0          # first query with j <= i + diag for j = 0
+    last = min(Tq - 1, Tk - 1 - win) if window_offset is not None else Tq - 1  # last with j >= i + win for j = Tk-1
+    empty = Tk == 0 or first > last or (diagonal_offset is not None and window_offset is not None and win > diag)
+    if softcap is None:
+        cap_k, cap_out = 0.0, 0.0
+    else:
+        cap_k, cap_out = 2.0 / float(softcap), float(softcap) * LOG2E
+    return diag, win, cap_k, cap_out, empty
+
+
+def _meta(q: torch.Tensor, D: int, Dv: int, Tq: int, Tk: int, diagonal_offset: int | None,
+          window_offset: int | None, softcap: float | None) -> dict:
     return dict(
         TQ_KEY=triton.next_power_of_2(max(Tq, 1)),
         TK_KEY=triton.next_power_of_2(max(Tk, 1)),
@@ -515,13 +646,15 @@ def _meta(q: torch.Tensor, D: int, Dv: int, Tq: int, Tk: int, diagonal_offset: i
         BLOCK_D=max(16, triton.next_power_of_2(D)),
         BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
         HAS_MASK=diagonal_offset is not None,
+        HAS_WINDOW=window_offset is not None,
+        HAS_SOFTCAP=softcap is not None,
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
 
 
 # Under the interpreter the autotuner would try to time configs (no driver there): launch the
-# plain kernel with one small config instead.
+# plain kernel with one small config instead (tests may shrink it to make the band skip tiles).
 _INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 16}
 
 
@@ -537,64 +670,76 @@ def _s3(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _fwd_launch(q, k, v, o, lse, scale, diagonal_offset, accumulate: bool) -> None:
+def _fwd_launch(q, k, v, o, lse, scale, diagonal_offset, window_offset, softcap, accumulate: bool) -> bool:
+    """Launch the forward kernel; returns False (launching nothing) when the band is empty."""
     B, Tq, Hq, D, Tk, Hkv, Dv = _check(q, k, v)
-    if B * Hq == 0 or Tq == 0:
-        return
-    meta = _meta(q, D, Dv, Tq, Tk, diagonal_offset)
-    diag = 0 if diagonal_offset is None else int(diagonal_offset)
+    diag, win, cap_k, cap_out, empty = _band(Tq, Tk, diagonal_offset, window_offset, softcap)
+    if B * Hq == 0 or Tq == 0 or empty:
+        return False
+    meta = _meta(q, D, Dv, Tq, Tk, diagonal_offset, window_offset, softcap)
     grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * Hq)  # noqa: E731
     kernel = _attn_fwd_acc_tuned if accumulate else _attn_fwd_tuned
     _launch(kernel, _attn_fwd, grid, q, k, v, o, lse, *strides4(q), *strides4(k), *strides4(v), *strides4(o), *_s3(lse),
-                 Tq, Tk, Hq, Hq // Hkv, float(scale) * LOG2E, diag, ACCUMULATE=accumulate, **meta)
+            Tq, Tk, Hq, Hq // Hkv, float(scale) * LOG2E, diag, win, cap_k, cap_out, ACCUMULATE=accumulate, **meta)
+    return True
 
 
 def attention_block_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
-                                   diagonal_offset: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o, lse) of one block of softmax attention: o fp32 [B, Tq, Hq, Dv], lse fp32 [B, Hq, Tq]."""
+                                   diagonal_offset: int | None = None, window_offset: int | None = None,
+                                   softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse) of one block of softmax attention: o fp32 [B, Tq, Hq, Dv], lse fp32 [B, Hq, Tq].
+    Key j is visible to query i iff j <= i + diagonal_offset and j >= i + window_offset (None:
+    no such bound); scores are scale * q.k, soft-capped (softcap * tanh(s / softcap)) if
+    ``softcap`` is given, then masked."""
+    _check_softcap(softcap)
     if q.dtype == torch.float64:
-        return attention_block_forward_reference(q, k, v, scale=scale, diagonal_offset=diagonal_offset)
+        return attention_block_forward_reference(q, k, v, scale=scale, diagonal_offset=diagonal_offset,
+                                                 window_offset=window_offset, softcap=softcap)
     B, Tq, Hq, D, Tk, Hkv, Dv = _check(q, k, v)
     o = torch.empty(B, Tq, Hq, Dv, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
-    if Tk == 0:
+    if not _fwd_launch(q, k, v, o, lse, scale, diagonal_offset, window_offset, softcap, accumulate=False):
         o.zero_()
         lse.fill_(float("-inf"))
-        return o, lse
-    _fwd_launch(q, k, v, o, lse, scale, diagonal_offset, accumulate=False)
     return o, lse
 
 
 def attention_block_accumulate_triton_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_acc: torch.Tensor,
                                        lse_acc: torch.Tensor, *, scale: float,
-                                       diagonal_offset: int | None = None) -> None:
+                                       diagonal_offset: int | None = None, window_offset: int | None = None,
+                                       softcap: float | None = None) -> None:
     """Compute one block and merge it into the running fp32 (o_acc [B, Tq, Hq, Dv], lse_acc
-    [B, Hq, Tq]) in place, in the kernel's epilogue; views with any strides are fine."""
+    [B, Hq, Tq]) in place, in the kernel's epilogue; views with any strides are fine. Mask and
+    softcap as in :func:`attention_block_forward_triton`; an empty band leaves the state as is."""
+    _check_softcap(softcap)
     B, Tq, Hq, D, Tk, Hkv, Dv = _check(q, k, v) if q.dtype != torch.float64 else (None,) * 7
     if q.dtype == torch.float64 or o_acc.dtype != torch.float32 or lse_acc.dtype != torch.float32:
         from seqpar.kernels.softmax import merge_partials_
 
-        o_blk, lse_blk = attention_block_forward_reference(q, k, v, scale=scale, diagonal_offset=diagonal_offset)
+        o_blk, lse_blk = attention_block_forward_reference(q, k, v, scale=scale, diagonal_offset=diagonal_offset,
+                                                           window_offset=window_offset, softcap=softcap)
         merge_partials_(o_acc, lse_acc, o_blk, lse_blk)
         return
     if tuple(o_acc.shape) != (B, Tq, Hq, Dv) or tuple(lse_acc.shape) != (B, Hq, Tq):
         raise ValueError(f"o_acc {tuple(o_acc.shape)} / lse_acc {tuple(lse_acc.shape)} do not match "
                          f"[B, Tq, Hq, Dv] = {[B, Tq, Hq, Dv]} / [B, Hq, Tq] = {[B, Hq, Tq]}")
     check_int32_offsets(o_acc=o_acc)
-    if Tk == 0:
-        return
-    _fwd_launch(q, k, v, o_acc, lse_acc, scale, diagonal_offset, accumulate=True)
+    _fwd_launch(q, k, v, o_acc, lse_acc, scale, diagonal_offset, window_offset, softcap, accumulate=True)
 
 
 def attention_block_backward_triton(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                     lse: torch.Tensor, delta: torch.Tensor, *, scale: float,
-                                    diagonal_offset: int | None = None
+                                    diagonal_offset: int | None = None, window_offset: int | None = None,
+                                    softcap: float | None = None
                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) in fp32 given the row-global ``lse`` and ``delta = rowsum(o * do)`` (fp32
-    [B, Hq, Tq]); dk/dv are summed over the query heads of each KV group."""
+    """(dq, dk, dv) in fp32 given the row-global ``lse`` (of the soft-capped scores, over every
+    block the rows saw) and ``delta = rowsum(o * do)`` (fp32 [B, Hq, Tq]); dk/dv are summed over
+    the query heads of each KV group. Mask and softcap as in the forward."""
+    _check_softcap(softcap)
     if q.dtype == torch.float64:
         return attention_block_backward_reference(do, q, k, v, lse, delta, scale=scale,
-                                                  diagonal_offset=diagonal_offset)
+                                                  diagonal_offset=diagonal_offset, window_offset=window_offset,
+                                                  softcap=softcap)
     B, Tq, Hq, D, Tk, Hkv, Dv = _check(q, k, v)
     if tuple(do.shape) != (B, Tq, Hq, Dv):
         raise ValueError(f"do shape {tuple(do.shape)} != o shape {(B, Tq, Hq, Dv)}")
@@ -608,16 +753,17 @@ def attention_block_backward_triton(do: torch.Tensor, q: torch.Tensor, k: torch.
     dq = torch.zeros(B, Tq, Hq, D, dtype=torch.float32, device=q.device)
     dk = torch.zeros(B, Tk, Hkv, D, dtype=torch.float32, device=q.device)
     dv = torch.zeros(B, Tk, Hkv, Dv, dtype=torch.float32, device=q.device)
-    if Tq == 0 or Tk == 0 or B * Hq == 0:
+    diag, win, cap_k, cap_out, empty = _band(Tq, Tk, diagonal_offset, window_offset, softcap)
+    if Tq == 0 or Tk == 0 or B * Hq == 0 or empty:
         return dq, dk, dv
-    meta = _meta(q, D, Dv, Tq, Tk, diagonal_offset)
-    diag = 0 if diagonal_offset is None else int(diagonal_offset)
+    meta = _meta(q, D, Dv, Tq, Tk, diagonal_offset, window_offset, softcap)
     G = Hq // Hkv
     common = (*strides4(q), *strides4(k), *strides4(v), *strides4(do), *_s3(lse), *_s3(delta))
+    band = (diag, win, cap_k, cap_out)
     grid_kv = lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * Hkv)  # noqa: E731
-    _launch(_attn_bwd_dkdv_tuned, _attn_bwd_dkdv, grid_kv, q, k, v, do, lse, delta, dk, dv, *common, *strides4(dk), *strides4(dv),
-                                  Tq, Tk, Hkv, G, float(scale), float(scale) * LOG2E, diag, **meta)
+    _launch(_attn_bwd_dkdv_tuned, _attn_bwd_dkdv, grid_kv, q, k, v, do, lse, delta, dk, dv, *common,
+            *strides4(dk), *strides4(dv), Tq, Tk, Hkv, G, float(scale), float(scale) * LOG2E, *band, **meta)
     grid_q = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * Hq)  # noqa: E731
     _launch(_attn_bwd_dq_tuned, _attn_bwd_dq, grid_q, q, k, v, do, lse, delta, dq, *common, *strides4(dq),
-                               Tq, Tk, Hq, G, float(scale), float(scale) * LOG2E, diag, **meta)
+            Tq, Tk, Hq, G, float(scale), float(scale) * LOG2E, *band, **meta)
     return dq, dk, dv

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from seqpar.kernels.softmax import BACKENDS
-from seqpar.layout import LAYOUTS, chunks_per_rank
+from seqpar.layout import LAYOUTS, check_global_length, check_layout, chunks_per_rank
+from seqpar.masks import check_softcap, check_window
 
 LAYER_KINDS = {"S": "softmax", "L": "linear"}
 FEATURE_MAPS = ("identity", "elu1", "relu", "silu")
@@ -32,6 +33,12 @@ class ModelConfig:
     (and truncated) to ``n_layers``. ``linear_decay`` is ``fixed`` (a per-head constant log decay,
     RetNet's ladder log(1 - 2^(-5-h))), ``gate`` (a data-dependent per-head gate,
     log-sigmoid of a low-rank projection divided by ``gate_normalizer``, as GLA) or ``none``.
+
+    Softmax layers: ``window`` (None: full causal attention) is a causal sliding window, query i
+    sees keys i - window < j <= i (the transformers ``sliding_window`` convention), in global
+    positions (document positions with packed documents); ``softcap`` (None: off) caps the
+    attention logits as Gemma 2, s -> softcap * tanh(s / softcap). Both need a softmax layer in
+    ``pattern``.
     """
 
     vocab_size: int = 256
@@ -45,6 +52,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
     tie_embeddings: bool = True
+    # softmax-attention layers
+    window: int | None = None
+    softcap: float | None = None
     # linear-attention layers
     linear_decay: str = "fixed"
     feature_map: str = "identity"
@@ -77,6 +87,12 @@ class ModelConfig:
             raise ValueError(f"ffn_dim must be >= 1, got {self.ffn_dim}")
         if self.gate_normalizer <= 0:
             raise ValueError(f"gate_normalizer must be > 0, got {self.gate_normalizer}")
+        self.window = check_window(self.window)  # "window must be an int >= 1 or None, got ..."
+        self.softcap = check_softcap(self.softcap)
+        for name in ("window", "softcap"):
+            if getattr(self, name) is not None and not self.has_softmax:
+                raise ValueError(f"{name}={getattr(self, name)} applies to softmax-attention layers, but pattern "
+                                 f"{self.pattern!r} has none over {self.n_layers} layers")
 
     @property
     def head_dim(self) -> int:
@@ -114,7 +130,7 @@ class SequenceParallelConfig:
     """
 
     sp_size: int = 1
-    layout: str = "contiguous"
+    layout: str | Any = "contiguous"  # a name, or a layout object (seqpar.layout.BalancedLayout)
     softmax_strategy: str = "ring"
     linear_strategy: str = "lasp2"
     ulysses_size: int = 1
@@ -127,8 +143,7 @@ class SequenceParallelConfig:
                 raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
         if self.sp_size < 1:
             raise ValueError(f"sp_size must be >= 1, got {self.sp_size}")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {self.layout!r}; expected one of {LAYOUTS}")
+        check_layout(self.layout)  # a name of LAYOUTS, or a layout object
         if self.softmax_strategy not in SOFTMAX_STRATEGIES:
             raise ValueError(f"unknown softmax_strategy {self.softmax_strategy!r}; expected one of {SOFTMAX_STRATEGIES}")
         if self.linear_strategy not in LINEAR_STRATEGIES:
@@ -150,9 +165,16 @@ class SequenceParallelConfig:
         return self.sp_size * (chunks_per_rank(self.layout) if self.sp_size > 1 else 1)
 
 
+def _layout_name(layout: Any) -> str:
+    """The name of a layout given by name or as a layout object (its type's name otherwise)."""
+    if isinstance(layout, str):
+        return layout
+    return getattr(layout, "name", None) or type(layout).__name__
+
+
 def check_compatible(model: ModelConfig, sp: SequenceParallelConfig, seq_len: int | None = None) -> None:
     """Raise a ValueError when ``sp`` cannot run ``model`` (and, if given, ``seq_len`` tokens)."""
-    if sp.layout == "striped" and model.has_linear:
+    if _layout_name(sp.layout) == "striped" and model.has_linear:
         raise ValueError("layout 'striped' cannot be used with linear-attention layers (pattern "
                          f"{model.pattern!r}): a linear-attention rank must hold consecutive tokens; "
                          "use 'contiguous' or 'zigzag'")
@@ -165,7 +187,9 @@ def check_compatible(model: ModelConfig, sp: SequenceParallelConfig, seq_len: in
         if sp.softmax_strategy == "usp" and model.n_heads % sp.ulysses_size != 0:
             raise ValueError(f"softmax_strategy 'usp' needs n_heads ({model.n_heads}) divisible by "
                              f"ulysses_size ({sp.ulysses_size})")
-    if seq_len is not None:
+    if seq_len is not None and not isinstance(sp.layout, str):
+        check_global_length(sp.layout, seq_len, sp.sp_size)  # a layout object is built for one length
+    elif seq_len is not None:
         divisor = sp.length_divisor
         if seq_len % divisor != 0:
             raise ValueError(f"seq_len {seq_len} is not divisible by {divisor} "
@@ -273,6 +297,10 @@ FIELD_HELP: dict[str, str] = {
     "norm_eps": "RMSNorm epsilon",
     "rope_theta": "RoPE base",
     "tie_embeddings": "share the input embedding with the output head",
+    "window": "sliding window of the softmax-attention layers: query i sees the keys j with i-window < j <= i "
+              "(none: full causal attention)",
+    "softcap": "attention logit softcap of the softmax-attention layers (Gemma 2): s -> softcap * tanh(s / softcap) "
+               "(none: off)",
     "linear_decay": "decay of linear-attention layers: fixed (per-head RetNet ladder), gate (data-dependent, GLA) or none",
     "feature_map": "feature map applied to q and k in linear-attention layers",
     "linear_output_norm": "RMSNorm on each head's linear-attention output",
@@ -364,7 +392,7 @@ SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_d
 #: Fields that change what the model computes or which tokens it sees: a resume with other
 #: values is refused unless each one is named in ``allow_changes`` (e.g. a longer seq_len with a
 #: larger rope_theta for long-context continued training).
-SEMANTIC_FIELDS = ("norm_eps", "rope_theta", "feature_map", "linear_rope", "gate_normalizer",
+SEMANTIC_FIELDS = ("norm_eps", "rope_theta", "window", "softcap", "feature_map", "linear_rope", "gate_normalizer",
                    "data", "seq_len", "batch_size", "max_corpus_bytes", "val_fraction", "seed")
 #: Fields with no effect once the parameters exist, or that only say where the run lives.
 IGNORED_ON_RESUME = ("init_std", "run_dir", "resume")

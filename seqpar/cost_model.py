@@ -8,8 +8,9 @@ group). The work counts are exact: they come from :func:`seqpar.layout.plan_bloc
 the ring / all-gather drivers run, and every block's (query, key) pairs are counted in closed form
 (:func:`visible_pairs`), so a 1M-token estimate with hundreds of documents takes well under a
 second. A ring visits only the K/V blocks some query can see (``seqpar.softmax.plan.ring_steps``:
-fewer than P with a sliding window), and sends only those; the all-gather strategy still gathers
-every rank's K/V but computes only the visible blocks. Times are estimates: compute at a sustained
+fewer than P with a sliding window), and sends only those; with a window or documents the all-gather
+strategy moves only the K/V some query sees (``seqpar.softmax.plan.visible_sources``; bytes are
+those of the busiest sender). Times are estimates: compute at a sustained
 rate, messages at a link bandwidth plus a fixed latency, and for overlapped strategies a step costs
 the larger of its compute and its communication.
 """
@@ -219,11 +220,19 @@ def softmax_estimate(strategy: str, layout: str, world_size: int, shape: Shape, 
                 time += max(compute, comm_step) if s < steps - 1 else compute
             sent, serial, ring = kv_bytes_local * (steps - 1), steps - 1, steps
         else:
-            gather = lat + kv_bytes_local * (world_size - 1) / bw
+            from seqpar.softmax.plan import visible_sources  # lazy, as _ring_steps
+
+            needs = visible_sources(rows, mask)
+            if needs is None:  # the all-gather collective: every rank sends to and receives from all
+                sends_to = receives_from = world_size - 1
+            else:  # zero-redundant: only the K/V some query sees moves (point to point)
+                sends_to = max(sum(needs[r][s] for r in range(size) if r != s) for s in range(size))
+                receives_from = max(sum(needs[r][s] for s in range(size) if s != r) for r in range(size))
+            gather = lat + kv_bytes_local * receives_from / bw
             # the gather is split over KV heads: only the first head group is exposed
             groups = max(1, min(shape.kv_heads, 4))
             time = gather / groups + max(busiest / rate, gather * (groups - 1) / groups)
-            sent, serial, ring = kv_bytes_local * (world_size - 1), 1, None
+            sent, serial, ring = kv_bytes_local * sends_to, 1, None
         return Estimate(strategy, layout, world_size, busiest / 1e12, imbalance, sent, serial, time * 1e3,
                         average / 1e12, ring)
 

@@ -28,21 +28,183 @@ from seqpar.masks import AttentionMask, as_mask
 LAYOUTS = ("contiguous", "zigzag", "striped")
 
 
-def check_layout(layout: str) -> str:
+@dataclass(frozen=True, repr=False)
+class BalancedLayout:
+    """A document-aware layout: the packed row is cut into ``chunk_len``-token chunks, and rank r
+    holds the chunks ``assignment[r]`` (the same number per rank, in increasing global order),
+    chosen so that every rank has about the same masked attention work. Build it with
+    :func:`balanced_layout` from the row's ``cu_seqlens``; it is valid for exactly one global
+    length and world size, and every function here that takes a layout name takes it too."""
+
+    world_size: int
+    chunk_len: int
+    assignment: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self):
+        if len(self.assignment) != self.world_size:
+            raise ValueError(f"BalancedLayout: {len(self.assignment)} chunk lists for world size {self.world_size}")
+        counts = {len(a) for a in self.assignment}
+        if len(counts) != 1:
+            raise ValueError(f"BalancedLayout: every rank must hold the same number of chunks, got {sorted(counts)}")
+        chunks = sorted(c for a in self.assignment for c in a)
+        if chunks != list(range(len(chunks))):
+            raise ValueError("BalancedLayout: the chunks of all ranks must be 0..N-1, each exactly once")
+        if any(list(a) != sorted(a) for a in self.assignment):
+            raise ValueError("BalancedLayout: each rank's chunks must be in increasing order")
+
+    @property
+    def chunks_per_rank(self) -> int:
+        return len(self.assignment[0])
+
+    @property
+    def global_len(self) -> int:
+        return self.chunk_len * self.chunks_per_rank * self.world_size
+
+    def segments(self, rank: int) -> list[Segment]:
+        return [Segment(i * self.chunk_len, self.chunk_len, chunk * self.chunk_len, 1)
+                for i, chunk in enumerate(self.assignment[rank])]
+
+    def __repr__(self) -> str:
+        import hashlib
+
+        digest = hashlib.sha1(repr(self.assignment).encode()).hexdigest()[:12]
+        return (f"BalancedLayout(world_size={self.world_size}, chunk_len={self.chunk_len}, "
+                f"chunks_per_rank={self.chunks_per_rank}, assignment=<{digest}>)")
+
+
+def _row_work(first: int, stop: int, document_start: int, document_stop: int, causal: bool,
+              window: int | None) -> int:
+    """Visible (query, key) pairs of the queries at global positions [first, stop) of one document
+    [document_start, document_stop): each sees min(position in document + 1, window) keys when
+    causal, the whole document otherwise."""
+    if not causal:
+        return (stop - first) * (document_stop - document_start)
+    lo, hi = first - document_start + 1, stop - document_start  # keys seen by the first / last row
+    cap = hi if window is None else min(hi, window)
+    total = 0
+    if lo <= cap:
+        total += (lo + cap) * (cap - lo + 1) // 2  # rows that see all of their document so far
+    if window is not None and hi > window:
+        total += window * (hi - max(lo - 1, window))  # rows that see a full window
+    return total
+
+
+def chunk_work(global_len: int, chunk_len: int, documents: Sequence[int] | None, *, causal: bool = True,
+               window: int | None = None) -> list[int]:
+    """Masked attention work (visible pairs) of the queries of every ``chunk_len``-token chunk."""
+    bounds = list(documents) if documents is not None else [0, global_len]
+    work = []
+    doc = 0
+    for start in range(0, global_len, chunk_len):
+        stop = start + chunk_len
+        total = 0
+        while bounds[doc + 1] <= start:
+            doc += 1
+        d = doc
+        while d + 1 < len(bounds) and bounds[d] < stop:
+            a, b = max(start, bounds[d]), min(stop, bounds[d + 1])
+            if b > a:
+                total += _row_work(a, b, bounds[d], bounds[d + 1], causal, window)
+            d += 1
+        work.append(total)
+    return work
+
+
+def balanced_layout(cu_seqlens, world_size: int, *, chunks_per_rank: int | None = None, causal: bool = True,
+                    window: int | None = None) -> BalancedLayout:
+    """A :class:`BalancedLayout` for one packed row with document boundaries ``cu_seqlens``
+    ([0, ..., T], a tensor or a sequence of ints): the row is cut into ``world_size x
+    chunks_per_rank`` equal chunks and each rank gets ``chunks_per_rank`` of them so that the
+    masked attention work (documents, ``causal``, ``window``) per rank is as even as possible
+    (largest chunks first onto the least loaded rank with room, then pairwise swaps that lower the
+    busiest rank). ``chunks_per_rank`` defaults to the largest of 16, 8, 4, 2, 1 that divides the
+    local length. Work per rank: :func:`chunk_work` summed over a rank's chunks."""
+    from seqpar.masks import check_documents, check_window
+
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    bounds = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
+    if not bounds:
+        raise ValueError("cu_seqlens is empty; expected [0, ..., T]")
+    global_len = int(bounds[-1])
+    documents = check_documents(cu_seqlens, global_len, None)
+    window = check_window(window)
+    if global_len % world_size != 0:
+        raise ValueError(f"sequence length {global_len} is not divisible by world_size = {world_size}")
+    local_len = global_len // world_size
+    if chunks_per_rank is None:
+        chunks_per_rank = next(m for m in (16, 8, 4, 2, 1) if local_len % m == 0)
+    if isinstance(chunks_per_rank, bool) or not isinstance(chunks_per_rank, int) or chunks_per_rank < 1 \
+            or local_len % chunks_per_rank != 0:
+        raise ValueError(f"chunks_per_rank must be an int >= 1 dividing the local length {local_len}, "
+                         f"got {chunks_per_rank!r}")
+    chunk_len = local_len // chunks_per_rank
+    work = chunk_work(global_len, chunk_len, documents, causal=causal, window=window)
+    owner_chunks: list[list[int]] = [[] for _ in range(world_size)]
+    load = [0] * world_size
+    for chunk in sorted(range(len(work)), key=lambda c: (-work[c], c)):
+        rank = min((r for r in range(world_size) if len(owner_chunks[r]) < chunks_per_rank),
+                   key=lambda r: (load[r], r))
+        owner_chunks[rank].append(chunk)
+        load[rank] += work[chunk]
+    for _ in range(4 * world_size * chunks_per_rank):  # swaps that lower the busiest rank
+        busiest = max(range(world_size), key=lambda r: load[r])
+        best = None
+        for other in range(world_size):
+            if other == busiest:
+                continue
+            for a in owner_chunks[busiest]:
+                for b in owner_chunks[other]:
+                    delta = work[a] - work[b]
+                    if delta > 0 and load[other] + delta < load[busiest]:
+                        peak = max(load[busiest] - delta, load[other] + delta)
+                        if best is None or peak < best[0]:
+                            best = (peak, other, a, b)
+        if best is None:
+            break
+        _, other, a, b = best
+        owner_chunks[busiest][owner_chunks[busiest].index(a)] = b
+        owner_chunks[other][owner_chunks[other].index(b)] = a
+        delta = work[a] - work[b]
+        load[busiest] -= delta
+        load[other] += delta
+    return BalancedLayout(world_size, chunk_len, tuple(tuple(sorted(c)) for c in owner_chunks))
+
+
+def check_layout(layout: str | BalancedLayout) -> str | BalancedLayout:
     """Return ``layout`` if it is known, else raise a ValueError naming the choices."""
+    if isinstance(layout, BalancedLayout):
+        return layout
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS} or a BalancedLayout")
     return layout
 
 
-def chunks_per_rank(layout: str) -> int:
+def layout_name(layout: str | BalancedLayout) -> str:
+    """'contiguous', 'zigzag', 'striped' or 'balanced'."""
+    return "balanced" if isinstance(check_layout(layout), BalancedLayout) else layout
+
+
+def chunks_per_rank(layout: str | BalancedLayout) -> int:
     """How many equal chunks of the sequence one rank holds (2 for zigzag, else 1)."""
-    return 2 if check_layout(layout) == "zigzag" else 1
+    if isinstance(check_layout(layout), BalancedLayout):
+        return layout.chunks_per_rank
+    return 2 if layout == "zigzag" else 1
 
 
-def check_global_length(layout: str, global_len: int, world_size: int) -> int:
+def _check_balanced(layout: BalancedLayout, world_size: int, global_len: int, what: str) -> None:
+    if world_size != layout.world_size or global_len != layout.global_len:
+        raise ValueError(f"{layout!r} was built for world size {layout.world_size} and {layout.global_len} tokens "
+                         f"({layout.global_len // layout.world_size} per rank), got world size {world_size} and "
+                         f"{what}")
+
+
+def check_global_length(layout: str | BalancedLayout, global_len: int, world_size: int) -> int:
     """Return the local length for ``global_len`` tokens over ``world_size`` ranks, or raise."""
     check_layout(layout)
+    if isinstance(layout, BalancedLayout):
+        _check_balanced(layout, world_size, global_len, f"sequence length {global_len}")
+        return global_len // world_size
     divisor = world_size * chunks_per_rank(layout)
     if global_len % divisor != 0:
         need = "2 * world_size" if layout == "zigzag" else "world_size"
@@ -53,9 +215,11 @@ def check_global_length(layout: str, global_len: int, world_size: int) -> int:
     return global_len // world_size
 
 
-def check_local_length(layout: str, local_len: int, world_size: int) -> None:
+def check_local_length(layout: str | BalancedLayout, local_len: int, world_size: int) -> None:
     """Raise if a local shard of ``local_len`` tokens cannot come from ``layout``."""
     check_layout(layout)
+    if isinstance(layout, BalancedLayout):
+        _check_balanced(layout, world_size, local_len * world_size, f"local length {local_len}")
     if layout == "zigzag" and world_size > 1 and local_len % 2 != 0:
         raise ValueError(
             f"zigzag layout needs an even local length (two chunks per rank), got local length "
@@ -104,6 +268,8 @@ def segments(layout: str, rank: int, world_size: int, local_len: int) -> list[Se
     check_local_length(layout, local_len, world_size)
     if world_size == 1:
         return [Segment(0, local_len, 0, 1)]
+    if isinstance(layout, BalancedLayout):
+        return layout.segments(rank)
     if layout == "contiguous":
         return [Segment(0, local_len, rank * local_len, 1)]
     if layout == "zigzag":

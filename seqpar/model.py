@@ -11,6 +11,13 @@ are the whole sequence). :func:`seqpar.parallelize.parallelize_model` sets the f
 which the layer calls :func:`seqpar.attention` / :func:`seqpar.linear_attention` on its local
 shard of the sequence. Nothing is patched: the switch is data on the modules.
 
+Softmax layers honour ``ModelConfig.window`` (a causal sliding window) and ``ModelConfig.softcap``
+(a logit softcap) on one device and across ranks alike. ``HybridLM.forward(..., cu_seqlens=...)``
+runs one packed row of documents (B = 1, GLOBAL boundaries ``[0, ..., T_global]``): softmax layers
+see only keys of their own document and RoPE positions restart at each document. Linear layers
+refuse documents (a ValueError): they would need their state reset at every document start,
+which :func:`seqpar.linear_attention` does not have yet.
+
 Every attention module also has a ``timer`` field, ``None`` by default: given a
 :class:`PhaseTimer` (:func:`attach_timer`), the layer adds the wall time of its token mixing
 (forward and backward) to the timer under its ``kind`` ("softmax" or "linear"); the trainer
@@ -22,7 +29,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -34,6 +41,7 @@ from seqpar.validation import check_head_axis
 from seqpar.kernels.linear import chunk_linear_attention
 from seqpar.kernels.softmax_reference import compute_dtype
 from seqpar.layout import local_positions
+from seqpar.masks import check_documents, check_softcap, check_window, document_positions
 
 
 @dataclass(frozen=True)
@@ -42,11 +50,13 @@ class ContextParallel:
 
     ``group`` is the sequence-parallel ProcessGroup (or :class:`seqpar.comm.UspGroups` for the
     ``usp`` strategy); ``strategy`` one of the softmax or linear strategies (on the model itself,
-    which only needs the layout and group for RoPE positions, it is ``"positions"``).
+    which only needs the layout and group for RoPE positions, it is ``"positions"``). ``layout``
+    is a layout name ("contiguous", "zigzag", "striped") or a layout object such as
+    ``seqpar.layout.BalancedLayout``; it is handed to seqpar as is, never compared with a name here.
     """
 
     group: Any
-    layout: str = "contiguous"
+    layout: str | Any = "contiguous"
     strategy: str = "ring"
     backend: str = "auto"
     # cross-rank agreement check of every call: "cached" (first call per signature), "always"
@@ -65,16 +75,71 @@ class ContextParallel:
 
 
 # ---------------------------------------------------------------------------------------------
-# Single-device token mixing (the default): torch SDPA for softmax layers, the library's chunked
+# Single-device token mixing (the default): torch SDPA for softmax layers (with an explicit band
+# mask for a sliding window; plain torch ops with a softcap), the library's chunked
 # linear-attention kernel (Triton on CUDA, PyTorch elsewhere) for linear layers.
 
 
 def local_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                            scale: float | None = None) -> torch.Tensor:
-    """Causal softmax attention on one device: q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D]."""
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True, scale=scale, enable_gqa=k.shape[2] != q.shape[2])
+                            scale: float | None = None, window: int | None = None, softcap: float | None = None,
+                            cu_seqlens: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
+    """Causal softmax attention on one device: q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D].
+
+    The same masks and scores as :func:`seqpar.attention` with one rank: ``window`` (query i sees
+    keys i - window < j <= i), ``softcap`` (scores become softcap * tanh(s / softcap) before the
+    mask) and ``cu_seqlens`` (document boundaries [0, ..., T] of one packed row, B = 1: each
+    document is attended on its own). Without a window or softcap this is SDPA's causal kernel;
+    a window adds a [T, T] band mask, a softcap computes the scores with plain torch ops (the
+    [B, Hq, T, T] scores are held: a reference path, not a long-context one).
+    """
+    window, softcap = check_window(window), check_softcap(softcap)
+    documents = check_documents(cu_seqlens, q.shape[1], q.device if isinstance(cu_seqlens, torch.Tensor) else None)
+    if documents is not None:
+        if q.shape[0] != 1:
+            raise ValueError(f"cu_seqlens describes the documents of ONE packed row; got batch size {q.shape[0]}")
+        parts = [local_softmax_attention(q[:, a:b], k[:, a:b], v[:, a:b], scale=scale, window=window, softcap=softcap)
+                 for a, b in zip(documents, documents[1:])]
+        return torch.cat(parts, dim=1)
+    T = q.shape[1]
+    if window is not None and window >= T:
+        window = None  # every key a causal query can see is inside the window
+    if softcap is not None:
+        return _capped_attention(q, k, v, scale=scale, window=window, softcap=softcap)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = k.shape[2] != q.shape[2]
+    if window is None:
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=_visible(T, window, q.device), scale=scale,
+                                           enable_gqa=gqa)
     return o.transpose(1, 2)
+
+
+def _visible(T: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[T, T] bool, True where query i sees key j: j <= i and (with a window) i - j < window."""
+    i = torch.arange(T, device=device).unsqueeze(1)
+    j = torch.arange(T, device=device).unsqueeze(0)
+    visible = j <= i
+    if window is not None:
+        visible &= (i - j) < window
+    return visible
+
+
+def _capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None,
+                      window: int | None, softcap: float) -> torch.Tensor:
+    """Causal attention with softcapped scores (and an optional window), in plain torch ops,
+    in the compute dtype (fp32, or fp64 for fp64 inputs); the result in q's dtype."""
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    cd = compute_dtype(q.dtype)
+    qg = q.to(cd).reshape(B, T, Hkv, Hq // Hkv, D)
+    s = torch.einsum("bqhgd,bkhd->bhgqk", qg, k.to(cd)) * scale
+    s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~_visible(T, window, q.device), float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    o = torch.einsum("bhgqk,bkhd->bqhgd", p, v.to(cd))
+    return o.reshape(B, T, Hq, -1).to(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +295,8 @@ _FEATURE_MAPS = {
 
 
 class SoftmaxAttention(nn.Module):
-    """Causal GQA softmax attention with RoPE on global positions."""
+    """Causal GQA softmax attention with RoPE on global positions (document positions with
+    ``cu_seqlens``), with the config's sliding ``window`` and logit ``softcap``."""
 
     kind = "softmax"
 
@@ -241,33 +307,38 @@ class SoftmaxAttention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.window, self.softcap = cfg.window, cfg.softcap
         self.context_parallel: ContextParallel | None = None
         self.timer: PhaseTimer | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cu_seqlens: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        o = self.mix(q, k, v) if self.timer is None else self.timer.call(self.kind, self.mix, q, k, v)
+        args = (q, k, v) if cu_seqlens is None else (q, k, v, cu_seqlens)
+        o = self.mix(*args) if self.timer is None else self.timer.call(self.kind, self.mix, *args)
         return self.wo(o.reshape(B, T, -1))
 
-    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            cu_seqlens: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
         """Token mixing: on one device, or across the group of ``context_parallel``.
 
         q [B, T, n_heads, head_dim], k / v [B, T, n_kv_heads, head_dim]; before calling seqpar the
         head axis is checked against the configured counts (a [B, H, T, D] tensor raises a
-        ValueError naming both shapes instead of mixing heads as tokens)."""
+        ValueError naming both shapes instead of mixing heads as tokens). ``cu_seqlens``: the
+        GLOBAL document boundaries of the packed row (B = 1), or None."""
         cp = self.context_parallel
         if cp is None:
-            return local_softmax_attention(q, k, v)
+            return local_softmax_attention(q, k, v, window=self.window, softcap=self.softcap, cu_seqlens=cu_seqlens)
         import seqpar
 
         check_head_axis(f"{type(self).__name__}.mix", "[b, s, h, d]", q, k, v, num_heads=self.n_heads,
                         num_kv_heads=self.n_kv_heads)
         group = cp.group if cp.strategy == "usp" else cp.sp_group
         o = seqpar.attention(q, k, v, strategy=cp.strategy, layout=cp.layout, group=group, causal=True, backend=cp.backend,
-                            validate=cp.validate)
+                            validate=cp.validate, cu_seqlens=cu_seqlens, window=self.window, softcap=self.softcap)
         return o.to(q.dtype)
 
 
@@ -297,7 +368,10 @@ class LinearAttention(nn.Module):
         self.context_parallel: ContextParallel | None = None
         self.timer: PhaseTimer | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cu_seqlens: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
+        if cu_seqlens is not None:
+            raise ValueError(documents_unsupported_message())
         B, T, _ = x.shape
         rep = self.n_heads // self.n_kv_heads
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
@@ -340,6 +414,14 @@ class LinearAttention(nn.Module):
         return o.to(q.dtype)
 
 
+def documents_unsupported_message(where: str = "a linear-attention layer") -> str:
+    """Why packed documents (cu_seqlens) are refused by linear-attention layers."""
+    return (f"cu_seqlens (packed documents) was given but {where} cannot keep documents apart: linear attention "
+            f"would need its state reset at every document start, and seqpar.linear_attention does not support "
+            f"state resets yet, so its tokens would silently attend across documents. Use softmax layers only "
+            f"(pattern 'S') with cu_seqlens, or run without cu_seqlens")
+
+
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
@@ -363,8 +445,9 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.hidden_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cu_seqlens: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, cu_seqlens)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -373,6 +456,11 @@ class HybridLM(nn.Module):
 
     ``positions`` (the global positions of the tokens, [T]) default to what the model's
     ``context_parallel`` says this rank holds, or 0..T-1 on one device.
+    ``cu_seqlens`` (optional): the GLOBAL document boundaries ``[0, e_1, ..., T_global]`` of one
+    packed row (B = 1; T_global = T x the sequence-parallel size), the same on every rank, as a
+    1-D integer tensor or a sequence of ints. Softmax layers then attend within each document and
+    RoPE positions restart at every document start; a model with linear-attention layers raises
+    a ValueError (linear attention has no state resets yet).
     ``activation_checkpointing`` recomputes each layer in backward.
     """
 
@@ -409,16 +497,46 @@ class HybridLM(nn.Module):
             return torch.arange(local_len, device=device)
         return local_positions(local_len, layout=cp.layout, group=cp.sp_group, device=device)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def document_bounds(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor | Sequence[int] | None
+                        ) -> tuple[int, ...] | None:
+        """The document boundaries of ``cu_seqlens`` for ``tokens`` [1, T_local] (None: one
+        document), checked once per forward: the model must have no linear-attention layer, the
+        batch must be one packed row, and the boundaries must end at the global length."""
+        if cu_seqlens is None:
+            return None
+        kinds = self.config.layer_kinds
+        if "linear" in kinds:
+            index = kinds.index("linear")
+            raise ValueError(documents_unsupported_message(
+                f"layer {index} of the model is a linear-attention layer (pattern {self.config.pattern!r}) and it"))
+        if tokens.dim() != 2 or tokens.shape[0] != 1:
+            raise ValueError(f"cu_seqlens describes the documents of ONE packed row: tokens must be [1, T_local], "
+                             f"got shape {tuple(tokens.shape)}; pack the batch into one row")
+        cp = self.context_parallel
+        world = 1
+        if cp is not None:
+            from seqpar.comm.groups import group_rank_and_size
+
+            world = group_rank_and_size(cp.sp_group)[1]
+        device = tokens.device if isinstance(cu_seqlens, torch.Tensor) else None
+        return check_documents(cu_seqlens, tokens.shape[1] * world, device)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
+        documents = self.document_bounds(tokens, cu_seqlens)
         if positions is None:
             positions = self.positions(tokens.shape[1], tokens.device)
+        if documents is not None:  # RoPE counts from each document's start
+            positions = document_positions(positions, documents)
         h = self.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
+        # the layers get the checked boundaries as a tuple (None for one document): no device
+        # synchronisation per layer to read them
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, documents, use_reentrant=False)
             else:
-                h = layer(h, cos, sin)
+                h = layer(h, cos, sin, documents)
         h = self.norm(h)
         return self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
 

@@ -559,7 +559,8 @@ def _train_loop(cfg: TrainConfig, groups: SequenceParallelGroups, model: nn.Modu
         for line in notes:
             logger.info(line)
         logger.info(f"start: {n_params:,} parameters, dp={groups.dp_size} sp={groups.sp_size} device={device} "
-                    f"layer kinds={cfg.model.layer_kinds} resume={resume} start_step={start_step}")
+                    f"layer kinds={cfg.model.layer_kinds} window={cfg.model.window} softcap={cfg.model.softcap} "
+                    f"resume={resume} start_step={start_step}")
 
     sp_group = groups.sp if groups.sp_size > 1 else None
     params = [p for p in model.parameters() if p.requires_grad]

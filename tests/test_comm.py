@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqpar.comm import all_gather, all_to_all, reduce_scatter, ring_exchange, send_recv
+from seqpar.comm import all_gather, all_to_all, exchange, reduce_scatter, ring_exchange, send_recv
 
 
 def _rank_tensor(rank: int, shape=(3, 5)) -> torch.Tensor:
@@ -62,3 +62,53 @@ def case_bad_reduce_scatter(ctx):
 
 def test_bad_collective_inputs(pool):
     assert all(pool.run(case_bad_reduce_scatter, 3))
+
+
+def _message(src: int, dst: int, index: int) -> torch.Tensor:
+    """What rank src sends rank dst as the index-th tensor (shapes and dtypes differ per index)."""
+    g = torch.Generator().manual_seed(1000 * src + 10 * dst + index)
+    return torch.randn(2 + index, 3, generator=g, dtype=torch.float64 if index == 0 else torch.float32)
+
+
+# who sends to whom: every rank to every other; a one-way band (rank r to r + 1 and r + 2: rank 0
+# receives nothing, the last rank sends nothing); only rank 0 sends (to everyone); nobody
+PATTERNS = {
+    "all": lambda src, dst, P: src != dst,
+    "band": lambda src, dst, P: 0 < dst - src <= 2,
+    "from-0": lambda src, dst, P: src == 0 and dst != 0,
+    "none": lambda src, dst, P: False,
+}
+
+
+def case_exchange(ctx, pattern: str):
+    r, P, g = ctx.rank, ctx.world_size, ctx.group
+    talks = PATTERNS[pattern]
+    sends = {d: [_message(r, d, 0), _message(r, d, 1)] for d in range(P) if talks(r, d, P)}
+    likes = {s: [_message(s, r, 0), _message(s, r, 1)] for s in range(P) if talks(s, r, P)}
+    got = exchange(sends, {s: [torch.empty_like(t) for t in ts] for s, ts in likes.items()}, g).wait()
+    assert sorted(got) == sorted(likes)
+    for s, expected in likes.items():
+        assert len(got[s]) == 2
+        for a, b in zip(got[s], expected):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    # one tensor (a non-contiguous view) to several peers, twice in flight at once
+    x = _rank_tensor(r, (4, 6))[:, ::2]
+    peers = [d for d in range(P) if d != r]
+    first = exchange({d: [x] for d in peers}, {s: [x] for s in peers}, g)
+    second = exchange({d: [2 * x] for d in peers}, {s: [x] for s in peers}, g)
+    for s, (a,) in first.wait().items():
+        assert torch.equal(a, _rank_tensor(s, (4, 6))[:, ::2])
+    for s, (a,) in second.wait().items():
+        assert torch.equal(a, 2 * _rank_tensor(s, (4, 6))[:, ::2])
+    with pytest.raises(ValueError, match="expected another rank of the group"):
+        exchange({r: [x]}, {}, g)
+    with pytest.raises(ValueError, match="expected another rank of the group"):
+        exchange({}, {P: [x]}, g)
+    return True
+
+
+@pytest.mark.parametrize("world_size,pattern", [(w, p) for w in (1, 2, 3, 4) for p in PATTERNS if w > 1 or p == "none"])
+def test_exchange_with_some_peers(pool, world_size, pattern):
+    """exchange sends each listed peer its tensors and receives from each listed peer, whatever
+    the pattern (ranks that send or receive nothing included), in one batch per call."""
+    assert all(pool.run(case_exchange, world_size, pattern=pattern))

@@ -141,7 +141,8 @@ def test_ulysses_and_usp_work_match_dense_mask(layout):
 
 def test_window_ring_sends_fewer_bytes():
     """T_local = 128K, window 4K, P = 8: a contiguous ring visits 2 blocks (1 hop) instead of 8;
-    zigzag and striped still need every rank's keys; the all-gather moves everything anyway."""
+    zigzag and striped still need every rank's keys; the all-gather sends only to the ranks that
+    need a rank's keys."""
     shape, machine = Shape(seq_len=1 << 20), Machine()
     kv_local = 2 * (1 << 17) * shape.kv_heads * shape.head_dim * shape.element_bytes
     causal = softmax_estimate("ring", "contiguous", 8, shape, machine)
@@ -152,8 +153,13 @@ def test_window_ring_sends_fewer_bytes():
     for layout in ("zigzag", "striped"):
         est = softmax_estimate("ring", layout, 8, shape, machine, mask=AttentionMask(True, 4096))
         assert est.ring_steps == 8 and est.bytes_sent_per_rank == 7 * kv_local
+    # zero-redundant all-gather: a contiguous rank's K/V go to the next rank only; zigzag's to two
     gather = softmax_estimate("allgather", "contiguous", 8, shape, machine, mask=AttentionMask(True, 4096))
-    assert gather.bytes_sent_per_rank == 7 * kv_local and gather.max_rank_tflop == pytest.approx(window.max_rank_tflop)
+    assert gather.bytes_sent_per_rank == kv_local and gather.max_rank_tflop == pytest.approx(window.max_rank_tflop)
+    gather = softmax_estimate("allgather", "zigzag", 8, shape, machine, mask=AttentionMask(True, 4096))
+    assert gather.bytes_sent_per_rank == 2 * kv_local
+    gather = softmax_estimate("allgather", "contiguous", 8, shape, machine)  # no window: the collective
+    assert gather.bytes_sent_per_rank == 7 * kv_local
     # the work: every query sees min(position + 1, 4096) keys
     pairs = sum(min(i + 1, 4096) for i in range(4096)) + ((1 << 20) - 4096) * 4096
     assert window.mean_rank_tflop * 1e12 == pytest.approx(pairs * 4 * shape.heads * shape.head_dim / 8)
@@ -234,11 +240,14 @@ def test_masks_benchmark_quick(tmp_path):
     assert "| mask | layout | strategy |" in proc.stdout and "Imbalance" in proc.stdout
     md = out.with_suffix(".md").read_text()
     rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in md.splitlines() if ln.startswith("| ")]
-    detail = [r for r in rows if len(r) == 10 and r[1] in ("contiguous", "zigzag", "striped")]
-    assert len(detail) == 4 * 3 * 3  # masks x layouts x strategies
+    detail = [r for r in rows if len(r) == 10 and r[1] in ("contiguous", "zigzag", "striped", "balanced")]
+    assert len(detail) == 4 * 4 * 3  # masks x layouts x strategies
     assert {r[0] for r in detail} >= {"causal", "window 4K"}
     steps = {(r[0], r[1]): r[8] for r in detail if r[2] == "ring"}
     assert steps["causal", "contiguous"] == "8" and steps["window 4K", "contiguous"] == "2"
+    imbalance = {(r[0], r[1], r[2]): float(r[6]) for r in detail}
+    documents = next(r[0] for r in detail if r[0].endswith("documents"))
+    assert imbalance[documents, "balanced", "ring"] <= 1.05 < imbalance[documents, "contiguous", "ring"]
     import json
 
     data = json.loads(out.with_suffix(".json").read_text())

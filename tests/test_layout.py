@@ -2,6 +2,8 @@
 causal block plan that every softmax strategy builds its work from."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from seqpar.layout import (
     LAYOUTS,
     Segment,
     check_global_length,
+    chunks_per_rank,
     concat_segments,
     global_positions,
     permutation,
@@ -258,3 +261,76 @@ def test_shard_unshard_over_a_group(pool, layout):
         assert torch.equal(positions, global_positions(layout, rank, world_size, 4))
         # the loss weights token t by t, so the gradient of each local token is its global position
         assert torch.equal(grad, positions.to(grad.dtype).view(1, -1, 1).expand_as(grad))
+
+
+# --- the document-aware balanced layout ---------------------------------------------------------
+
+
+def _lognormal_documents(total: int, seed: int) -> list[int]:
+    """Document boundaries of ``total`` tokens, lengths log-normal (median 2K, a long tail)."""
+    gen = torch.Generator().manual_seed(seed)
+    bounds = [0]
+    while bounds[-1] < total:
+        length = int(torch.exp(torch.randn((), generator=gen) * 1.75 + math.log(2048))) + 1
+        bounds.append(min(total, bounds[-1] + length))
+    return bounds
+
+
+def test_balanced_layout_round_trip_positions_and_errors():
+    from seqpar.layout import balanced_layout
+
+    layout = balanced_layout([0, 5, 6, 30, 48], 4, chunks_per_rank=3)
+    assert layout.chunk_len == 4 and chunks_per_rank(layout) == 3
+    x = torch.arange(48).view(1, 48, 1)
+    shards = [shard_tensor(x, layout, r, 4) for r in range(4)]
+    assert torch.equal(unshard_tensor(shards, layout), x)
+    for r in range(4):
+        assert torch.equal(shards[r].flatten(), global_positions(layout, r, 4, 12))
+        chunks = [c * 4 + i for c in layout.assignment[r] for i in range(4)]
+        assert shards[r].flatten().tolist() == chunks  # the rank's chunks, in increasing order
+    with pytest.raises(ValueError, match=r"built for world size 4 and 48 tokens .* got world size 2"):
+        shard_tensor(x, layout, 0, 2)
+    with pytest.raises(ValueError, match=r"built for world size 4 and 48 tokens .* sequence length 40"):
+        shard_tensor(x[:, :40], layout, 0, 4)
+    with pytest.raises(ValueError, match="chunks_per_rank must be an int >= 1 dividing the local length 12"):
+        balanced_layout([0, 48], 4, chunks_per_rank=5)
+    with pytest.raises(ValueError, match="must not decrease"):
+        balanced_layout([0, 9, 5, 48], 4)
+
+
+@pytest.mark.parametrize("window", [None, 8192])
+def test_balanced_layout_evens_masked_work_on_a_million_tokens(window):
+    """1M tokens, P = 8, log-normal documents (median 2K, a few over 100K): the busiest rank has at
+    most 5% more masked work than the mean (the target), where zigzag does not. Work per rank is
+    ``chunk_work`` (checked against dense masks below) summed over the rank's chunks."""
+    from seqpar.layout import balanced_layout, chunk_work
+
+    total, P = 1 << 20, 8
+    documents = _lognormal_documents(total, seed=5)
+    assert max(b - a for a, b in zip(documents, documents[1:])) > 100_000
+    layout = balanced_layout(documents, P, window=window)
+    work = chunk_work(total, layout.chunk_len, documents, window=window)
+    loads = [sum(work[c] for c in chunks) for chunks in layout.assignment]
+    assert max(loads) / (sum(loads) / P) <= 1.05
+    zigzag_work = chunk_work(total, total // (2 * P), documents, window=window)
+    zigzag = [zigzag_work[r] + zigzag_work[2 * P - 1 - r] for r in range(P)]
+    assert max(zigzag) / (sum(zigzag) / P) > 1.05
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_chunk_work_counts_the_dense_mask(seed):
+    import random
+
+    from mask_reference import global_mask
+    from seqpar.layout import chunk_work
+
+    rng = random.Random(seed)
+    total = rng.choice([16, 48, 96])
+    documents = [0] + sorted(rng.sample(range(1, total), rng.randint(0, 6))) + [total]
+    window = rng.choice([None, 1, 3, 10, 100])
+    causal = window is not None or seed % 2 == 0
+    chunk = rng.choice([1, 2, 4, 8, 16])
+    positions = torch.arange(total)
+    per_row = global_mask(positions, positions, causal=causal, window=window, cu_seqlens=documents).sum(1)
+    expected = [int(per_row[i:i + chunk].sum()) for i in range(0, total, chunk)]
+    assert chunk_work(total, chunk, documents, causal=causal, window=window) == expected

@@ -305,3 +305,25 @@ def test_triton_backend_under_the_strategies_interpreted():
     pytest.importorskip("triton")
     pytest.importorskip("numpy")
     run_case_interpreted("test_linear_attention", "case_triton_backend", world_size=2)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_linear_attention_on_a_balanced_layout(pool, strategy, world_size):
+    """The document-aware layout (several chunks per rank, in an order chosen for the softmax
+    work) is just another token order for linear attention: the same results as the recurrence."""
+    from seqpar.layout import balanced_layout
+
+    total = T_LOCAL * world_size
+    layout = balanced_layout([0, 1, 7, total - 3, total], world_size, chunks_per_rank=5)
+    configs = [dict(layout=layout, gate=gate, with_h0=gate == "g", x=_draw(gate, world_size, gate == "g", 77 + i))
+               for i, gate in enumerate(GATES)]
+    per_rank = pool.run(case_linear, world_size, strategy=strategy, configs=configs)
+    for i, cfg in enumerate(configs):
+        got = [per_rank[r][i] for r in range(world_size)]
+        o_ref, S_ref, grads = _oracle(cfg["x"])
+        full = lambda name: unshard_tensor([g_[name] for g_ in got], layout)
+        torch.testing.assert_close(full("o"), o_ref, **TOL)
+        torch.testing.assert_close(got[0]["S"], S_ref, **TOL)
+        for name in ("q", "k", "v") + (("g",) if cfg["gate"] == "g" else ()):
+            torch.testing.assert_close(full("d" + name), grads[name], **TOL, msg=lambda m: f"{cfg['gate']} d{name}: {m}")

@@ -19,7 +19,7 @@ import torch
 from mask_reference import global_mask, masked_attention
 
 import seqpar
-from seqpar.layout import LAYOUTS, shard_tensor, unshard_tensor
+from seqpar.layout import LAYOUTS, balanced_layout, shard_tensor, unshard_tensor
 
 FP64_TOL = dict(atol=1e-10, rtol=1e-10)
 FP32_TOL = dict(atol=1e-4, rtol=1e-4)
@@ -123,7 +123,7 @@ def check(pool, strategy: str, layout: str, world_size: int, usp, cases: list[di
             else:
                 got = unshard_tensor(parts, layout, dim=2 if name == "lse" else 1)
             torch.testing.assert_close(got.double(), expected, **tol,
-                                       msg=lambda m: f"{strategy}/{layout}/P={world_size}/usp={usp} "
+                                       msg=lambda m: f"{strategy}/{layout!r}/P={world_size}/usp={usp} "
                                                      f"{case['name']} {name}: {m}")
 
 
@@ -131,11 +131,17 @@ CONFIGS = [("ring", w, None) for w in (1, 2, 3, 4)] + [("allgather", w, None) fo
     + [("ulysses", w, None) for w in (2, 3, 4)] + [("usp", 4, (2, 2)), ("usp", 4, (1, 4))]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+def balanced(world_size: int):
+    """The document-aware layout of the test documents (several chunks per rank, not 2)."""
+    return balanced_layout(_documents(world_size), world_size, chunks_per_rank=5 if world_size == 3 else 3)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS + ("balanced",))
 @pytest.mark.parametrize("strategy,world_size,usp", CONFIGS,
                          ids=[f"{s}-P{w}" + (f"-u{u[0]}r{u[1]}" if u else "") for s, w, u in CONFIGS])
 def test_every_mask_matches_dense_reference(pool, strategy, layout, world_size, usp):
     seed = zlib.crc32(f"{strategy}/{layout}/{world_size}/{usp}".encode()) % 10_000
+    layout = balanced(world_size) if layout == "balanced" else layout
     cases = [make_case(kind, world_size, _heads(strategy, world_size, gqa=i % 2 == 0), torch.float64, seed + i)
              for i, kind in enumerate(MASK_KINDS)]
     check(pool, strategy, layout, world_size, usp, cases, FP64_TOL)
@@ -240,3 +246,33 @@ def case_disagreeing_documents(ctx):
 def test_ranks_with_different_documents_fail_together(pool):
     messages = pool.run(case_disagreeing_documents, 2)
     assert all(m is not None and "documents" in m for m in messages), messages
+
+
+# --- the Triton block kernels (CPU interpreter) under the strategies, with masks -------------------
+
+
+def case_triton_masks(ctx) -> dict[str, float]:
+    """One rank of the interpreter check: fp32, backend='triton', the mask kinds that reach the
+    kernels as bands and softcap, under ring / allgather / ulysses."""
+    rank, world_size = ctx.rank, ctx.world_size
+    errors = {}
+    kinds = [MASK_KINDS[3], MASK_KINDS[6]]  # documents + window; everything together
+    for strategy, layout in [("ring", "contiguous"), ("allgather", "zigzag"), ("ulysses", "striped")]:
+        for kind in kinds:
+            case = make_case(kind, world_size, (4, 2), torch.float32, 31)
+            (out,) = case_masked(ctx, strategy, layout, None, [case], backend="triton")
+            expected = [shard_tensor(e, layout, rank, world_size, dim=2 if i == 1 else 1)
+                        for i, e in enumerate(case["expected"][:5])]
+            errors[f"{strategy}/{kind[0]}"] = max((got.double() - e).abs().max().item()
+                                                  for got, e in zip(out[:5], expected))
+    assert all(e < FP32_TOL["atol"] for e in errors.values()), errors
+    return errors
+
+
+def test_triton_masks_under_the_strategies_interpreted():
+    """Bands (windows, documents) and softcap through the Triton kernels, 2 ranks, fp32."""
+    pytest.importorskip("triton")
+    pytest.importorskip("numpy")
+    from distributed_pool import run_case_interpreted
+
+    run_case_interpreted("test_masks", "case_triton_masks", world_size=2)

@@ -1,7 +1,8 @@
 """The hybrid model under sequence parallelism: one training step (forward + backward + gradient
 sync) on 1, 2 and 4 gloo ranks gives the loss and parameter gradients of the unsharded model on
 one process, for every softmax strategy, both linear strategies, both decay kinds and the token
-layouts; plus the configuration errors.
+layouts; the softmax layers' sliding window and softcap, and packed documents (cu_seqlens) in
+softmax-only models; plus the configuration errors.
 
 Tolerances: everything runs in float64, so the sharded and the unsharded step agree to
 rounding (loss within 1e-10 absolute, every gradient within 1e-8 of the largest reference
@@ -10,6 +11,7 @@ PyTorch linear attention), not the seqpar strategies.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 
@@ -22,6 +24,8 @@ from seqpar.model import (FeedForward, HybridLM, LinearAttention, PhaseTimer, So
                           local_softmax_attention)
 from seqpar.parallelize import (parallelize_model, sequence_parallel_loss, shard_batch, sync_gradients,
                                 token_loss_sum, unparallelize_model)
+
+from mask_reference import global_mask, masked_attention
 
 LOSS_TOL = 1e-10
 GRAD_TOL = 1e-8
@@ -114,12 +118,20 @@ STEP_CASES = [
     (4, dict(linear_decay="gate", feature_map="silu"), dict(layout="contiguous", softmax_strategy="ulysses", linear_strategy="lasp1")),
     (4, dict(linear_decay="fixed"), dict(layout="zigzag", softmax_strategy="usp", ulysses_size=2, linear_strategy="lasp2")),
     (4, dict(pattern="S", n_layers=2), dict(layout="striped", softmax_strategy="ring")),
+    # the softmax layers' sliding window (5 < T = 16: it cuts across the ranks' chunks) and softcap
+    (2, dict(linear_decay="gate", window=5), dict(layout="zigzag", softmax_strategy="ring", linear_strategy="lasp2")),
+    (2, dict(linear_decay="fixed", window=5, softcap=0.5), dict(layout="contiguous", softmax_strategy="ulysses",
+                                                               linear_strategy="lasp1")),
+    (4, dict(linear_decay="fixed", window=3, softcap=0.5), dict(layout="zigzag", softmax_strategy="allgather",
+                                                               linear_strategy="lasp2")),
 ]
 
 
 @pytest.mark.parametrize("world,model_kw,sp_kw", STEP_CASES,
                          ids=[f"w{w}-{s.get('layout')}-{s.get('softmax_strategy')}-{s.get('linear_strategy', '')}-"
-                              f"{m.get('linear_decay', m.get('pattern'))}" for w, m, s in STEP_CASES])
+                              f"{m.get('linear_decay', m.get('pattern'))}"
+                              + (f"-window{m['window']}" if "window" in m else "")
+                              + (f"-softcap{m['softcap']}" if "softcap" in m else "") for w, m, s in STEP_CASES])
 def test_step_matches_unsharded(pool, world, model_kw, sp_kw):
     _check(pool.run(case_step, world, model_kw=model_kw, sp_kw=sp_kw))
 
@@ -146,6 +158,193 @@ def test_step_with_the_token_count_known_and_the_loss_summed_with_the_gradients(
     data; the loss sum travels in the gradient all-reduce) equals the unsharded step too."""
     _check(pool.run(case_step, world, model_kw=dict(linear_decay="gate"), sp_kw=dict(layout="zigzag"), dp=dp,
                     known_count=True))
+
+
+def test_window_and_softcap_change_the_model():
+    """The window and softcap cases above can fail: each changes the unsharded model's logits
+    (the weights are scaled up so that the softcap bites)."""
+    torch.manual_seed(0)
+    base = HybridLM(_tiny_config(linear_decay="gate")).double()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.mul_(20.0)
+    tokens, _ = _batch(2, 16, base.config.vocab_size)
+    ref = base(tokens)
+    for kw in (dict(window=5), dict(softcap=0.5)):
+        other = HybridLM(_tiny_config(linear_decay="gate", **kw)).double()
+        other.load_state_dict(base.state_dict())
+        assert float((other(tokens) - ref).detach().abs().max()) > 1e-3, kw
+
+
+@pytest.mark.parametrize("window,softcap,cu_seqlens", [
+    (None, None, None), (4, None, None), (1, None, None), (40, None, None), (None, 0.7, None), (5, 0.7, None),
+    (None, None, [0, 9, 9, 20, 31]), (4, 0.7, [0, 9, 9, 20, 31]), (3, None, [0, 31]),
+])
+def test_single_device_softmax_mixer_matches_the_dense_oracle(window, softcap, cu_seqlens):
+    """The single-device softmax mixer (the oracle of the sharded tests) equals dense fp64
+    attention with the explicit token-by-token mask of tests/mask_reference.py, in output and
+    gradients, for windows, softcaps and packed documents."""
+    g = torch.Generator().manual_seed(1)
+    T = 31
+    q = torch.randn(1, T, 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, T, 2, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w = torch.randn(1, T, 4, 8, generator=g, dtype=torch.float64)
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens)
+    o = local_softmax_attention(q, k, v, window=window, softcap=softcap, cu_seqlens=cu)
+    grads = torch.autograd.grad((o * w).sum(), (q, k, v))
+    pos = torch.arange(T)
+    mask = global_mask(pos, pos, causal=True, window=window, cu_seqlens=cu_seqlens)
+    ref, _ = masked_attention(q, k, v, mask, scale=8 ** -0.5, softcap=softcap)
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    torch.testing.assert_close(o, ref, rtol=0, atol=1e-12)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed documents (cu_seqlens): softmax-only models.
+
+
+def _documents_batch(T: int, bounds: list[int], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One packed row [1, T]; the label of each document's last token is ignored (-100), as
+    packed data does (it would be the next document's first token)."""
+    tokens, labels = _batch(1, T, vocab)
+    for end in bounds[1:]:
+        labels[0, end - 1] = -100
+    return tokens, labels
+
+
+def _per_document_reference(model: HybridLM, tokens: torch.Tensor, labels: torch.Tensor, bounds: list[int]):
+    """Loss and gradients of the model run on each document on its own (positions 0.., no
+    cu_seqlens), the token losses summed over the documents and divided by the row's count."""
+    ref = copy.deepcopy(model)
+    total = sum(token_loss_sum(ref(tokens[:, a:b]), labels[:, a:b]) for a, b in zip(bounds, bounds[1:]) if b > a)
+    loss = total / int((labels != -100).sum())
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in ref.named_parameters()}
+
+
+@contextlib.contextmanager
+def _recorded_rope_positions():
+    """The positions every call of seqpar.model.rope_cos_sin gets, while the context is open."""
+    import seqpar.model
+
+    calls, original = [], seqpar.model.rope_cos_sin
+
+    def recording(positions, *args, **kwargs):
+        calls.append(positions.tolist())
+        return original(positions, *args, **kwargs)
+
+    seqpar.model.rope_cos_sin = recording
+    try:
+        yield calls
+    finally:
+        seqpar.model.rope_cos_sin = original
+
+
+def case_documents(ctx, model_kw: dict, sp_kw: dict, bounds: list[int], T: int = 24, default_positions: bool = False,
+                   activation_checkpointing: bool = False, layout_object: bool = False):
+    """One step of a softmax-only model on one packed row with documents ``bounds`` on the pool
+    ranks; the loss / gradient errors against (a) the unsharded model given the same cu_seqlens
+    and (b) the unsharded model run on each document separately."""
+    torch.manual_seed(0)
+    model = HybridLM(_tiny_config(pattern="S", **model_kw)).double()
+    tokens, labels = _documents_batch(T, bounds, model.config.vocab_size)
+    cu = torch.tensor(bounds)
+    ref = copy.deepcopy(model)
+    ref_loss_t = token_loss_sum(ref(tokens, cu_seqlens=cu), labels) / int((labels != -100).sum())
+    ref_loss_t.backward()
+    ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    doc_loss, doc_grads = _per_document_reference(model, tokens, labels, bounds)
+    groups = SequenceParallelGroups(None, ctx.group, 1, ctx.world_size, 0, ctx.rank)
+    layout = sp_kw.pop("layout", "contiguous")
+    if layout_object:
+        from seqpar.layout import balanced_layout
+
+        layout = balanced_layout(cu, ctx.world_size)
+    cfg = SequenceParallelConfig(sp_size=ctx.world_size, layout=layout, **sp_kw)
+    parallelize_model(model, cfg, groups.sp)
+    model.activation_checkpointing = activation_checkpointing
+    sb = shard_batch(tokens, labels, cfg.layout, groups.sp)
+    with _recorded_rope_positions() as rope_positions:
+        logits = model(sb.tokens, None if default_positions else sb.positions, cu_seqlens=cu)
+    # RoPE restarts at each document (invisible in the losses: RoPE scores depend only on
+    # position differences within a document)
+    starts = torch.tensor(bounds)[torch.bucketize(sb.positions, torch.tensor(bounds[1:]), right=True)]
+    assert rope_positions == [(sb.positions - starts).tolist()], (rope_positions, sb.positions.tolist())
+    share, loss = sequence_parallel_loss(logits, sb.labels, groups)
+    share.backward()
+    sync_gradients(model.parameters(), groups)
+    errs = _compare(model, float(loss), ref_loss_t.item(), ref_grads)
+    docs = _compare(model, float(loss), doc_loss, doc_grads)
+    return {"loss": max(errs["loss"], docs["loss"]), "grad": max(errs["grad"], docs["grad"])}
+
+
+DOCUMENT_BOUNDS = [0, 5, 5, 14, 24]  # an empty document; boundaries inside the ranks' chunks
+
+DOCUMENT_CASES = [
+    # world, model overrides, sequence-parallel config, forward options
+    (1, dict(), dict(), dict()),
+    (2, dict(), dict(layout="zigzag", softmax_strategy="ring"), dict()),
+    (2, dict(window=4), dict(layout="contiguous", softmax_strategy="ulysses"), dict(default_positions=True)),
+    (2, dict(softcap=0.5), dict(layout="striped", softmax_strategy="allgather"), dict(activation_checkpointing=True)),
+]
+
+
+@pytest.mark.parametrize("world,model_kw,sp_kw,options", DOCUMENT_CASES,
+                         ids=[f"w{w}-{s.get('layout', 'contiguous')}-{s.get('softmax_strategy', 'ring')}"
+                              + "".join(f"-{k}" for k in (*m, *o)) for w, m, s, o in DOCUMENT_CASES])
+def test_documents_match_unsharded_and_separate_documents(pool, world, model_kw, sp_kw, options):
+    """A softmax-only model given cu_seqlens: the sharded step equals the unsharded one, and both
+    equal running each document on its own with positions from 0 (RoPE restarts per document)."""
+    _check(pool.run(case_documents, world, model_kw=model_kw, sp_kw=dict(sp_kw), bounds=DOCUMENT_BOUNDS, **options))
+
+
+def test_documents_with_a_balanced_layout(pool):
+    """The model runs on a seqpar.layout.BalancedLayout (a layout object, not a name) built from
+    the row's cu_seqlens."""
+    import seqpar.layout
+
+    if not hasattr(seqpar.layout, "balanced_layout"):
+        pytest.skip("seqpar.layout.balanced_layout is not there yet")
+    _check(pool.run(case_documents, 2, model_kw=dict(window=6), sp_kw=dict(softmax_strategy="ring"),
+                    bounds=[0, 3, 20, 24], layout_object=True))
+
+
+def test_documents_change_the_model():
+    """cu_seqlens changes the logits (so the document cases above can fail) and a row of one
+    document equals no cu_seqlens."""
+    torch.manual_seed(0)
+    model = HybridLM(_tiny_config(pattern="S")).double()
+    tokens, _ = _documents_batch(24, DOCUMENT_BOUNDS, model.config.vocab_size)
+    with torch.no_grad():
+        plain = model(tokens)
+        with _recorded_rope_positions() as positions:
+            packed = model(tokens, cu_seqlens=torch.tensor(DOCUMENT_BOUNDS))
+        assert float((packed - plain).abs().max()) > 1e-3
+        assert positions == [list(range(5)) + list(range(9)) + list(range(10))]
+        torch.testing.assert_close(model(tokens, cu_seqlens=[0, 24]), plain, rtol=0, atol=0)
+
+
+def test_document_errors():
+    """Linear-attention layers refuse documents (they would cross them); cu_seqlens needs one
+    packed row whose boundaries end at the global length."""
+    tokens = torch.zeros(1, 16, dtype=torch.long)
+    hybrid = HybridLM(_tiny_config(pattern="SL"))
+    with pytest.raises(ValueError, match=r"layer 1 of the model is a linear-attention layer .*state reset"):
+        hybrid(tokens, cu_seqlens=torch.tensor([0, 8, 16]))
+    with pytest.raises(ValueError, match="linear-attention layer.*state reset"):  # even one document: never silently
+        hybrid(tokens, cu_seqlens=torch.tensor([0, 16]))
+    layer = next(m for m in hybrid.attention_modules() if isinstance(m, LinearAttention))
+    with pytest.raises(ValueError, match="linear-attention layer.*state reset"):
+        layer(torch.zeros(1, 16, 32), None, None, [0, 8, 16])
+    softmax_only = HybridLM(_tiny_config(pattern="S"))
+    with pytest.raises(ValueError, match=r"ONE packed row.*\(2, 16\)"):
+        softmax_only(torch.zeros(2, 16, dtype=torch.long), cu_seqlens=torch.tensor([0, 8, 16]))
+    with pytest.raises(ValueError, match="must end at the global sequence length 16"):
+        softmax_only(tokens, cu_seqlens=torch.tensor([0, 8, 12]))
+    with pytest.raises(ValueError, match="must not decrease"):
+        softmax_only(tokens, cu_seqlens=[0, 9, 8, 16])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,10 +509,25 @@ def test_fixed_decay_linear_layer_keeps_fp64_accuracy():
     (dict(pattern=""), "non-empty"),
     (dict(linear_decay="exp"), "unknown linear_decay"),
     (dict(feature_map="tanh"), "unknown feature_map"),
+    (dict(window=0), "window must be >= 1"),
+    (dict(window=-3), "window must be >= 1"),
+    (dict(softcap=0.0), "softcap must be a finite number > 0"),
+    (dict(pattern="L", window=8), "window=8 applies to softmax-attention layers, but pattern 'L' has none"),
+    (dict(pattern="L", softcap=30.0), "softcap=30.0 applies to softmax-attention layers"),
 ])
 def test_model_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ModelConfig(**kwargs)
+
+
+def test_model_config_window_types():
+    """window is an int (numpy / tensor ints are taken as ints) or None; other types are a TypeError naming it."""
+    assert ModelConfig(window=torch.tensor(7)).window == 7 and type(ModelConfig(window=torch.tensor(7)).window) is int
+    assert ModelConfig(softcap=30).softcap == 30.0
+    with pytest.raises(TypeError, match="window must be an int >= 1 or None"):
+        ModelConfig(window=2.5)
+    with pytest.raises(TypeError, match="window must be an int >= 1 or None"):
+        ModelConfig(window=True)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -134,6 +134,35 @@ def test_command_line(tmp_path, capsys):
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
 
 
+def test_window_and_softcap_flags(tmp_path, capsys):
+    """--window / --softcap reach the softmax layers (the run trains), and the run's config.json
+    and train.log record them; a resume with another window is refused unless allowed."""
+    from seqpar.config import resume_changes
+
+    args = build_parser().parse_args(["--window", "8", "--softcap", "30"])
+    cfg = config_from_args(args)
+    assert (cfg.model.window, cfg.model.softcap) == (8, 30.0)
+    assert config_from_args(build_parser().parse_args([])).model.window is None
+    run_dir = tmp_path / "window"
+    main(["--steps", "2", "--seq-len", "32", "--batch-size", "2", "--run-dir", str(run_dir), "--window", "8",
+          "--softcap", "30", "--no-progress", "--no-plot", "--max-corpus-bytes", "200000", "--eval-batches", "1",
+          "--keep-checkpoints", "0"])
+    assert "final train loss" in capsys.readouterr().out
+    saved = json.load(open(run_dir / "config.json"))
+    assert (saved["model"]["window"], saved["model"]["softcap"]) == (8, 30.0)
+    assert TrainConfig.from_dict(saved).model.window == 8
+    assert "window=8 softcap=30.0" in open(run_dir / "train.log").read()
+    losses = [r["loss"] for r in map(json.loads, open(run_dir / "train.jsonl")) if r["kind"] == "train"]
+    assert len(losses) == 2 and all(0 < x < 10 for x in losses)
+    wider = TrainConfig.from_dict({**saved, "model": {**saved["model"], "window": 16}})
+    assert resume_changes(saved, wider) == (["window: 8 -> 16"], [])
+    assert resume_changes(saved, wider, allow_changes=("window",)) == ([], ["window: 8 -> 16"])
+    with pytest.raises(SystemExit):  # argparse: window takes an int
+        build_parser().parse_args(["--window", "eight"])
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        config_from_args(build_parser().parse_args(["--window", "0"]))
+
+
 def test_step_time_breakdown_in_the_log_and_on_the_console(tmp_path, capsys):
     """One process: each train record (every --log-interval steps, means over them) says where the
     step time went, and the console shows it as a line; --profile-every adds a profile record and

@@ -27,9 +27,11 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 
 from seqpar.kernels import linear_triton  # noqa: E402
 from seqpar.kernels import softmax_triton  # noqa: E402
+from seqpar.kernels.softmax_triton import _band_tiles  # noqa: E402
 from seqpar.kernels.linear import chunk_linear_attention  # noqa: E402
 from seqpar.kernels.linear_reference import (  # noqa: E402
     chunk_linear_attention_backward_reference,
@@ -108,8 +110,8 @@ def _compile_main() -> None:
                 sig[name] = "constexpr"
             elif name.startswith("stride_") and name.endswith("d"):
                 sig[name], cst[name] = "constexpr", 1  # unit inner stride, as the JIT specializes it
-            elif name.startswith("stride") or name in ("Tq", "Tk", "Hq", "Hkv", "G", "diag", "TQ_KEY", "TK_KEY",
-                                                       "T", "H", "NT"):
+            elif name.startswith("stride") or name in ("Tq", "Tk", "Hq", "Hkv", "G", "diag", "win", "TQ_KEY",
+                                                       "TK_KEY", "T", "H", "NT"):
                 sig[name] = "i32"
             elif name in floats:
                 sig[name] = "fp32"
@@ -119,18 +121,24 @@ def _compile_main() -> None:
                        options={"num_warps": num_warps, "num_stages": num_stages})
 
     st, lt = softmax_triton, linear_triton
-    for dt, D, mask in (("bf16", 128, True), ("fp16", 64, False), ("fp32", 24, True)):
+    # softmax variants: (dtype, head dim, HAS_MASK (upper/diagonal bound), HAS_WINDOW (lower bound), HAS_SOFTCAP)
+    for dt, D, mask, window, softcap in (("bf16", 128, True, False, False), ("fp16", 64, False, False, False),
+                                         ("fp32", 24, True, False, False), ("bf16", 128, True, True, True),
+                                         ("fp32", 24, False, True, True)):
         prec = "ieee" if dt == "fp32" else "tf32"
         tiles = lambda bm, bn: {"BLOCK_M": 32, "BLOCK_N": 32} if dt == "fp32" else {"BLOCK_M": bm, "BLOCK_N": bn}  # noqa: E731
         c = dict(HEAD_DIM=D, HEAD_DV=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(D),
-                 HAS_MASK=mask, UPCAST=False, PRECISION=prec)
-        for acc in (False, True):
-            build(st._attn_fwd, {"_": dt, "O": "fp32", "LSE": "fp32"}, ("qk_scale",),
+                 HAS_MASK=mask, HAS_WINDOW=window, HAS_SOFTCAP=softcap, UPCAST=False, PRECISION=prec)
+        caps = ("cap_k", "cap_out")
+        for acc in (False, True) if not (window or softcap) else (False,):  # the epilogue is orthogonal to both
+            build(st._attn_fwd, {"_": dt, "O": "fp32", "LSE": "fp32"}, ("qk_scale", *caps),
                   {**c, "ACCUMULATE": acc, **tiles(128, 64)}, 8, 3)
         build(st._attn_bwd_dkdv, {"_": dt, "LSE": "fp32", "DELTA": "fp32", "DK": "fp32", "DV": "fp32"},
-              ("qk_scale", "scale"), {**c, **tiles(64, 64)}, 8, 3)
+              ("qk_scale", "scale", *caps), {**c, **tiles(64, 64)}, 8, 3)
         build(st._attn_bwd_dq, {"_": dt, "LSE": "fp32", "DELTA": "fp32", "DQ": "fp32"},
-              ("qk_scale", "scale"), {**c, **tiles(128, 64)}, 8, 2)
+              ("qk_scale", "scale", *caps), {**c, **tiles(128, 64)}, 8, 2)
+    for dt, D, mask in (("bf16", 128, True), ("fp16", 64, False), ("fp32", 24, True)):
+        prec = "ieee" if dt == "fp32" else "tf32"
         hs = "bf16" if dt == "bf16" else "fp32"
         lc = dict(DK=D, DV=D, BT=64, BK=min(64, triton.next_power_of_2(D)), BV=min(64, triton.next_power_of_2(D)),
                   UPCAST=False, PRECISION=prec, USE_G=mask)
@@ -260,6 +268,192 @@ def test_softmax_dispatcher_triton_backend():
 
 
 # --------------------------------------------------------------------------------------------
+# softmax attention block: band mask (diagonal_offset and window_offset) and logit softcap,
+# against the token-level oracle of tests/mask_reference.py
+# --------------------------------------------------------------------------------------------
+
+def _band_oracle(q, k, v, do, scale, diag, win, cap):
+    """fp64 (o, lse, delta = rowsum(o * do), [dq, dk, dv]) of the oracle, grads by autograd."""
+    from mask_reference import band_mask, masked_attention  # tests/ is on sys.path under pytest only
+
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    o, lse = masked_attention(*leaves, band_mask(q.shape[1], k.shape[1], diag, win), scale=scale, softcap=cap)
+    (o * do.double()).sum().backward()
+    delta = (o.detach() * do.double()).sum(-1).transpose(1, 2)
+    return o.detach(), lse.detach(), delta, [x.grad for x in leaves]
+
+
+def _shift(offset, h):
+    """Block-local offset of the key block that starts at key h."""
+    return None if offset is None else offset - h
+
+
+# (B, Tq, Tk, Hq, Hkv, D, diagonal_offset, window_offset, softcap, (BLOCK_M, BLOCK_N) under the interpreter).
+# Band width diag - win + 1. Softcap cases use scale 0.5 (scores ~ N(0, 2.8^2): the cap of 5 bites).
+BAND_CASES = {
+    "window_only": (1, 100, 100, 2, 2, 32, None, -20, None, (16, 16)),
+    "window_only_positive_tq_lt_tk": (1, 63, 100, 2, 2, 32, None, 10, None, (16, 16)),
+    "band_narrower_than_tile_gqa": (1, 100, 100, 2, 1, 32, 0, -20, None, (32, 32)),
+    "band_wider_than_tile_gqa_tq_gt_tk": (1, 130, 100, 2, 1, 32, 10, -50, None, (16, 16)),
+    "band_rows_masked_at_both_ends": (2, 100, 63, 2, 2, 16, -5, -20, None, (32, 16)),
+    "softcap": (1, 63, 63, 2, 1, 32, None, None, 5.0, (32, 16)),
+    "softcap_causal_offset": (1, 63, 50, 2, 2, 24, 3, None, 5.0, (16, 16)),
+    "softcap_band_gqa": (1, 100, 100, 2, 1, 32, 0, -40, 5.0, (16, 16)),
+}
+BAND_PARAMS = ([pytest.param(c, torch.float32, id=f"{name}-fp32") for name, c in BAND_CASES.items()]
+               + [pytest.param(BAND_CASES["softcap_band_gqa"], dt.values[0], id=f"softcap_band_gqa-{dt.id}",
+                               marks=dt.marks) for dt in DTYPES[1:]])
+
+
+def _band_inputs(case, dtype, monkeypatch):
+    B, Tq, Tk, Hq, Hkv, D, diag, win, cap, (bm, bn) = case
+    monkeypatch.setattr(softmax_triton, "_INTERPRET_BLOCKS", {"BLOCK_M": bm, "BLOCK_N": bn})
+    q, k, v, do, scale, _ = _softmax_inputs((B, Tq, Tk, Hq, Hkv, D, diag), dtype, strided=win == -20)
+    return q, k, v, do, (0.5 if cap is not None else scale), diag, win, cap
+
+
+@needs_kernels
+@pytest.mark.parametrize("case, dtype", BAND_PARAMS)
+def test_softmax_band_softcap_forward_backward(case, dtype, monkeypatch):
+    q, k, v, do, scale, diag, win, cap = _band_inputs(case, dtype, monkeypatch)
+    kw = dict(scale=scale, diagonal_offset=diag, window_offset=win, softcap=cap)
+    ro, rlse, delta, rgrads = _band_oracle(q, k, v, do, scale, diag, win, cap)
+    o, lse = softmax_triton.attention_block_forward_triton(q, k, v, **kw)
+    _close("o", o, ro, TOL[dtype])
+    _close("lse", lse, rlse, TOL[dtype])  # includes the -inf pattern of rows that see nothing
+    grads = softmax_triton.attention_block_backward_triton(do, q, k, v, rlse.float(), delta.float(), **kw)
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, rgrads):
+        _close(name, got, ref, TOL[dtype])
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["band_rows_masked_at_both_ends", "softcap_band_gqa"])
+def test_softmax_band_softcap_split_keys(name, monkeypatch):
+    """Two key blocks (split mid-band, off the tile grid) with shifted block-local offsets: the
+    forward of the first merged with the fused accumulate of the second is the whole row; the
+    backward of each with the row-global lse and delta sums (dq) / concatenates (dk, dv) to the
+    whole one."""
+    q, k, v, do, scale, diag, win, cap = _band_inputs(BAND_CASES[name], torch.float32, monkeypatch)
+    h = k.shape[1] // 2 - 3
+    blocks = [(k[:, :h], v[:, :h], diag, win), (k[:, h:], v[:, h:], _shift(diag, h), _shift(win, h))]
+    ro, rlse, delta, rgrads = _band_oracle(q, k, v, do, scale, diag, win, cap)
+    (k1, v1, d1, w1), (k2, v2, d2, w2) = blocks
+    o_acc, lse_acc = softmax_triton.attention_block_forward_triton(q, k1, v1, scale=scale, diagonal_offset=d1,
+                                                                   window_offset=w1, softcap=cap)
+    softmax_triton.attention_block_accumulate_triton_(q, k2, v2, o_acc, lse_acc, scale=scale, diagonal_offset=d2,
+                                                      window_offset=w2, softcap=cap)
+    _close("o_acc", o_acc, ro, 1e-4)
+    _close("lse_acc", lse_acc, rlse, 1e-4)
+    parts = [softmax_triton.attention_block_backward_triton(do, q, kb, vb, rlse.float(), delta.float(), scale=scale,
+                                                            diagonal_offset=db, window_offset=wb, softcap=cap)
+             for kb, vb, db, wb in blocks]
+    _close("dq", parts[0][0] + parts[1][0], rgrads[0], 1e-4)
+    _close("dk", torch.cat([parts[0][1], parts[1][1]], 1), rgrads[1], 1e-4)
+    _close("dv", torch.cat([parts[0][2], parts[1][2]], 1), rgrads[2], 1e-4)
+
+
+@triton.jit
+def _band_tiles_probe(ARGS, OUT, P, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK: tl.constexpr, TAIL_FULL: tl.constexpr, BLOCK_P: tl.constexpr):
+    """(lo, f_lo, f_hi, hi) of softmax_triton._band_tiles for P rows of (r0, N, lo_off, hi_off)."""
+    offs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ok = offs < P
+    r0 = tl.load(ARGS + offs * 4, mask=ok, other=0)
+    nn = tl.load(ARGS + offs * 4 + 1, mask=ok, other=1)
+    lo_off = tl.load(ARGS + offs * 4 + 2, mask=ok, other=0)
+    hi_off = tl.load(ARGS + offs * 4 + 3, mask=ok, other=0)
+    lo, f_lo, f_hi, hi = _band_tiles(r0, nn, lo_off, hi_off, HAS_LO, HAS_HI, BLOCK_R, BLOCK, TAIL_FULL)
+    zero = offs * 0  # lo and f_lo are the constant 0 without a lower bound
+    tl.store(OUT + offs * 4, lo + zero, mask=ok)
+    tl.store(OUT + offs * 4 + 1, f_lo + zero, mask=ok)
+    tl.store(OUT + offs * 4 + 2, f_hi + zero, mask=ok)
+    tl.store(OUT + offs * 4 + 3, hi + zero, mask=ok)
+
+
+@needs_kernels
+def test_band_tiles_follow_the_band():
+    """The loop bounds of all three kernels (forward and dQ: query rows over key tiles; dK/dV:
+    key rows over query tiles) are exact for every row tile (its rows past the end included,
+    as the kernels compute them): the visited tiles run from the tile of the first visible column
+    to the last visible column (none when the rows see nothing), and the unmasked stage is
+    exactly the tiles every row sees whole (inside the columns unless the caller bounds-checks
+    them, as dK/dV does for query rows); everything else is masked."""
+    from mask_reference import band_mask
+
+    groups: dict = {}  # constexprs -> [(r0, N, lo_off, hi_off, visibility, block)]
+    for Tq, Tk in ((100, 100), (63, 100), (130, 63), (40, 17), (1, 30), (30, 1)):
+        for diag in (None, -3000, -140, -30, -5, 0, 3, 50, 200, 3000):  # +-3000: clamped by the host
+            for win in (None, -3000, -200, -50, -20, -1, 0, 10, 80, 3000):
+                if diag is not None and win is not None and win > diag:
+                    continue  # empty band: the host launches nothing
+                d, w, _, _, _ = softmax_triton._band(Tq, Tk, diag, win, None)  # the offsets the kernels get
+                for bm, bn in ((16, 16), (32, 16), (16, 64)):
+                    pq, pk = triton.cdiv(Tq, bm) * bm, triton.cdiv(Tk, bn) * bn  # row tiles padded
+                    # forward / dQ: rows = queries, lower bound win, upper bound diag, keys not bounds-checked
+                    # dK/dV: rows = keys, lower bound -diag, upper bound -win, query rows bounds-checked
+                    fwd_vis, bwd_vis = band_mask(pq, Tk, diag, win), band_mask(Tq, pk, diag, win).T
+                    for cols, lo_off, hi_off, has_lo, has_hi, br, bc, tail_full, vis in (
+                            (Tk, w, d, win is not None, diag is not None, bm, bn, False, fwd_vis),
+                            (Tq, -d, -w, diag is not None, win is not None, bn, bm, True, bwd_vis)):
+                        key = (has_lo, has_hi, br, bc, tail_full)
+                        for r0 in range(0, vis.shape[0], br):
+                            groups.setdefault(key, []).append((r0, cols, lo_off, hi_off, vis[r0:r0 + br], bc))
+    seen = dict(skipped=0, full=0, lower_edge=0, upper_edge=0)
+    for (has_lo, has_hi, br, bc, tail_full), items in groups.items():
+        args = torch.tensor([it[:4] for it in items], dtype=torch.int32, device=DEVICE)
+        out = torch.zeros(len(items), 4, dtype=torch.int32, device=DEVICE)
+        _band_tiles_probe[(triton.cdiv(len(items), 1024),)](args, out, len(items), has_lo, has_hi, br, bc,
+                                                            tail_full, 1024)
+        for (r0, cols, lo_off, hi_off, sub, block), (lo, f_lo, f_hi, hi) in zip(items, out.tolist()):
+            any_col, all_col = sub.any(0), sub.all(0)
+            where = any_col.nonzero().flatten().tolist()
+            ctx = (r0, cols, lo_off, hi_off, has_lo, has_hi, br, block, tail_full, (lo, f_lo, f_hi, hi))
+            assert lo <= f_lo <= f_hi <= hi, ctx
+            assert all(x % block == 0 or x == hi for x in (lo, f_lo, f_hi)), ctx
+            if where:
+                assert (lo, hi) == (where[0] // block * block, where[-1] + 1), ctx
+            else:
+                assert lo == hi, ctx
+            full = [c for c in range(0, cols, block)
+                    if bool(all_col[c:c + block].all()) and (tail_full or c + block <= cols)]
+            assert full == list(range(f_lo, f_hi, block)), (ctx, full)
+            seen["skipped"] += lo > 0 or hi < cols
+            seen["full"] += f_hi > f_lo
+            seen["lower_edge"] += f_lo > lo
+            seen["upper_edge"] += hi > f_hi
+    assert min(seen.values()) > 50, seen
+
+
+@needs_kernels
+def test_softmax_band_softcap_fallback_and_bad_softcap():
+    g = torch.Generator().manual_seed(3)
+    q, k, v, do = (torch.randn(1, 20, 2, 16, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(4))
+    kw = dict(scale=0.5, diagonal_offset=2, window_offset=-6, softcap=3.0)
+    ro, rlse, delta, rgrads = _band_oracle(q, k, v, do, 0.5, 2, -6, 3.0)
+    o, lse = softmax_triton.attention_block_forward_triton(q, k, v, **kw)  # float64: the reference
+    assert o.dtype == torch.float64
+    _close("o", o, ro, 1e-10)
+    _close("lse", lse, rlse, 1e-10)
+    for name, got, ref in zip(("dq", "dk", "dv"),
+                              softmax_triton.attention_block_backward_triton(do, q, k, v, rlse, delta, **kw), rgrads):
+        _close(name, got, ref, 1e-10)
+    o_acc = torch.zeros(1, 20, 2, 16, dtype=torch.float64, device=DEVICE)
+    lse_acc = torch.full((1, 2, 20), float("-inf"), dtype=torch.float64, device=DEVICE)
+    softmax_triton.attention_block_accumulate_triton_(q, k, v, o_acc, lse_acc, **kw)
+    _close("o_acc", o_acc, ro, 1e-10)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="softcap"):
+            softmax_triton.attention_block_forward_triton(q.float(), k.float(), v.float(), scale=0.5, softcap=bad)
+    # an empty band (lower bound above the upper one) launches nothing: o = 0, lse = -inf, zero grads
+    o, lse = softmax_triton.attention_block_forward_triton(q.float(), k.float(), v.float(), scale=0.5,
+                                                           diagonal_offset=-3, window_offset=-2)
+    assert not o.any() and bool(torch.isneginf(lse).all())
+    assert not any(t.any() for t in softmax_triton.attention_block_backward_triton(
+        do.float(), q.float(), k.float(), v.float(), lse, lse.clone().zero_(), scale=0.5, diagonal_offset=-3,
+        window_offset=-2))
+
+
+# --------------------------------------------------------------------------------------------
 # chunked linear attention
 # --------------------------------------------------------------------------------------------
 
@@ -363,6 +557,25 @@ def test_softmax_gpu_sizes(case, dtype):
                                              scale=scale, diagonal_offset=m)
     for name, gt, rf in zip(("dq", "dk", "dv"), grads, ref):
         _close(name, gt, rf, TOL[dtype])
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [(2, 1000, 1000, 8, 2, 128, 0, -255, None), (1, 777, 1531, 4, 4, 64, 754, 500, 30.0),
+                                  (1, 1024, 1024, 4, 1, 128, None, None, 30.0),
+                                  (1, 513, 700, 2, 2, 128, None, -100, None)],
+                         ids=["sliding_window_gqa", "band_softcap", "softcap_mqa", "window_only"])
+def test_softmax_band_softcap_gpu_sizes(case, dtype):
+    B, Tq, Tk, Hq, Hkv, D, diag, win, cap = case
+    q, k, v, do, scale, _ = _softmax_inputs((B, Tq, Tk, Hq, Hkv, D, diag), dtype)
+    kw = dict(scale=scale, diagonal_offset=diag, window_offset=win, softcap=cap)
+    ro, rlse, delta, rgrads = _band_oracle(q, k, v, do, scale, diag, win, cap)
+    o, lse = softmax_triton.attention_block_forward_triton(q, k, v, **kw)
+    _close("o", o, ro, TOL[dtype])
+    _close("lse", lse, rlse, TOL[dtype])
+    grads = softmax_triton.attention_block_backward_triton(do, q, k, v, rlse.float(), delta.float(), **kw)
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, rgrads):
+        _close(name, got, ref, TOL[dtype])
 
 
 @gpu_only

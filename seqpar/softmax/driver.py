@@ -58,9 +58,12 @@ class _Written:
     def __init__(self, rows: int, heads: int):
         self.rows, self.heads = rows, heads
         self.done: dict[tuple[int, int], list[tuple[int, int]]] = {}  # head range -> sorted row ranges
+        self.complete = False  # everything written (after fill_missing)
 
     def state(self, rows: slice, heads: slice) -> str:
         """'none', 'all' or 'some' of the rectangle is written."""
+        if self.complete:
+            return "all"
         key = (heads.start, heads.stop)
         for other, ranges in self.done.items():
             if other == key:
@@ -71,6 +74,8 @@ class _Written:
         return "none"
 
     def add(self, rows: slice, heads: slice) -> None:
+        if self.complete:
+            return
         ranges = sorted(self.done.get((heads.start, heads.stop), []) + [(rows.start, rows.stop)])
         merged = [ranges[0]]
         for a, b in ranges[1:]:
@@ -82,6 +87,8 @@ class _Written:
 
     def missing(self) -> list[tuple[slice, slice]]:
         """The unwritten (rows, heads) rectangles."""
+        if self.complete:
+            return []
         gaps: list[tuple[slice, slice]] = []
         edge = 0
         for (h0, h1), ranges in sorted(self.done.items()):
@@ -102,7 +109,7 @@ class _Written:
     def fill_missing(self, fill: Callable[[slice, slice], None]) -> None:
         for rows, heads in self.missing():
             fill(rows, heads)
-        self.done = {(0, self.heads): [(0, self.rows)]}
+        self.done, self.complete = {}, True
 
 
 class _GradSum:

@@ -52,6 +52,8 @@ class ParallelPlan:
     softcap: float | None = None
     ring_steps: int | None = None  # K/V blocks the ring visits (None: all); fewer with a window
     q_heads: slice | None = None  # the query heads this rank computes after the head exchange
+    # all-gather: needs[r][s] = some query of rank r sees a key of rank s (None: all pairs)
+    kv_sources_needed: tuple[tuple[bool, ...], ...] | None = None
 
     @property
     def causal(self) -> bool:
@@ -64,7 +66,7 @@ class ParallelPlan:
     def kv_source(self, k: torch.Tensor, v: torch.Tensor) -> KVSource:
         if self.kv_transport == "allgather":
             return GatheredKV(k, v, self.kv_group, self.kv_rank, self.kv_size, self.segments_of_source,
-                              self.kv_head_groups)
+                              self.kv_head_groups, self.kv_sources_needed)
         return RingKV(k, v, self.kv_group, self.kv_rank, self.kv_size, self.segments_of_source, self.ring_steps)
 
     # --- Ulysses head exchange (identity when ulysses_size == 1) ---------------------------------

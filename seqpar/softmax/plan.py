@@ -86,6 +86,18 @@ def ring_steps(rows: tuple[tuple[Segment, ...], ...], mask: AttentionMask) -> in
     return 1
 
 
+@lru_cache(maxsize=256)
+def visible_sources(rows: tuple[tuple[Segment, ...], ...], mask: AttentionMask) -> tuple[tuple[bool, ...], ...] | None:
+    """``needs[r][s]``: whether some query of ring rank r sees a key of rank s (its own block
+    always counts); None when every rank needs every other, or when the mask has neither a
+    window nor documents (a plain causal or full mask keeps the all-gather collective)."""
+    if mask.window is None and mask.documents is None:
+        return None
+    size = len(rows)
+    needs = tuple(tuple(r == s or bool(plan_blocks(rows[r], rows[s], mask)) for s in range(size)) for r in range(size))
+    return None if all(all(row) for row in needs) else needs
+
+
 def build_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: str, layout: str, group,
                causal: bool, scale: float | None, backend: str, window: int | None = None,
                cu_seqlens: torch.Tensor | None = None, softcap: float | None = None,
@@ -169,6 +181,7 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: s
     return ParallelPlan(
         mask=mask, scale=scale, backend=backend, softcap=softcap,
         ring_steps=ring_steps(row_segments, mask) if strategy != "allgather" else None,
+        kv_sources_needed=visible_sources(row_segments, mask) if strategy == "allgather" else None,
         q_heads=slice(ulysses_rank * heads_per_rank, (ulysses_rank + 1) * heads_per_rank),
         ulysses_group=ulysses_group, ulysses_size=ulysses_size, kv_repeat=kv_repeat,
         kv_transport="allgather" if strategy == "allgather" else "ring",
