@@ -108,8 +108,9 @@ def main() -> None:
         f"(median length {docs['median_length']}).", "",
         "Exact (from the strategies' block plan): kernel calls per rank = merged block tasks summed over the K/V "
         "blocks visited (per KV-head group); TFLOP = 4 B H D x visible (query, key) pairs; MiB = what a rank "
-        "sends in one forward (ring: (ring steps - 1) x its K/V block; allgather: every rank's K/V, or with a window "
-        "or documents only to the ranks whose queries see them (the busiest sender); ulysses: the q / o / K/V all-to-alls); ring steps = K/V blocks a ring visits, its own "
+        "sends in one forward, the busiest sender (ring: ring steps - 1 hops, each carrying the key range of a block "
+        "that the ranks it visits see; allgather: every rank's K/V, or with a window or documents only the key range "
+        "each reader sees; ulysses: the q / o / K/V all-to-alls); ring steps = K/V blocks a ring visits, its own "
         "included (fewer than P when no query sees further back).", "",
         "| mask | layout | strategy | calls/rank max | TFLOP/rank max | TFLOP/rank mean | imbalance | "
         "MiB sent/rank | ring steps | fwd ms (est.) |",
@@ -135,9 +136,10 @@ def main() -> None:
                   "only (ceil((window - 1) / T_local) + 1 blocks); zigzag's late chunk (2P-1-r) needs the end of chunk "
                   "2P-2-r, held by rank r+1, which is P-1 ring steps away, so the ring still goes all the way round "
                   "(the steps in between carry K/V and compute nothing); striped ranks interleave token by token, so "
-                  "every rank needs every other rank's keys. With a window or documents the all-gather sends a rank's K/V only "
-                  "to the ranks whose queries see them (zero-redundant), whatever the layout. Documents "
-                  "shorten a contiguous ring to the ranks the longest document spans."])
+                  "every rank needs every other rank's keys. The ring carries only the keys a later rank sees (a 4K window: "
+                  "the last 4095 keys of a block). With a window or documents the all-gather sends each reader only the "
+                  "key range it sees (zero-redundant), whatever the layout. Documents shorten a contiguous ring to the "
+                  "ranks the longest document spans."])
     runtime = time.perf_counter() - started
     text = "\n".join(lines).replace("{runtime}", f"{runtime:.1f} s")
     print(text)

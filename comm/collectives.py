@@ -187,8 +187,9 @@ def _staged(tensor: torch.Tensor, stage: bool) -> torch.Tensor:
 
 
 def ring_exchange(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | None, *,
-                  shift: int = 1) -> CommHandle:
-    """Send ``tensors`` to rank (r + shift) % P and receive the same shapes from (r - shift) % P.
+                  shift: int = 1, recv_shapes: Sequence[torch.Size] | None = None) -> CommHandle:
+    """Send ``tensors`` to rank (r + shift) % P and receive the same shapes from (r - shift) % P
+    (or ``recv_shapes``, one per tensor, same dtypes, when what arrives differs in size).
 
     All sends and receives of one exchange go out in one ``batch_isend_irecv`` (even ranks post
     their sends first, odd ranks their receives, so blocking backends cannot deadlock). The
@@ -205,7 +206,12 @@ def ring_exchange(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | No
     src = _global_rank(group, (rank - shift) % world_size)
     stage = any(_needs_host_staging(group, t) for t in tensors)
     send_bufs = [_staged(t, stage) for t in tensors]
-    recv_bufs = [torch.empty_like(t) for t in send_bufs]
+    if recv_shapes is None:
+        recv_bufs = [torch.empty_like(t) for t in send_bufs]
+    else:
+        if len(recv_shapes) != len(send_bufs):
+            raise ValueError(f"ring_exchange: {len(recv_shapes)} receive shapes for {len(send_bufs)} tensors")
+        recv_bufs = [torch.empty(shape, dtype=t.dtype, device=t.device) for shape, t in zip(recv_shapes, send_bufs)]
     sends = [dist.P2POp(dist.isend, t, dst, group) for t in send_bufs]
     recvs = [dist.P2POp(dist.irecv, t, src, group) for t in recv_bufs]
     ops = sends + recvs if rank % 2 == 0 else recvs + sends

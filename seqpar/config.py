@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from seqpar.kernels.softmax import BACKENDS
-from seqpar.layout import LAYOUTS, check_global_length, check_layout, chunks_per_rank
+from seqpar.layout import LAYOUTS, check_global_length, check_layout, chunks_per_rank, layout_name
 from seqpar.masks import check_softcap, check_window
 
 LAYER_KINDS = {"S": "softmax", "L": "linear"}
@@ -165,16 +165,9 @@ class SequenceParallelConfig:
         return self.sp_size * (chunks_per_rank(self.layout) if self.sp_size > 1 else 1)
 
 
-def _layout_name(layout: Any) -> str:
-    """The name of a layout given by name or as a layout object (its type's name otherwise)."""
-    if isinstance(layout, str):
-        return layout
-    return getattr(layout, "name", None) or type(layout).__name__
-
-
 def check_compatible(model: ModelConfig, sp: SequenceParallelConfig, seq_len: int | None = None) -> None:
     """Raise a ValueError when ``sp`` cannot run ``model`` (and, if given, ``seq_len`` tokens)."""
-    if _layout_name(sp.layout) == "striped" and model.has_linear:
+    if layout_name(sp.layout) == "striped" and model.has_linear:
         raise ValueError("layout 'striped' cannot be used with linear-attention layers (pattern "
                          f"{model.pattern!r}): a linear-attention rank must hold consecutive tokens; "
                          "use 'contiguous' or 'zigzag'")

@@ -9,10 +9,10 @@ the ring / all-gather drivers run, and every block's (query, key) pairs are coun
 (:func:`visible_pairs`), so a 1M-token estimate with hundreds of documents takes well under a
 second. A ring visits only the K/V blocks some query can see (``seqpar.softmax.plan.ring_steps``:
 fewer than P with a sliding window), and sends only those; with a window or documents the all-gather
-strategy moves only the K/V some query sees (``seqpar.softmax.plan.visible_sources``; bytes are
-those of the busiest sender). Times are estimates: compute at a sustained
-rate, messages at a link bandwidth plus a fixed latency, and for overlapped strategies a step costs
-the larger of its compute and its communication.
+strategy moves only the key range of each rank's K/V that some query of the receiver sees
+(``seqpar.softmax.plan.visible_key_ranges``; bytes are those of the busiest sender). Times are
+estimates: compute at a sustained rate, messages at a link bandwidth plus a fixed latency, and for
+overlapped strategies a step costs the larger of its compute and its communication.
 """
 from __future__ import annotations
 
@@ -114,6 +114,18 @@ def _ring_steps(rows: Rows, mask: AttentionMask) -> int:
     return ring_steps(rows, mask)
 
 
+def _ring_hop_fractions(rows: Rows, mask: AttentionMask, steps: int) -> list[list[float]]:
+    """fractions[hop][r]: the share of a K/V block rank r sends at ``hop`` (0 .. steps - 2): the
+    key range of source r - hop that the ring carries (``seqpar.softmax.plan.ring_key_ranges``)."""
+    from seqpar.softmax.plan import ring_key_ranges
+
+    size = len(rows)
+    length = sum(seg.length for seg in rows[0])
+    ranges = ring_key_ranges(rows, mask, steps) or ((0, length),) * size
+    return [[(ranges[(r - hop) % size][1] - ranges[(r - hop) % size][0]) / length for r in range(size)]
+            for hop in range(steps - 1)]
+
+
 @lru_cache(maxsize=64)
 def _rows_pairs(rows: Rows, mask: AttentionMask) -> tuple[tuple[int, ...], ...]:
     """pairs[step][r]: (query, key) pairs row r computes against the K/V of row r - step."""
@@ -213,26 +225,30 @@ def softmax_estimate(strategy: str, layout: str, world_size: int, shape: Shape, 
     if strategy in ("ring", "allgather"):
         if strategy == "ring":
             steps = _ring_steps(rows, mask)
-            comm_step = lat + kv_bytes_local / bw
+            hops = _ring_hop_fractions(rows, mask, steps)  # only the keys some later rank sees travel
             time = 0.0
             for s in range(steps):
                 compute = max(pairs[s]) * flop_per_pair / rate
-                time += max(compute, comm_step) if s < steps - 1 else compute
-            sent, serial, ring = kv_bytes_local * (steps - 1), steps - 1, steps
+                time += max(compute, lat + max(hops[s]) * kv_bytes_local / bw) if s < steps - 1 else compute
+            sent = max(sum(hop[r] for hop in hops) for r in range(size)) * kv_bytes_local
+            serial, ring = steps - 1, steps
         else:
-            from seqpar.softmax.plan import visible_sources  # lazy, as _ring_steps
+            from seqpar.softmax.plan import visible_key_ranges  # lazy, as _ring_steps
 
-            needs = visible_sources(rows, mask)
-            if needs is None:  # the all-gather collective: every rank sends to and receives from all
-                sends_to = receives_from = world_size - 1
-            else:  # zero-redundant: only the K/V some query sees moves (point to point)
-                sends_to = max(sum(needs[r][s] for r in range(size) if r != s) for s in range(size))
-                receives_from = max(sum(needs[r][s] for s in range(size) if s != r) for r in range(size))
-            gather = lat + kv_bytes_local * receives_from / bw
+            ranges = visible_key_ranges(rows, mask)
+            if ranges is None:  # the all-gather collective: every rank sends to and receives from all
+                sent = received = kv_bytes_local * (world_size - 1)
+            else:  # zero-redundant: only the key range some query of the receiver sees moves
+                kv_bytes_token = kv_bytes_local // local_len
+                tokens = [[0 if r == s or ranges[r][s] is None else ranges[r][s][1] - ranges[r][s][0]
+                           for s in range(size)] for r in range(size)]  # tokens[r][s]: r receives from s
+                sent = kv_bytes_token * max(sum(tokens[r][s] for r in range(size)) for s in range(size))
+                received = kv_bytes_token * max(sum(row) for row in tokens)
+            gather = lat + received / bw
             # the gather is split over KV heads: only the first head group is exposed
             groups = max(1, min(shape.kv_heads, 4))
             time = gather / groups + max(busiest / rate, gather * (groups - 1) / groups)
-            sent, serial, ring = kv_bytes_local * sends_to, 1, None
+            serial, ring = 1, None
         return Estimate(strategy, layout, world_size, busiest / 1e12, imbalance, sent, serial, time * 1e3,
                         average / 1e12, ring)
 
@@ -242,9 +258,10 @@ def softmax_estimate(strategy: str, layout: str, world_size: int, shape: Shape, 
     a2a = (q_bytes * 2 + kv_bytes_local) * (u - 1) / u  # q, o and k/v move; 1/u stays local
     compute = busiest / rate
     # after the all-to-all a ring block is u * local_len tokens of Hkv / u heads: the same bytes
-    ring_comm = (steps - 1) * (lat + kv_bytes_local / bw)
+    hops = _ring_hop_fractions(rows, mask, steps) if steps > 1 else []
+    ring_comm = sum(lat + max(hop) * kv_bytes_local / bw for hop in hops)
     time = 2 * (lat + a2a / bw) + max(compute, ring_comm)
-    sent = a2a + kv_bytes_local * (steps - 1)
+    sent = a2a + (max(sum(hop[r] for hop in hops) for r in range(size)) * kv_bytes_local if hops else 0.0)
     return Estimate(strategy, layout, world_size, busiest / 1e12, imbalance, sent, 2 + (steps - 1), time * 1e3,
                     average / 1e12, steps)
 
@@ -316,8 +333,10 @@ def step_bytes_per_rank(model: ModelConfig, sp: SequenceParallelConfig, seq_len:
         for kind in model.layer_kinds:
             if kind == "softmax":
                 strategy = sp.softmax_strategy
-                est = softmax_estimate(strategy, sp.layout, P, shape, machine, causal=True,
-                                       ulysses_size=sp.ulysses_size)
+                window = getattr(model, "window", None)
+                est = softmax_estimate(strategy, sp.layout, P, shape, machine, ulysses_size=sp.ulysses_size,
+                                       mask=AttentionMask(causal=True, window=window if window and window < seq_len
+                                                          else None))
             else:
                 strategy = sp.linear_strategy
                 est = linear_estimate(strategy, P, shape, machine,

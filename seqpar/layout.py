@@ -279,6 +279,17 @@ def segments(layout: str, rank: int, world_size: int, local_len: int) -> list[Se
     return [Segment(0, local_len, rank, world_size)]
 
 
+def slice_segments(segs: Sequence[Segment], start: int, stop: int) -> list[Segment]:
+    """The segments of local tokens [start, stop) of ``segs``, re-based to local index 0 (what a
+    rank holds when it receives only that slice of another rank's tokens)."""
+    out = []
+    for seg in segs:
+        a, b = max(seg.local_start, start), min(seg.local_start + seg.length, stop)
+        if b > a:
+            out.append(Segment(a - start, b - a, seg.global_start + seg.stride * (a - seg.local_start), seg.stride))
+    return out
+
+
 def concat_segments(per_rank: Sequence[Sequence[Segment]]) -> list[Segment]:
     """Segments of the concatenation of several ranks' tokens (in the given order), merged
     where one segment continues the previous one both locally and globally."""

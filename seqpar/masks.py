@@ -34,14 +34,6 @@ class AttentionMask:
             raise ValueError(f"a sliding window needs causal=True (got window={self.window}, causal=False); "
                              f"non-causal windows are not supported")
 
-    def document_index(self, position: int) -> int:
-        """Index of the document holding global ``position`` (0 without documents)."""
-        if self.documents is None:
-            return 0
-        import bisect
-
-        return bisect.bisect_right(self.documents, position) - 1
-
     def describe(self) -> str:
         parts = ["causal" if self.causal else "full"]
         if self.window is not None:

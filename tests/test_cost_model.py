@@ -140,24 +140,29 @@ def test_ulysses_and_usp_work_match_dense_mask(layout):
 
 
 def test_window_ring_sends_fewer_bytes():
-    """T_local = 128K, window 4K, P = 8: a contiguous ring visits 2 blocks (1 hop) instead of 8;
-    zigzag and striped still need every rank's keys; the all-gather sends only to the ranks that
-    need a rank's keys."""
+    """T_local = 128K, window 4K, P = 8: a contiguous ring visits 2 blocks (1 hop, carrying the
+    4095 keys the next rank sees) instead of 8; zigzag and striped still need every rank's keys; the all-gather sends only the keys a rank's
+    window reaches (4095 of 131072) to the ranks that see them."""
     shape, machine = Shape(seq_len=1 << 20), Machine()
     kv_local = 2 * (1 << 17) * shape.kv_heads * shape.head_dim * shape.element_bytes
     causal = softmax_estimate("ring", "contiguous", 8, shape, machine)
     window = softmax_estimate("ring", "contiguous", 8, shape, machine, mask=AttentionMask(True, 4096))
     assert causal.bytes_sent_per_rank == 7 * kv_local and causal.ring_steps == 8
-    assert window.bytes_sent_per_rank == kv_local and window.ring_steps == 2 and window.serial_steps == 1
+    # one hop of the last 4095 keys of a block: O(window), not O(T_local)
+    assert window.bytes_sent_per_rank == pytest.approx(kv_local * 4095 / (1 << 17))
+    assert window.ring_steps == 2 and window.serial_steps == 1
     assert window.fwd_ms < causal.fwd_ms / 50 and window.imbalance < 1.01
-    for layout in ("zigzag", "striped"):
+    for layout in ("zigzag", "striped"):  # every rank's keys are needed: all 8 blocks travel
         est = softmax_estimate("ring", layout, 8, shape, machine, mask=AttentionMask(True, 4096))
-        assert est.ring_steps == 8 and est.bytes_sent_per_rank == 7 * kv_local
-    # zero-redundant all-gather: a contiguous rank's K/V go to the next rank only; zigzag's to two
+        assert est.ring_steps == 8 and kv_local < est.bytes_sent_per_rank <= 7 * kv_local
+    # zero-redundant all-gather: a contiguous rank sends only its last 4095 keys, to the next rank;
+    # a zigzag rank the last 4095 keys of each of its two chunks, each to one rank
     gather = softmax_estimate("allgather", "contiguous", 8, shape, machine, mask=AttentionMask(True, 4096))
-    assert gather.bytes_sent_per_rank == kv_local and gather.max_rank_tflop == pytest.approx(window.max_rank_tflop)
+    assert gather.bytes_sent_per_rank == kv_local * 4095 // (1 << 17)
+    assert gather.max_rank_tflop == pytest.approx(window.max_rank_tflop)
+    assert gather.fwd_ms < window.fwd_ms * 1.01  # the gather hides behind the compute
     gather = softmax_estimate("allgather", "zigzag", 8, shape, machine, mask=AttentionMask(True, 4096))
-    assert gather.bytes_sent_per_rank == 2 * kv_local
+    assert gather.bytes_sent_per_rank == 2 * kv_local * 4095 // (1 << 17)
     gather = softmax_estimate("allgather", "contiguous", 8, shape, machine)  # no window: the collective
     assert gather.bytes_sent_per_rank == 7 * kv_local
     # the work: every query sees min(position + 1, 4096) keys
@@ -252,3 +257,17 @@ def test_masks_benchmark_quick(tmp_path):
 
     data = json.loads(out.with_suffix(".json").read_text())
     assert len(data["rows"]) == len(detail) and data["meta"]["machine"]["name"]
+
+
+def test_step_bytes_follow_the_model_window():
+    """The dry run's bytes per step use the softmax layers' window: a window far shorter than a
+    rank's shard sends a fraction of the causal bytes."""
+    from seqpar.config import ModelConfig, SequenceParallelConfig
+    from seqpar.cost_model import step_bytes_per_rank
+
+    sp = SequenceParallelConfig(sp_size=4, layout="contiguous", softmax_strategy="ring", linear_strategy="lasp2")
+    full = step_bytes_per_rank(ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, pattern="S"), sp, 4096, 1, 2,
+                               num_params=0)
+    windowed = step_bytes_per_rank(ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, pattern="S", window=65),
+                                   sp, 4096, 1, 2, num_params=0)
+    assert 0 < windowed.attention_forward < full.attention_forward / 10

@@ -276,3 +276,23 @@ def test_triton_masks_under_the_strategies_interpreted():
     from distributed_pool import run_case_interpreted
 
     run_case_interpreted("test_masks", "case_triton_masks", world_size=2)
+
+
+def case_ring_key_ranges(ctx, window: int, layout: str):
+    from seqpar.softmax import build_plan
+
+    q = torch.zeros(1, 12, 2, 4)
+    plan = build_plan(q, q, q, strategy="ring", layout=layout, group=ctx.group, causal=True, scale=None,
+                      backend="torch", window=window)
+    return plan.ring_steps, plan.ring_key_ranges
+
+
+def test_ring_carries_only_the_keys_a_window_sees(pool):
+    """Contiguous shards of 12 tokens, window 5: the next rank sees only the last 4 keys of a block,
+    so the ring carries those (O(window) bytes, not the block); the last rank's block is seen by
+    nobody else and travels as one key. Exactness with these ranges: the tests above."""
+    per_rank = pool.run(case_ring_key_ranges, 4, window=5, layout="contiguous")
+    assert per_rank == [(2, ((8, 12), (8, 12), (8, 12), (0, 1)))] * 4
+    steps, ranges = pool.run(case_ring_key_ranges, 4, window=30, layout="contiguous")[0]
+    # every key of a block is seen somewhere on its way, except the last rank's (seen by nobody)
+    assert steps == 4 and ranges == ((0, 12), (0, 12), (0, 12), (0, 1))

@@ -52,8 +52,10 @@ class ParallelPlan:
     softcap: float | None = None
     ring_steps: int | None = None  # K/V blocks the ring visits (None: all); fewer with a window
     q_heads: slice | None = None  # the query heads this rank computes after the head exchange
-    # all-gather: needs[r][s] = some query of rank r sees a key of rank s (None: all pairs)
-    kv_sources_needed: tuple[tuple[bool, ...], ...] | None = None
+    # all-gather: ranges[r][s] = local key range [a, b) of rank s that rank r sees (None: none)
+    kv_key_ranges: tuple[tuple[tuple[int, int] | None, ...], ...] | None = None
+    # ring: per source rank, the local key range [a, b) the ring carries (None: whole blocks)
+    ring_key_ranges: tuple[tuple[int, int], ...] | None = None
 
     @property
     def causal(self) -> bool:
@@ -66,8 +68,9 @@ class ParallelPlan:
     def kv_source(self, k: torch.Tensor, v: torch.Tensor) -> KVSource:
         if self.kv_transport == "allgather":
             return GatheredKV(k, v, self.kv_group, self.kv_rank, self.kv_size, self.segments_of_source,
-                              self.kv_head_groups, self.kv_sources_needed)
-        return RingKV(k, v, self.kv_group, self.kv_rank, self.kv_size, self.segments_of_source, self.ring_steps)
+                              self.kv_head_groups, self.kv_key_ranges)
+        return RingKV(k, v, self.kv_group, self.kv_rank, self.kv_size, self.segments_of_source, self.ring_steps,
+                      self.ring_key_ranges)
 
     # --- Ulysses head exchange (identity when ulysses_size == 1) ---------------------------------
 

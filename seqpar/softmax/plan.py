@@ -86,16 +86,47 @@ def ring_steps(rows: tuple[tuple[Segment, ...], ...], mask: AttentionMask) -> in
     return 1
 
 
+def _seen_keys(q_segments, k_segments, mask: AttentionMask) -> tuple[int, int] | None:
+    """The smallest local key range [a, b) of a block that holds every key the queries see."""
+    tasks = plan_blocks(q_segments, k_segments, mask)
+    if not tasks:
+        return None
+    return min(t.k_start for t in tasks), max(t.k_start + t.k_len for t in tasks)
+
+
 @lru_cache(maxsize=256)
-def visible_sources(rows: tuple[tuple[Segment, ...], ...], mask: AttentionMask) -> tuple[tuple[bool, ...], ...] | None:
-    """``needs[r][s]``: whether some query of ring rank r sees a key of rank s (its own block
-    always counts); None when every rank needs every other, or when the mask has neither a
-    window nor documents (a plain causal or full mask keeps the all-gather collective)."""
+def ring_key_ranges(rows: tuple[tuple[Segment, ...], ...], mask: AttentionMask,
+                    steps: int) -> tuple[tuple[int, int], ...] | None:
+    """For each ring rank s: the local key range [a, b) of its K/V that the ranks its block visits
+    (s+1 .. s+steps-1) see, which is all the ring needs to carry; None when every range is the
+    whole block or the mask has neither a window nor documents."""
+    size = len(rows)
+    if steps == 1 or (mask.window is None and mask.documents is None):
+        return None
+    ranges = []
+    for s in range(size):
+        seen = [_seen_keys(rows[(s + t) % size], rows[s], mask) for t in range(1, steps)]
+        seen = [x for x in seen if x is not None]
+        # a block no other rank sees still travels (every hop sends a message): one key of it
+        ranges.append((min(a for a, _ in seen), max(b for _, b in seen)) if seen else (0, 1))
+    length = sum(seg.length for seg in rows[0])
+    if all(r == (0, length) for r in ranges):
+        return None
+    return tuple(ranges)
+
+
+@lru_cache(maxsize=256)
+def visible_key_ranges(rows: tuple[tuple[Segment, ...], ...],
+                       mask: AttentionMask) -> tuple[tuple[tuple[int, int] | None, ...], ...] | None:
+    """``ranges[r][s]``: the local key range [a, b) of rank s's K/V that rank r's queries see (None:
+    none; the own block is always the whole block), the same on every rank; None when the mask has
+    neither a window nor documents (a plain causal or full mask keeps the all-gather collective)."""
     if mask.window is None and mask.documents is None:
         return None
     size = len(rows)
-    needs = tuple(tuple(r == s or bool(plan_blocks(rows[r], rows[s], mask)) for s in range(size)) for r in range(size))
-    return None if all(all(row) for row in needs) else needs
+    length = sum(seg.length for seg in rows[0])
+    return tuple(tuple((0, length) if r == s else _seen_keys(rows[r], rows[s], mask) for s in range(size))
+                 for r in range(size))
 
 
 def build_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: str, layout: str, group,
@@ -181,7 +212,9 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: s
     return ParallelPlan(
         mask=mask, scale=scale, backend=backend, softcap=softcap,
         ring_steps=ring_steps(row_segments, mask) if strategy != "allgather" else None,
-        kv_sources_needed=visible_sources(row_segments, mask) if strategy == "allgather" else None,
+        kv_key_ranges=visible_key_ranges(row_segments, mask) if strategy == "allgather" else None,
+        ring_key_ranges=None if strategy == "allgather" else ring_key_ranges(
+            row_segments, mask, ring_steps(row_segments, mask)),
         q_heads=slice(ulysses_rank * heads_per_rank, (ulysses_rank + 1) * heads_per_rank),
         ulysses_group=ulysses_group, ulysses_size=ulysses_size, kv_repeat=kv_repeat,
         kv_transport="allgather" if strategy == "allgather" else "ring",

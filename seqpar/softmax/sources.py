@@ -13,12 +13,13 @@ current one and waiting for it afterwards, so that communication overlaps comput
   that the gather of group i+1 overlaps the compute of group i (and the gather of group i the
   compute of its own block, which is read from the local K/V); backward re-gathers (the gathered
   copy is not kept between forward and backward) and reduce-scatters dK/dV per head group, built
-  by the driver right in the reduce-scatter buffer (``KVBlock.grads``). When the mask leaves some
-  rank without a query that sees some other rank's keys (``ParallelPlan.kv_sources_needed``:
-  causal contiguous shards, sliding windows, packed documents), the gathers are zero-redundant:
-  per head group one point-to-point ``exchange`` moves each block only to the ranks that read it,
-  blocks no local query sees are skipped, and in backward each dK/dV partial goes straight back
-  to its source (one exchange per group), which sums the partials of its block.
+  by the driver right in the reduce-scatter buffer (``KVBlock.grads``). With a sliding window or
+  packed documents (``ParallelPlan.kv_key_ranges``: the local key range of each rank's K/V that
+  each rank's queries see) the gathers are zero-redundant: per head group one point-to-point
+  ``exchange`` moves to each rank only the key range of each block it reads (a window costs
+  O(window) bytes, not O(T_local)), blocks no local query sees are skipped, and in backward each
+  dK/dV partial (over that range) goes straight back to its source (one exchange per group),
+  which adds it into its slice of its block's dK/dV.
 
 In backward a source is a generator: it yields a block, receives that block's ``(dk, dv)``
 through ``send`` and finally returns the local ``(dk, dv)`` (``StopIteration.value``).
@@ -33,7 +34,7 @@ import torch.distributed as dist
 
 from seqpar.comm import all_gather, exchange, reduce_scatter, ring_exchange
 from seqpar.kernels import compute_dtype
-from seqpar.layout import Segment
+from seqpar.layout import Segment, slice_segments
 
 KVGrads = tuple[torch.Tensor, torch.Tensor]
 
@@ -80,48 +81,92 @@ class RingKV(KVSource):
 
     ``steps`` (default P): how many blocks every rank visits (the own block and the ``steps - 1``
     before it). A sliding window needs only the first few; the caller computes ``steps`` from the
-    mask, the same on every rank. In backward, each block's dK/dV travel with it and, after the
-    last step, go straight home (one exchange over ``steps - 1`` ranks; one hop when steps = P).
+    mask, the same on every rank. ``key_ranges`` (optional, the same on every rank): for each
+    source rank the local key range [a, b) the ring carries (what the ranks it visits see); a
+    rank keeps its whole block and sends only that slice, so a window costs O(window) bytes a hop.
+
+    Backward: a rank keeps the dK/dV of its own block; each other block's dK/dV accumulate as it
+    travels (starting at the first rank it visits) and, after the last step, go straight home
+    (one exchange over ``steps - 1`` ranks, one hop when steps = P), where they are added to the
+    owner's slice. That is ``steps - 1`` dK/dV transfers per rank.
     """
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None, rank: int,
-                 size: int, segments_of_source: Sequence[Sequence[Segment]], steps: int | None = None):
+                 size: int, segments_of_source: Sequence[Sequence[Segment]], steps: int | None = None,
+                 key_ranges: Sequence[tuple[int, int]] | None = None):
         super().__init__(k, v, group, rank, size, segments_of_source)
         self.steps = size if steps is None else int(steps)
         if not 1 <= self.steps <= size:
             raise ValueError(f"a ring of {size} ranks visits 1 to {size} blocks, got steps={steps}")
+        length = k.shape[1]
+        self.key_ranges = [(0, length)] * size if key_ranges is None else [tuple(r) for r in key_ranges]
+        if len(self.key_ranges) != size or not all(0 <= a < b <= length for a, b in self.key_ranges):
+            raise ValueError(f"key_ranges must give {size} ranges 0 <= a < b <= {length}, got {key_ranges}")
+
+    def _source(self, step: int) -> int:
+        return (self.rank - step) % self.size
+
+    def _travelling(self, x: torch.Tensor) -> torch.Tensor:
+        """The slice of this rank's own K or V that the ring carries."""
+        a, b = self.key_ranges[self.rank]
+        return x if (a, b) == (0, x.shape[1]) else x[:, a:b]
+
+    def _shapes(self, source: int, like: torch.Tensor) -> list[torch.Size]:
+        """Shapes of the K, V (or dK, dV) slices of ``source`` that the ring carries."""
+        a, b = self.key_ranges[source]
+        shape = (like.shape[0], b - a) + tuple(like.shape[2:])
+        return [torch.Size(shape)] * 2
 
     def _block(self, k: torch.Tensor, v: torch.Tensor, step: int) -> KVBlock:
-        source = (self.rank - step) % self.size
-        return KVBlock(k, v, self.segments_of_source[source], slice(0, self.k.shape[2]))
+        source = self._source(step)
+        segs = self.segments_of_source[source]
+        if step > 0:
+            segs = slice_segments(segs, *self.key_ranges[source])
+        return KVBlock(k, v, segs, slice(0, self.k.shape[2]))
+
+    def _pass_on(self, k: torch.Tensor, v: torch.Tensor, step: int):
+        """Send the K/V held at ``step`` (the own block: its carried slice) to the next rank and
+        receive the block of the step after, unless ``step`` is the last."""
+        if step == self.steps - 1:
+            return None
+        send = [self._travelling(k), self._travelling(v)] if step == 0 else [k, v]
+        return ring_exchange(send, self.group, recv_shapes=self._shapes(self._source(step + 1), k))
 
     def forward_blocks(self) -> Iterator[KVBlock]:
         k, v = self.k, self.v
         for step in range(self.steps):
-            incoming = ring_exchange([k, v], self.group) if step < self.steps - 1 else None
+            incoming = self._pass_on(k, v, step)
             yield self._block(k, v, step)
             if incoming is not None:
                 k, v = incoming.wait()
 
     def backward_blocks(self) -> Generator[KVBlock, KVGrads, KVGrads]:
         k, v = self.k, self.v
-        grads_in_flight = None  # dK/dV accumulators of the block that arrives with the next K/V
-        dk = dv = None
+        grads_in_flight = None  # dK/dV accumulators of the block held now, from the rank before
+        own = None
         for step in range(self.steps):
             last = step == self.steps - 1
-            incoming = ring_exchange([k, v], self.group) if not last else None
+            incoming = self._pass_on(k, v, step)
             dk, dv = yield self._block(k, v, step)
-            if grads_in_flight is not None:
-                dk_acc, dv_acc = grads_in_flight.wait()
-                dk, dv = dk_acc.add_(dk), dv_acc.add_(dv)
-            if self.steps > 1:
-                # on, with the K/V; after the last step straight home to rank r - step (the owner of
-                # the block held now), which is the next rank when every block was visited
-                grads_in_flight = ring_exchange([dk, dv], self.group, shift=1 if not last else -step)
+            if step == 0:
+                own = dk, dv
+            else:
+                if grads_in_flight is not None:
+                    dk_acc, dv_acc = grads_in_flight.wait()
+                    dk, dv = dk_acc.add_(dk), dv_acc.add_(dv)
+                # on to the next holder of this block; after the last step straight home to rank
+                # r - step (its owner), receiving this rank's own block's accumulators
+                receive_for = self._source(step + 1) if not last else self.rank
+                grads_in_flight = ring_exchange([dk, dv], self.group, shift=1 if not last else -step,
+                                                recv_shapes=self._shapes(receive_for, dk))
             if incoming is not None:
                 k, v = incoming.wait()
+        dk, dv = own
         if grads_in_flight is not None:
-            dk, dv = grads_in_flight.wait()
+            dk_home, dv_home = grads_in_flight.wait()
+            a, b = self.key_ranges[self.rank]
+            dk[:, a:b] += dk_home
+            dv[:, a:b] += dv_home
         return dk, dv
 
 
@@ -129,15 +174,19 @@ class GatheredKV(KVSource):
     """K/V gathered in ``head_groups`` groups of KV heads (the transfer of group i+1 overlaps the
     compute of group i, the transfer of group i that of its own block).
 
-    ``needs`` (``ParallelPlan.kv_sources_needed``): ``needs[r][s]`` = some query of rank r sees a
-    key of rank s, the same matrix on every rank. None: every rank needs every block; K/V are
-    all-gathered and dK/dV reduce-scattered per group. Otherwise the gathers are zero-redundant:
-    per group one point-to-point :func:`~seqpar.comm.exchange` sends the local K/V to exactly the
-    ranks r' with needs[r'][r] and receives the K/V of exactly the sources s with needs[r][s]; in
-    backward the same re-fetch, then one exchange per group returns the dK/dV partial of each
-    source to it and receives the partials of the local block from the ranks that read it (summed
-    with the own partial). Both sides of every message are derived from the same matrix, so each
-    send meets its receive.
+    ``key_ranges`` (``ParallelPlan.kv_key_ranges``): ``key_ranges[r][s]`` = the local key range
+    (a, b) of rank s's K/V that rank r's queries see (None: none; the diagonal is the whole
+    block), the same matrix on every rank. None (or every entry the whole block): every rank
+    needs every block; K/V are all-gathered and dK/dV reduce-scattered per group. Otherwise the
+    gathers are zero-redundant: per group one point-to-point :func:`~seqpar.comm.exchange` sends
+    ``k[:, a:b]``, ``v[:, a:b]`` to each rank r' with key_ranges[r'][r] = (a, b) and receives from
+    each source s with key_ranges[r][s] = (a, b) its keys a..b-1 only (b - a tokens), handed to the
+    driver with the segments of that slice (``layout.slice_segments``, local indices from 0), so
+    a window costs O(window) bytes, not O(T_local). In backward the same re-fetch, then one
+    exchange per group returns the dK/dV partial of each source (b - a tokens) to it and receives
+    the partials of the local block's slices from the ranks that read them, each added into its
+    slice of the own partial. Both sides of every message are derived from the same matrix, so
+    each send meets its receive.
 
     ``bytes_sent`` / ``bytes_received``: {peer rank: bytes} this source moved (K/V and dK/dV; the
     all-gather / reduce-scatter path counts the block each pair of ranks exchanges through them).
@@ -145,42 +194,62 @@ class GatheredKV(KVSource):
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None, rank: int,
                  size: int, segments_of_source: Sequence[Sequence[Segment]], head_groups: int,
-                 needs: Sequence[Sequence[bool]] | None = None):
+                 key_ranges: Sequence[Sequence[tuple[int, int] | None]] | None = None):
         super().__init__(k, v, group, rank, size, segments_of_source)
         num_kv_heads = k.shape[2]
         head_groups = max(1, min(head_groups, num_kv_heads))
         bounds = [num_kv_heads * i // head_groups for i in range(head_groups + 1)]
         self.head_slices = [slice(bounds[i], bounds[i + 1]) for i in range(head_groups)]
-        self.needs = None
-        if needs is not None:
-            needs = tuple(tuple(bool(x) for x in row) for row in needs)
-            square = len(needs) == size and all(len(row) == size for row in needs)
-            if not square or not all(needs[i][i] for i in range(size)):
-                raise ValueError(f"needs must be a {size} x {size} matrix with a True diagonal, got {needs}")
-            self.needs = needs
-        if self.needs is None or size == 1:
+        self.key_ranges = None
+        if key_ranges is not None:
+            self.key_ranges = self._check_ranges(key_ranges, size, k.shape[1])
+            if all(x == (0, k.shape[1]) for row in self.key_ranges for x in row):
+                self.key_ranges = None  # every rank needs every whole block: the collective
+        # the segments of the keys received from each source (its whole block on the dense path)
+        self.block_segments = list(segments_of_source)
+        if self.key_ranges is None or size == 1:
             self.recv_from = self.source_order()[1:]
             self.send_to = [r for r in range(size) if r != rank]
         else:
             # the sources this rank reads (in visiting order) and the ranks that read this one
-            self.recv_from = [s for s in self.source_order()[1:] if self.needs[rank][s]]
-            self.send_to = [r for r in range(size) if r != rank and self.needs[r][rank]]
+            self.recv_from = [s for s in self.source_order()[1:] if self.key_ranges[rank][s] is not None]
+            self.send_to = [r for r in range(size) if r != rank and self.key_ranges[r][rank] is not None]
+            for s in self.recv_from:
+                self.block_segments[s] = slice_segments(segments_of_source[s], *self.key_ranges[rank][s])
         self.bytes_sent: dict[int, int] = {}
         self.bytes_received: dict[int, int] = {}
 
+    @staticmethod
+    def _check_ranges(key_ranges, size: int, length: int) -> tuple[tuple[tuple[int, int] | None, ...], ...]:
+        try:
+            ranges = tuple(tuple(None if x is None else (int(x[0]), int(x[1])) for x in row) for row in key_ranges)
+        except (TypeError, IndexError, ValueError):
+            ranges = None
+        ok = ranges is not None and len(ranges) == size and all(len(row) == size for row in ranges)
+        ok = ok and all(x is None or 0 <= x[0] < x[1] <= length for row in ranges for x in row)
+        if not ok or not all(ranges[i][i] == (0, length) for i in range(size)):
+            raise ValueError(f"key_ranges must be a {size} x {size} matrix of local key ranges (a, b) with "
+                             f"0 <= a < b <= {length} or None, the diagonal (0, {length}) (the whole block); "
+                             f"got {key_ranges}")
+        return ranges
+
     @property
     def sparse(self) -> bool:
-        """Whether blocks travel point to point to the ranks that need them (else all-gather)."""
-        return self.needs is not None and self.size > 1
+        """Whether key ranges travel point to point to the ranks that need them (else all-gather)."""
+        return self.key_ranges is not None and self.size > 1
 
-    def _count(self, sent: Sequence[torch.Tensor], peers_sent: Sequence[int], received: Sequence[torch.Tensor],
-               peers_received: Sequence[int]) -> None:
-        out = sum(t.numel() * t.element_size() for t in sent)
-        into = sum(t.numel() * t.element_size() for t in received)
-        for peer in peers_sent:
-            self.bytes_sent[peer] = self.bytes_sent.get(peer, 0) + out
-        for peer in peers_received:
-            self.bytes_received[peer] = self.bytes_received.get(peer, 0) + into
+    def _sent_range(self, peer: int) -> tuple[int, int]:
+        """The local key range of this rank's block that ``peer`` reads (sparse path)."""
+        return self.key_ranges[peer][self.rank]
+
+    def _received_range(self, source: int) -> tuple[int, int]:
+        """The local key range of ``source``'s block that this rank reads (sparse path)."""
+        return self.key_ranges[self.rank][source]
+
+    def _count(self, sent: dict[int, Sequence[torch.Tensor]], received: dict[int, Sequence[torch.Tensor]]) -> None:
+        for counts, messages in ((self.bytes_sent, sent), (self.bytes_received, received)):
+            for peer, tensors in messages.items():
+                counts[peer] = counts.get(peer, 0) + sum(t.numel() * t.element_size() for t in tensors)
 
     def _gather(self, group_index: int):
         if group_index >= len(self.head_slices) or self.size == 1:
@@ -189,21 +258,32 @@ class GatheredKV(KVSource):
         if self.sparse:
             if not self.send_to and not self.recv_from:
                 return None
-            # K and V of the group (made contiguous once) to every rank that reads them
-            kv = [self.k[:, :, heads], self.v[:, :, heads]]
-            if self.send_to:
-                kv = [t.contiguous() for t in kv]
-            self._count(kv, self.send_to, kv, self.recv_from)
-            return exchange({r: kv for r in self.send_to}, {s: kv for s in self.recv_from}, self.group)
+            k, v = self.k[:, :, heads], self.v[:, :, heads]
+            # each receiver gets the keys it sees: one contiguous copy per distinct range
+            # (exchange stages a tensor sent to several peers once)
+            slices: dict[tuple[int, int], list[torch.Tensor]] = {}
+            sends = {}
+            for r in self.send_to:
+                a, b = self._sent_range(r)
+                if (a, b) not in slices:
+                    slices[a, b] = [k[:, a:b].contiguous(), v[:, a:b].contiguous()]
+                sends[r] = slices[a, b]
+            recv_like = {}
+            for s in self.recv_from:
+                a, b = self._received_range(s)
+                recv_like[s] = [k[:, a:b], v[:, a:b]]  # only shape, dtype and device are read
+            self._count(sends, recv_like)
+            return exchange(sends, recv_like, self.group)
         # one message per group: K and V stacked -> [P, 2, B, T, Hg, D] after the gather
         stacked = torch.stack([self.k[:, :, heads], self.v[:, :, heads]])
-        self._count([stacked], self.send_to, [stacked], self.recv_from)
+        self._count({r: [stacked] for r in self.send_to}, {s: [stacked] for s in self.recv_from})
         return all_gather(stacked, self.group)
 
     def _blocks(self) -> Iterator[tuple[slice, int, torch.Tensor, torch.Tensor]]:
         """(kv heads, source rank, k, v) in visiting order. Per head group the own block comes first,
         read from the local K/V while the group's transfer is still in flight (so even the first
-        transfer overlaps compute), then the received blocks of the other sources it needs."""
+        transfer overlaps compute), then the received blocks (or key ranges) of the other sources
+        it needs."""
         pending = self._gather(0)
         for index, heads in enumerate(self.head_slices):
             next_pending = self._gather(index + 1)
@@ -220,7 +300,7 @@ class GatheredKV(KVSource):
 
     def forward_blocks(self) -> Iterator[KVBlock]:
         for heads, source, k, v in self._blocks():
-            yield KVBlock(k, v, self.segments_of_source[source], heads)
+            yield KVBlock(k, v, self.block_segments[source], heads)
 
     def backward_blocks(self) -> Generator[KVBlock, KVGrads, KVGrads]:
         if self.sparse:
@@ -228,46 +308,54 @@ class GatheredKV(KVSource):
         scattering = []
         dtype = compute_dtype(self.k.dtype)
         grads = None
+
+        def count(grads: torch.Tensor) -> None:
+            self._count({s: [grads[0]] for s in self.recv_from}, {r: [grads[0]] for r in self.send_to})
+
         for heads, source, k, v in self._blocks():
             if source == self.rank:  # the first block of a head group
                 if grads is not None:
                     scattering.append(reduce_scatter(grads, self.group))  # overlaps the next group
-                    self._count([grads[0]], self.recv_from, [grads[0]], self.send_to)
+                    count(grads)
                 # the driver builds each source's dK/dV right in its slot (every slot is written)
                 grads = torch.empty((self.size, 2) + tuple(k.shape), dtype=dtype, device=k.device)
             slots = (grads[source, 0], grads[source, 1])
-            dk, dv = yield KVBlock(k, v, self.segments_of_source[source], heads, slots)
+            dk, dv = yield KVBlock(k, v, self.block_segments[source], heads, slots)
             for slot, got in zip(slots, (dk, dv)):
                 if got is not slot:
                     slot.copy_(got)
         scattering.append(reduce_scatter(grads, self.group))
-        self._count([grads[0]], self.recv_from, [grads[0]], self.send_to)
+        count(grads)
         parts = [handle.wait() for handle in scattering]  # each [2, B, T, Hg, D]
         if len(parts) == 1:
             return parts[0][0], parts[0][1]
         return torch.cat([p[0] for p in parts], dim=2), torch.cat([p[1] for p in parts], dim=2)
 
     def _sparse_backward_blocks(self) -> Generator[KVBlock, KVGrads, KVGrads]:
-        """Backward of the zero-redundant path. Each source's (dk, dv) partial is the driver's own
-        result, sent as it is (no slot buffer: point-to-point needs no stacked send buffer); the
-        exchange that returns a head group's partials is issued when the group is done, so it
-        overlaps the next group's compute (and its K/V re-fetch, issued earlier, runs alongside)."""
+        """Backward of the zero-redundant path. Each source's (dk, dv) partial (over the key range
+        this rank read) is the driver's own result, sent as it is (no slot buffer: point-to-point
+        needs no stacked send buffer); the exchange that returns a head group's partials is issued
+        when the group is done, so it overlaps the next group's compute (and its K/V re-fetch,
+        issued earlier, runs alongside)."""
         returning = []  # per head group: (own (dk, dv), handle of the partials coming home)
         own: KVGrads | None = None
-        partials: dict[int, list[torch.Tensor]] = {}
+        partials = {}  # source rank -> [dk, dv] partials of the head group in progress
 
         def send_home() -> None:
             # the partials of the sources read in this group go back to them; the partials of this
-            # rank's block come from the ranks that read it (shaped like the own partial)
-            self._count(own, self.recv_from, own, self.send_to)
-            handle = exchange(partials, {r: list(own) for r in self.send_to}, self.group)
-            returning.append((own, handle))
+            # rank's block come from the ranks that read it, each over the range that rank read
+            coming = {}
+            for r in self.send_to:
+                a, b = self._sent_range(r)
+                coming[r] = [own[0][:, a:b], own[1][:, a:b]]  # only shape, dtype and device are read
+            self._count(partials, coming)
+            returning.append((own, exchange(partials, coming, self.group)))
 
         for heads, source, k, v in self._blocks():
             if source == self.rank and own is not None:  # the first block of the next head group
                 send_home()
                 partials = {}
-            dk, dv = yield KVBlock(k, v, self.segments_of_source[source], heads)
+            dk, dv = yield KVBlock(k, v, self.block_segments[source], heads)
             if source == self.rank:
                 own = (dk, dv)
             else:
@@ -275,13 +363,21 @@ class GatheredKV(KVSource):
         send_home()
         del partials
         results = []
+        length = self.k.shape[1]
         for (dk, dv), handle in returning:
             got = handle.wait()
+            total = None  # never summed into the driver's tensors: a received buffer, or a copy
             for peer in self.send_to:  # a fixed order: the same sum on every run
-                # summed into the received buffers (ours), never into the driver's tensors
+                a, b = self._sent_range(peer)
                 part_k, part_v = got[peer]
-                dk, dv = part_k.add_(dk), part_v.add_(dv)
-            results.append((dk, dv))
+                if total is None:
+                    if (a, b) == (0, length):
+                        total = part_k.add_(dk), part_v.add_(dv)
+                        continue
+                    total = dk.clone(), dv.clone()
+                total[0][:, a:b].add_(part_k)
+                total[1][:, a:b].add_(part_v)
+            results.append((dk, dv) if total is None else total)
         if len(results) == 1:
             return results[0]
         return torch.cat([r[0] for r in results], dim=2), torch.cat([r[1] for r in results], dim=2)
