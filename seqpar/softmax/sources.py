@@ -341,7 +341,7 @@ class GatheredKV(KVSource):
         own: KVGrads | None = None
         partials = {}  # source rank -> [dk, dv] partials of the head group in progress
 
-        def send_home() -> None:
+        def send_home(partials: dict[int, list[torch.Tensor]]) -> None:
             # the partials of the sources read in this group go back to them; the partials of this
             # rank's block come from the ranks that read it, each over the range that rank read
             coming = {}
@@ -353,15 +353,15 @@ class GatheredKV(KVSource):
 
         for heads, source, k, v in self._blocks():
             if source == self.rank and own is not None:  # the first block of the next head group
-                send_home()
+                send_home(partials)
                 partials = {}
             dk, dv = yield KVBlock(k, v, self.block_segments[source], heads)
             if source == self.rank:
                 own = (dk, dv)
             else:
                 partials[source] = [dk, dv]
-        send_home()
-        del partials
+        send_home(partials)
+        partials = {}
         results = []
         length = self.k.shape[1]
         for (dk, dv), handle in returning:
