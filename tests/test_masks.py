@@ -7,7 +7,8 @@ a rank boundary (contiguous layout), a document that spans three ranks (world si
 loss is sum(w_o * o) + sum(w_lse * lse), so the gradient through lse is tested too; the sink
 gradient is each rank's part, summed over ranks here as a gradient all-reduce does.
 
-Tolerances: fp64 atol = rtol = 1e-10; fp32 atol = rtol = 1e-4.
+Tolerances: fp64 atol = rtol = 1e-10; fp32 atol = rtol = 1e-4; bf16 atol = rtol = 6e-2 (the oracle
+runs in fp64 on the same bf16-rounded inputs, so only the outputs' bf16 rounding remains).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from seqpar.layout import LAYOUTS, balanced_layout, shard_tensor, unshard_tensor
 
 FP64_TOL = dict(atol=1e-10, rtol=1e-10)
 FP32_TOL = dict(atol=1e-4, rtol=1e-4)
+BF16_TOL = dict(atol=6e-2, rtol=6e-2)  # bf16 inputs (rounded once), fp32 compute, vs the fp64 oracle on them
 HEAD_DIM = 16
 RESULT_NAMES = ("o", "lse", "dq", "dk", "dv", "dsinks")
 
@@ -74,6 +76,7 @@ def make_case(kind: tuple, world_size: int, heads: tuple[int, int], dtype: torch
     q, k, v = draw(batch, length, hq, HEAD_DIM), draw(batch, length, hkv, HEAD_DIM), draw(batch, length, hkv, HEAD_DIM)
     if softcap is not None:
         q = q * 3  # scores well into the tanh's curve
+    q, k, v = (x.to(dtype).double() for x in (q, k, v))  # the oracle sees the inputs as rounded
     sinks = draw(hq) if with_sinks else None
     cu_seqlens = torch.tensor(_documents(world_size)) if with_documents else None
     w_o, w_lse = draw(batch, length, hq, HEAD_DIM), draw(batch, hq, length)
@@ -150,7 +153,7 @@ def test_every_mask_matches_dense_reference(pool, strategy, layout, world_size, 
 @pytest.mark.parametrize("strategy,layout,world_size", [("ring", "contiguous", 4), ("allgather", "zigzag", 3),
                                                         ("ulysses", "striped", 2)])
 def test_reference_backend_and_fp32(pool, strategy, layout, world_size):
-    """The plain-torch kernels (backend="torch") in fp64, and the default backend in fp32."""
+    """The plain-torch kernels (backend="torch") in fp64, and the default backend in fp32 and bf16."""
     seed = zlib.crc32(f"fp32/{strategy}/{layout}".encode()) % 10_000
     cases = [make_case(kind, world_size, _heads(strategy, world_size, gqa=True), torch.float64, seed + i)
              for i, kind in enumerate(MASK_KINDS[3:7])]
@@ -158,6 +161,9 @@ def test_reference_backend_and_fp32(pool, strategy, layout, world_size):
     cases = [make_case(kind, world_size, _heads(strategy, world_size, gqa=True), torch.float32, seed + i)
              for i, kind in enumerate(MASK_KINDS[3:7])]
     check(pool, strategy, layout, world_size, None, cases, FP32_TOL)
+    cases = [make_case(kind, world_size, _heads(strategy, world_size, gqa=True), torch.bfloat16, seed + i)
+             for i, kind in enumerate(MASK_KINDS[3:7])]
+    check(pool, strategy, layout, world_size, None, cases, BF16_TOL)
 
 
 def test_packed_documents_equal_separate_runs():
