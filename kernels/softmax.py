@@ -19,7 +19,6 @@ never caps logits: such blocks run on the reference (CPU) or Triton (CUDA), see
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import NamedTuple
 
@@ -30,6 +29,7 @@ from seqpar.kernels.softmax_reference import (
     attention_block_forward_reference,
     compute_dtype,
 )
+from seqpar.masks import check_softcap
 
 BACKENDS = ("auto", "torch", "triton", "sdpa")
 
@@ -58,15 +58,8 @@ def check_mask_args(diagonal_offset, window_offset, softcap) -> tuple[int | None
     """Validated (diagonal_offset, window_offset, softcap) as (int | None, int | None, float | None):
     offsets must be ints (bool refused: TypeError), softcap a finite number > 0 (TypeError for a
     non-number, ValueError naming the value otherwise)."""
-    diagonal_offset = _check_offset("diagonal_offset", diagonal_offset)
-    window_offset = _check_offset("window_offset", window_offset)
-    if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-            raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__} {softcap!r}")
-        softcap = float(softcap)
-        if not (math.isfinite(softcap) and softcap > 0):
-            raise ValueError(f"softcap must be a finite number > 0 (or None), got {softcap!r}")
-    return diagonal_offset, window_offset, softcap
+    return (_check_offset("diagonal_offset", diagonal_offset), _check_offset("window_offset", window_offset),
+            check_softcap(softcap))
 
 
 def _sdpa():
@@ -80,7 +73,12 @@ def block_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                   softcap: float | None = None) -> str:
     """The backend that computes this block: resolve_backend, with 'sdpa' falling back to
     'triton' (CUDA) or 'torch' where the fused ops cannot do it (a softcap; a window on CUDA)."""
-    diagonal_offset, window_offset, softcap = check_mask_args(diagonal_offset, window_offset, softcap)
+    return _chosen_backend(backend, q, k, v, *check_mask_args(diagonal_offset, window_offset, softcap))
+
+
+def _chosen_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, diagonal_offset: int | None,
+                    window_offset: int | None, softcap: float | None) -> str:
+    """:func:`block_backend` for mask arguments already checked (``check_mask_args``)."""
     chosen = resolve_backend(backend, q.device)
     if chosen == "sdpa" and not _sdpa().sdpa_supports(q, k, diagonal_offset, v, window_offset=window_offset,
                                                       softcap=softcap):
@@ -100,7 +98,14 @@ def attention_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, lse) of one block of softmax attention."""
     diagonal_offset, window_offset, softcap = check_mask_args(diagonal_offset, window_offset, softcap)
-    chosen = block_backend(backend, q, k, v, diagonal_offset, window_offset=window_offset, softcap=softcap)
+    chosen = _chosen_backend(backend, q, k, v, diagonal_offset, window_offset, softcap)
+    return _forward(chosen, q, k, v, scale, diagonal_offset, window_offset, softcap)
+
+
+def _forward(chosen: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+             diagonal_offset: int | None, window_offset: int | None, softcap: float | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_block_forward` on the ``chosen`` backend, arguments already checked."""
     if chosen == "triton":
         return _triton().attention_block_forward_triton(q, k, v, scale=scale, diagonal_offset=diagonal_offset,
                                                         window_offset=window_offset, softcap=softcap)
@@ -131,7 +136,7 @@ def attention_block_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     may then be None. The ``sdpa`` backend hands it to the fused op instead of building one; a
     block that falls back (softcap, ...) computes delta from it."""
     diagonal_offset, window_offset, softcap = check_mask_args(diagonal_offset, window_offset, softcap)
-    chosen = block_backend(backend, q, k, v, diagonal_offset, window_offset=window_offset, softcap=softcap)
+    chosen = _chosen_backend(backend, q, k, v, diagonal_offset, window_offset, softcap)
     if chosen == "sdpa":
         return _sdpa().attention_block_backward_sdpa(do, q, k, v, lse, delta, scale=scale,
                                                      diagonal_offset=diagonal_offset, out=out,
@@ -204,13 +209,13 @@ def attention_block_accumulate_(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
     The Triton backend fuses the merge into the kernel's epilogue (no extra pass over o)."""
     diagonal_offset, window_offset, softcap = check_mask_args(diagonal_offset, window_offset, softcap)
-    if block_backend(backend, q, k, v, diagonal_offset, window_offset=window_offset, softcap=softcap) == "triton":
+    chosen = _chosen_backend(backend, q, k, v, diagonal_offset, window_offset, softcap)
+    if chosen == "triton":
         triton_mod = _triton()
         fused = getattr(triton_mod, "attention_block_accumulate_triton_", None)
         if fused is not None:
             fused(q, k, v, o_acc, lse_acc, scale=scale, diagonal_offset=diagonal_offset,
                   window_offset=window_offset, softcap=softcap)
             return
-    o_blk, lse_blk = attention_block_forward(q, k, v, scale=scale, diagonal_offset=diagonal_offset, backend=backend,
-                                             window_offset=window_offset, softcap=softcap)
+    o_blk, lse_blk = _forward(chosen, q, k, v, scale, diagonal_offset, window_offset, softcap)
     merge_partials_(o_acc, lse_acc, o_blk, lse_blk)

@@ -37,8 +37,6 @@ float64 inputs are not supported by Triton: they fall back to the plain PyTorch 
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -48,6 +46,7 @@ from seqpar.kernels.softmax_reference import (
     attention_block_forward_reference,
 )
 from seqpar.kernels.triton_common import check_int32_offsets, interpreting, strides4
+from seqpar.masks import check_softcap
 
 __all__ = [
     "attention_block_forward_triton",
@@ -610,11 +609,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int,
 _OFFSET_SLACK = 1024  # > every BLOCK_M / BLOCK_N
 
 
-def _check_softcap(softcap: float | None) -> None:
-    if softcap is not None and not (math.isfinite(float(softcap)) and float(softcap) > 0.0):
-        raise ValueError(f"softcap must be None or a finite number > 0; got {softcap}")
-
-
 def _band(Tq: int, Tk: int, diagonal_offset: int | None, window_offset: int | None,
           softcap: float | None) -> tuple[int, int, float, float, bool]:
     """Kernel scalars (diag, win, cap_k, cap_out) and whether the band is empty (no query of the
@@ -691,7 +685,7 @@ def attention_block_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     Key j is visible to query i iff j <= i + diagonal_offset and j >= i + window_offset (None:
     no such bound); scores are scale * q.k, soft-capped (softcap * tanh(s / softcap)) if
     ``softcap`` is given, then masked."""
-    _check_softcap(softcap)
+    check_softcap(softcap)
     if q.dtype == torch.float64:
         return attention_block_forward_reference(q, k, v, scale=scale, diagonal_offset=diagonal_offset,
                                                  window_offset=window_offset, softcap=softcap)
@@ -711,7 +705,7 @@ def attention_block_accumulate_triton_(q: torch.Tensor, k: torch.Tensor, v: torc
     """Compute one block and merge it into the running fp32 (o_acc [B, Tq, Hq, Dv], lse_acc
     [B, Hq, Tq]) in place, in the kernel's epilogue; views with any strides are fine. Mask and
     softcap as in :func:`attention_block_forward_triton`; an empty band leaves the state as is."""
-    _check_softcap(softcap)
+    check_softcap(softcap)
     B, Tq, Hq, D, Tk, Hkv, Dv = _check(q, k, v) if q.dtype != torch.float64 else (None,) * 7
     if q.dtype == torch.float64 or o_acc.dtype != torch.float32 or lse_acc.dtype != torch.float32:
         from seqpar.kernels.softmax import merge_partials_
@@ -735,7 +729,7 @@ def attention_block_backward_triton(do: torch.Tensor, q: torch.Tensor, k: torch.
     """(dq, dk, dv) in fp32 given the row-global ``lse`` (of the soft-capped scores, over every
     block the rows saw) and ``delta = rowsum(o * do)`` (fp32 [B, Hq, Tq]); dk/dv are summed over
     the query heads of each KV group. Mask and softcap as in the forward."""
-    _check_softcap(softcap)
+    check_softcap(softcap)
     if q.dtype == torch.float64:
         return attention_block_backward_reference(do, q, k, v, lse, delta, scale=scale,
                                                   diagonal_offset=diagonal_offset, window_offset=window_offset,

@@ -11,11 +11,12 @@ their checks live here too, beside the mask's.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from seqpar.validation import check_positive_number
 
 
 @dataclass(frozen=True)
@@ -65,19 +66,8 @@ def check_window(window: object) -> int | None:
 
 
 def check_softcap(softcap: object) -> float | None:
-    """``softcap`` as a finite float > 0, or None."""
-    if softcap is None:
-        return None
-    if isinstance(softcap, (bool, str, bytes)):
-        raise TypeError(f"softcap must be a float > 0 or None, got {type(softcap).__name__} {softcap!r}")
-    try:
-        value = float(softcap)
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"softcap must be a float > 0 or None, got {type(softcap).__name__} {softcap!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"softcap must be a finite number > 0 (scores become softcap * tanh(s / softcap)), "
-                         f"got {value}")
-    return value
+    """``softcap`` as a finite float > 0, or None (a TypeError / ValueError naming the value)."""
+    return check_positive_number("softcap", softcap, "scores become softcap * tanh(s / softcap)")
 
 
 def check_sinks(sinks: object, num_q_heads: int, device: torch.device) -> torch.Tensor | None:

@@ -7,18 +7,26 @@ import math
 import torch
 
 
+def check_positive_number(name: str, value: object, meaning: str) -> float | None:
+    """``value`` as a finite float > 0, or None: a TypeError for a bool, string or non-number, a
+    ValueError naming the value for 0, negative, inf or NaN. ``meaning`` says what the number does
+    (it goes into the ValueError)."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, str, bytes)):
+        raise TypeError(f"{name} must be a float or None, got {type(value).__name__} {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a float or None, got {type(value).__name__} {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{name} must be a finite number > 0 ({meaning}), got {number}")
+    return number
+
+
 def check_scale(scale: object) -> None:
     """Raise unless ``scale`` is None or a finite number > 0 (0, negative or NaN give NaN / garbage)."""
-    if scale is None:
-        return
-    if isinstance(scale, (bool, str, bytes)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__} {scale!r}")
-    try:
-        value = float(scale)
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__} {scale!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"scale must be a finite number > 0 (or None for D ** -0.5), got {value}")
+    check_positive_number("scale", scale, "or None for D ** -0.5")
 
 
 def check_flag(name: str, value: object) -> None:

@@ -19,18 +19,14 @@ from seqpar.cost_model import (Machine, Shape, _pairs_per_step, block_tasks_per_
 from seqpar.layout import global_positions
 from seqpar.masks import AttentionMask
 
+from mask_reference import band_mask, global_mask
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _dense_band(q_len: int, k_len: int, hi: int | None, lo: int | None) -> int:
-    i = torch.arange(q_len).unsqueeze(1)
-    j = torch.arange(k_len).unsqueeze(0)
-    seen = torch.ones(q_len, k_len, dtype=torch.bool)
-    if hi is not None:
-        seen &= j <= i + hi
-    if lo is not None:
-        seen &= j >= i + lo
-    return int(seen.sum())
+    """Visible pairs of the band, counted on the dense mask of the test oracle."""
+    return int(band_mask(q_len, k_len, hi, lo).sum())
 
 
 @pytest.mark.parametrize("q_len,k_len,offset", [(5, 7, None), (6, 6, 0), (6, 6, -1), (4, 9, 3), (9, 4, -5), (3, 3, -7)])
@@ -62,19 +58,8 @@ def test_visible_pairs_large_blocks_are_instant():
 
 
 def _dense_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
-    """Which keys each query sees, straight from global positions (no block plan)."""
-    i, j = q_pos.unsqueeze(1), k_pos.unsqueeze(0)
-    seen = torch.ones(len(q_pos), len(k_pos), dtype=torch.bool)
-    if mask.causal:
-        seen &= j <= i
-    if mask.window is not None:
-        seen &= j > i - mask.window
-    if mask.documents is not None:
-        bounds = torch.tensor(mask.documents[1:-1], dtype=torch.long)
-        doc_q = torch.bucketize(q_pos, bounds, right=True).unsqueeze(1)
-        doc_k = torch.bucketize(k_pos, bounds, right=True).unsqueeze(0)
-        seen &= doc_q == doc_k
-    return seen
+    """Which keys each query sees, straight from global positions (the test oracle's mask, no block plan)."""
+    return global_mask(q_pos, k_pos, causal=mask.causal, window=mask.window, cu_seqlens=mask.documents)
 
 
 def _masks(global_len: int) -> list[AttentionMask]:
