@@ -209,12 +209,13 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: s
         order, inverse = order.to(q.device, non_blocking=True), inverse.to(q.device, non_blocking=True)
     row_segments = tuple(tuple(segs) for _, segs in rows)
     heads_per_rank = num_q_heads // ulysses_size
+    gathered = strategy == "allgather"
+    steps = None if gathered else ring_steps(row_segments, mask)
     return ParallelPlan(
         mask=mask, scale=scale, backend=backend, softcap=softcap,
-        ring_steps=ring_steps(row_segments, mask) if strategy != "allgather" else None,
-        kv_key_ranges=visible_key_ranges(row_segments, mask) if strategy == "allgather" else None,
-        ring_key_ranges=None if strategy == "allgather" else ring_key_ranges(
-            row_segments, mask, ring_steps(row_segments, mask)),
+        ring_steps=steps,
+        kv_key_ranges=visible_key_ranges(row_segments, mask) if gathered else None,
+        ring_key_ranges=None if gathered else ring_key_ranges(row_segments, mask, steps),
         q_heads=slice(ulysses_rank * heads_per_rank, (ulysses_rank + 1) * heads_per_rank),
         ulysses_group=ulysses_group, ulysses_size=ulysses_size, kv_repeat=kv_repeat,
         kv_transport="allgather" if strategy == "allgather" else "ring",

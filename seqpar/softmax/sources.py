@@ -361,23 +361,16 @@ class GatheredKV(KVSource):
             else:
                 partials[source] = [dk, dv]
         send_home(partials)
-        partials = {}
         results = []
-        length = self.k.shape[1]
         for (dk, dv), handle in returning:
             got = handle.wait()
-            total = None  # never summed into the driver's tensors: a received buffer, or a copy
+            # the driver's own partial is this source's to keep: the others are added into it
             for peer in self.send_to:  # a fixed order: the same sum on every run
                 a, b = self._sent_range(peer)
                 part_k, part_v = got[peer]
-                if total is None:
-                    if (a, b) == (0, length):
-                        total = part_k.add_(dk), part_v.add_(dv)
-                        continue
-                    total = dk.clone(), dv.clone()
-                total[0][:, a:b].add_(part_k)
-                total[1][:, a:b].add_(part_v)
-            results.append((dk, dv) if total is None else total)
+                dk[:, a:b].add_(part_k)
+                dv[:, a:b].add_(part_v)
+            results.append((dk, dv))
         if len(results) == 1:
             return results[0]
         return torch.cat([r[0] for r in results], dim=2), torch.cat([r[1] for r in results], dim=2)
