@@ -1,13 +1,16 @@
 """Fine-tune a transformers Llama model with its sequences sharded over ranks (seqpar attention).
 
     torchrun --nproc-per-node 2 examples/hf_llama.py --strategy ring --layout zigzag
+    torchrun --nproc-per-node 2 examples/hf_llama.py --packed --check   # packed SFT rows (DataCollatorWithFlattening)
     torchrun --nproc-per-node 2 examples/hf_llama.py --model /path/to/llama --seq-len 4096   # a local checkpoint
 
 Without ``--model`` the model is a small randomly initialised LlamaForCausalLM built from a config
 (nothing is downloaded). Every rank of the group holds a share of each sequence
 (``seqpar.integrations.hf.shard_batch``: local tokens, their global position ids and the
 globally shifted labels); ``apply_sequence_parallel`` makes the model's attention run through
-seqpar on the group. Each rank's loss is its share of the global mean, so summing gradients over
+seqpar on the group. With ``--packed`` each step is one row of several documents packed by
+transformers' ``DataCollatorWithFlattening`` (position ids restart per document): the documents
+never see each other, on any rank. Each rank's loss is its share of the global mean, so summing gradients over
 the group gives the gradients of the unsharded model; ``--check`` verifies that on the first step.
 """
 from __future__ import annotations
@@ -31,6 +34,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--packed", action="store_true", help="one row of packed documents per step (batch 1)")
     p.add_argument("--check", action="store_true", help="compare step 0 with the unsharded model")
     return p.parse_args()
 
@@ -45,6 +49,29 @@ def build_model(args: argparse.Namespace):
                          attention_dropout=0.0, attn_implementation="sdpa")
     torch.manual_seed(0)
     return LlamaForCausalLM(config)
+
+
+def make_batch(args: argparse.Namespace, vocab: int, generator: torch.Generator):
+    """(input_ids, labels, position_ids, document ends) of one step: ``--batch`` rows of simple
+    arithmetic sequences, or with ``--packed`` one row of documents of random lengths packed by
+    DataCollatorWithFlattening (labels of each document's first token are -100)."""
+    def sequence(n: int) -> list[int]:
+        first, stride = (int(torch.randint(lo, hi, (1,), generator=generator)) for lo, hi in ((0, vocab), (1, 4)))
+        return [(first + stride * i) % vocab for i in range(n)]
+
+    if not args.packed:
+        ids = torch.tensor([sequence(args.seq_len) for _ in range(args.batch)])
+        return ids, ids, torch.arange(args.seq_len).expand_as(ids), [0, args.seq_len]
+    from transformers import DataCollatorWithFlattening
+
+    lengths, left = [], args.seq_len
+    while left:
+        lengths.append(min(left, int(torch.randint(1, max(2, args.seq_len // 2), (1,), generator=generator))))
+        left -= lengths[-1]
+    features = [{"input_ids": s, "labels": s} for s in map(sequence, lengths)]
+    batch = DataCollatorWithFlattening()(features, return_tensors="pt")
+    ends = [0] + torch.tensor(lengths).cumsum(0).tolist()
+    return batch["input_ids"], batch["labels"], batch["position_ids"], ends
 
 
 def main() -> None:
@@ -73,17 +100,18 @@ def main() -> None:
         print(f"world={world} strategy={args.strategy} layout={args.layout} seq_len={args.seq_len} device={device}")
     start = time.time()
     for step in range(args.steps):
-        first = torch.randint(0, vocab, (args.batch, 1), generator=generator)
-        stride = torch.randint(1, 4, (args.batch, 1), generator=generator)
-        ids = ((first + stride * torch.arange(args.seq_len)) % vocab).to(device)
-        batch = shard_batch(ids, ids, group=group, layout=args.layout)
+        ids, labels, positions, documents = make_batch(args, vocab, generator)
+        ids, labels, positions = ids.to(device), labels.to(device), positions.to(device)
+        batch = shard_batch(ids, labels, position_ids=positions, group=group, layout=args.layout)
         loss = model(**batch).loss  # this rank's share of the global mean
         loss.backward()
         for p in model.parameters():
             if p.grad is not None:
                 dist.all_reduce(p.grad, group=group)
         if reference is not None and step == 0:
-            ref_loss = reference(input_ids=ids, labels=ids).loss
+            count = int((labels[:, 1:] != -100).sum())  # each document alone: what packing means
+            ref_loss = sum(reference(input_ids=ids[:, a:b], labels=labels[:, a:b], num_items_in_batch=count).loss
+                           for a, b in zip(documents[:-1], documents[1:]))
             ref_loss.backward()
             total = loss.detach().clone()
             dist.all_reduce(total, group=group)
