@@ -13,6 +13,12 @@ share of the replica's mean loss, so the gradients equal those of the unsharded 
 On CPU, DeepSpeed would JIT-compile its shared-memory allreduce op on first use (~100 s); this
 example marks it unavailable unless ``--allow-jit-ops`` is given, and uses a torch optimizer
 (no FusedAdam build).
+
+Mask options of the softmax layers (exact across ranks, see docs/masks.md): ``--window W``
+(causal sliding window), ``--softcap C`` (logit softcap) and ``--sinks`` (a learned per-head sink
+logit, an ``nn.Parameter`` of each softmax block passed as ``attn(..., sinks=self.sinks)``).
+With ZeRO-3 set ``"reduce_scatter": false`` in the config: ``check_zero_config`` refuses the
+default, whose reduction scales the gradients of sequence parallelism by 1/sp.
 """
 from __future__ import annotations
 
@@ -29,7 +35,8 @@ import torch.nn.functional as F
 class Block(nn.Module):
     """Pre-norm block: linear-attention (``L``) or softmax-attention (``S``) mixer, then an MLP."""
 
-    def __init__(self, kind: str, dim: int, heads: int, kv_heads: int, mpu, strategy: str, layout: str) -> None:
+    def __init__(self, kind: str, dim: int, heads: int, kv_heads: int, mpu, strategy: str, layout: str,
+                 window: int | None = None, softcap: float | None = None, sinks: bool = False) -> None:
         super().__init__()
         from seqpar.integrations._common import retnet_decay
         from seqpar.integrations.deepspeed import SeqparDistributedAttention, SeqparDistributedLinearAttention
@@ -39,8 +46,11 @@ class Block(nn.Module):
         self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * self.hd, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        # a sink logit per head (GPT-OSS); a parameter of this block, so ZeRO-3 gathers it for its forward
+        self.sinks = nn.Parameter(torch.zeros(heads)) if sinks and kind == "S" else None
         if kind == "S":
-            self.attn = SeqparDistributedAttention(None, mpu, strategy=strategy, layout=layout)
+            self.attn = SeqparDistributedAttention(None, mpu, strategy=strategy, layout=layout, window=window,
+                                                   softcap=softcap)
         else:
             self.attn = SeqparDistributedLinearAttention(mpu, strategy="lasp2", layout=layout,
                                                          g_gamma=retnet_decay(heads, dtype=torch.float64))
@@ -54,17 +64,22 @@ class Block(nn.Module):
             rep = self.heads // self.kv_heads
             q, k = F.silu(q), F.silu(k)
             k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
-        o = self.attn(q, k, v, 0)  # batch_dim_idx=0: [b, s_local, h, d]
+        if self.sinks is not None:
+            o = self.attn(q, k, v, 0, sinks=self.sinks)  # batch_dim_idx=0: [b, s_local, h, d]
+        else:
+            o = self.attn(q, k, v, 0)
         x = x + self.proj(o.reshape(b, s, -1))
         return x + self.mlp(self.norm2(x))
 
 
 class HybridLM(nn.Module):
     def __init__(self, mpu, *, pattern: str, vocab: int, dim: int, heads: int, kv_heads: int, max_len: int,
-                 strategy: str, layout: str) -> None:
+                 strategy: str, layout: str, window: int | None = None, softcap: float | None = None,
+                 sinks: bool = False) -> None:
         super().__init__()
         self.embed, self.pos = nn.Embedding(vocab, dim), nn.Embedding(max_len, dim)
-        self.blocks = nn.ModuleList(Block(c, dim, heads, kv_heads, mpu, strategy, layout) for c in pattern)
+        self.blocks = nn.ModuleList(Block(c, dim, heads, kv_heads, mpu, strategy, layout, window, softcap, sinks)
+                                    for c in pattern)
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab, bias=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -90,6 +105,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--window", type=int, default=None, help="causal sliding window of the softmax layers")
+    p.add_argument("--softcap", type=float, default=None, help="logit softcap of the softmax layers")
+    p.add_argument("--sinks", action="store_true", help="a learned attention-sink logit per head")
     p.add_argument("--allow-jit-ops", action="store_true", help="let DeepSpeed build its CPU shm comm op")
     p = deepspeed.add_config_arguments(p)
     return p.parse_args()
@@ -101,7 +119,7 @@ def main() -> None:
     import deepspeed
     import deepspeed.ops
 
-    from seqpar.integrations.deepspeed import SequenceParallelMPU
+    from seqpar.integrations.deepspeed import SequenceParallelMPU, check_zero_config
     from seqpar.layout import shard_tensor
 
     use_cuda = torch.cuda.is_available()
@@ -116,16 +134,19 @@ def main() -> None:
 
     torch.manual_seed(0)  # same initial weights everywhere (DeepSpeed also broadcasts them)
     model = HybridLM(mpu, pattern=args.pattern, vocab=args.vocab, dim=args.dim, heads=args.heads,
-                     kv_heads=args.kv_heads, max_len=args.seq_len, strategy=args.strategy, layout=args.layout)
+                     kv_heads=args.kv_heads, max_len=args.seq_len, strategy=args.strategy, layout=args.layout,
+                     window=args.window, softcap=args.softcap, sinks=args.sinks)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     engine, _, _, _ = deepspeed.initialize(args=args, model=model, optimizer=optimizer, mpu=mpu)
+    check_zero_config(engine)  # ZeRO-3 needs "reduce_scatter": false with sequence parallelism
     device = engine.device
     sp_rank, dp_rank = mpu.get_sequence_parallel_rank(), rank // sp
     micro = engine.train_micro_batch_size_per_gpu()
     generator = torch.Generator().manual_seed(1000 + dp_rank)  # one data stream per replica
     if rank == 0:
         print(f"world={world} sp={sp} dp={world // sp} pattern={args.pattern} strategy={args.strategy} "
-              f"layout={args.layout} zero={engine.zero_optimization_stage()} device={device}")
+              f"layout={args.layout} zero={engine.zero_optimization_stage()} device={device} window={args.window} "
+              f"softcap={args.softcap} sinks={args.sinks}")
     start = time.time()
     for step in range(args.steps):
         # Arithmetic sequences mod vocab (learnable), the full sequence on every rank of the replica.

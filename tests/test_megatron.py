@@ -307,6 +307,198 @@ def case_linear_core_fp64(ctx: WorkerContext, strategy: str) -> dict:
     return errors
 
 
+# ---------------------------------------------------------------------------------------------
+# Packed documents (THD), sliding windows and sinks from the TransformerConfig.
+
+# Real document lengths (a 1-token document, documents crossing the cp rank boundary) and, for
+# Megatron's per-document THD split, their lengths padded to multiples of 2 * cp = 4.
+PACKED_REAL = [1, 6, 3, 9, 4]
+PACKED_PADDED = [4, 8, 4, 12, 4]          # 32 tokens in all
+ROW_REAL = [1, 9, 5, 13, 4]               # 32 tokens, no padding (row split: any lengths)
+PACKED_TOL = dict(rtol=1e-4, atol=1e-5)   # fp32 model against the fp64-attention oracle
+
+
+def _cumsum(lengths):
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return out
+
+
+def _thd_indices(padded_bounds, rank, cp):
+    """Megatron / TE's THD split (tex.thd_get_partitioned_indices), written out here: every padded
+    document is cut into 2 * cp chunks and rank r keeps chunks r and 2 * cp - 1 - r of each."""
+    idx = []
+    for a, b in zip(padded_bounds[:-1], padded_bounds[1:]):
+        c = (b - a) // (2 * cp)
+        for k in (rank, 2 * cp - 1 - rank):
+            idx.extend(range(a + k * c, a + (k + 1) * c))
+    return torch.tensor(idx)
+
+
+def _oracle_core():
+    """fp64 softmax attention written out (causal, TE-convention window of the layer from the
+    config, softmax_type sinks as an extra logit column, parameter ``softmax_offset`` as in
+    Megatron): the single-document oracle, run on each document separately at cp=1."""
+    from megatron.core.transformer.module import MegatronModule
+    from megatron.core.transformer.utils import is_layer_window_attention
+
+    class OracleCoreAttention(MegatronModule):
+        def __init__(self, config, layer_number, attn_mask_type, attention_type="self", attention_dropout=None,
+                     softmax_scale=None, cp_comm_type=None, pg_collection=None):
+            super().__init__(config=config)
+            self.window = None
+            if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
+                self.window = config.window_size
+            if config.softmax_type == "learnable":
+                self.softmax_offset = torch.nn.Parameter(torch.zeros(config.num_attention_heads))
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            assert packed_seq_params is None
+            s, b, n, d = query.shape
+            q, k, v = (t.permute(1, 2, 0, 3).double().repeat_interleave(n // t.shape[2], dim=1)
+                       for t in (query, key, value))
+            scores = q @ k.transpose(-1, -2) / math.sqrt(d)
+            i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
+            visible = j <= i
+            if self.window is not None and self.window[0] >= 0:
+                visible &= j >= i - self.window[0]
+            scores = scores.masked_fill(~visible, float("-inf"))
+            if self.config.softmax_type != "vanilla":
+                sink = (self.softmax_offset.double() if self.config.softmax_type == "learnable"
+                        else torch.zeros(n, dtype=torch.float64))
+                scores = torch.cat([scores, sink.view(1, n, 1, 1).expand(b, n, s, 1)], dim=-1)
+            p = torch.softmax(scores, dim=-1)[..., :s]
+            o = p @ v
+            return o.permute(2, 0, 1, 3).reshape(s, b, n * d).to(query.dtype)
+
+    return OracleCoreAttention
+
+
+class _RopeOnCpu:
+    """Megatron 0.16.1's RotaryEmbedding.get_emb moves its inv_freq to CUDA; on a CPU-only torch
+    this context computes the same table on CPU (the THD application path stays Megatron's)."""
+
+    def __enter__(self):
+        from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+        def get_emb(emb_self, max_seq_len, offset=0):
+            assert not emb_self.rotary_interleaved
+            freqs = emb_self.get_freqs_non_repeated(max_seq_len, offset)
+            return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
+
+        self.saved = RotaryEmbedding.get_emb
+        RotaryEmbedding.get_emb = get_emb
+        return self
+
+    def __exit__(self, *exc):
+        from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+        RotaryEmbedding.get_emb = self.saved
+
+
+def _packed_config(cp, window, skip_freq, softmax_type, rope):
+    config = _config(cp, 2, gqa=True)
+    config.window_size = window
+    config.window_attn_skip_freq = skip_freq
+    config.softmax_type = softmax_type
+    return config
+
+
+def case_packed_gpt_model(ctx: WorkerContext, split: str, strategy: str, rope: bool, window, skip_freq,
+                          softmax_type: str) -> bool:
+    with _RopeOnCpu():
+        return _packed_gpt_model(split, strategy, rope, window, skip_freq, softmax_type)
+
+
+def _packed_gpt_model(split: str, strategy: str, rope: bool, window, skip_freq, softmax_type: str) -> bool:
+    """A 2-layer GPTModel fed ONE packed row of documents with PackedSeqParams (qkv_format 'thd',
+    global boundaries), at cp=1 and cp=2, against an oracle that knows nothing of packing: the
+    cp=1 model with a written-out fp64 core attention run on each document separately (positions
+    restarting at 0). Per-token losses of the real tokens, their sum and every parameter gradient
+    (summed over cp) must agree; padding tokens are masked out of the loss."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    import seqpar
+    from seqpar.integrations.megatron import _with_core_attention, get_gpt_layer_spec
+
+    real = PACKED_REAL if split == "document" else ROW_REAL
+    padded = PACKED_PADDED if split == "document" else ROW_REAL
+    rb, pb = _cumsum(real), _cumsum(padded)
+    T = pb[-1]
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, VOCAB, (1, T), generator=gen)
+    labels = torch.randint(0, VOCAB, (1, T), generator=gen)
+    position_ids = torch.zeros(1, T, dtype=torch.long)
+    loss_mask = torch.zeros(1, T)
+    for d in range(len(real)):
+        position_ids[0, pb[d]: pb[d + 1]] = torch.arange(padded[d])
+        loss_mask[0, pb[d]: pb[d] + real[d]] = 1.0
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=torch.tensor(rb, dtype=torch.int32),
+                             cu_seqlens_kv=torch.tensor(rb, dtype=torch.int32),
+                             max_seqlen_q=max(padded), max_seqlen_kv=max(padded))
+    if split == "document":
+        params.cu_seqlens_q_padded = torch.tensor(pb, dtype=torch.int32)
+        params.cu_seqlens_kv_padded = torch.tensor(pb, dtype=torch.int32)
+    pos_type = "rope" if rope else "learned_absolute"
+
+    def build(cp, spec):
+        config = _packed_config(cp, window, skip_freq, softmax_type, rope)
+        torch.manual_seed(1)
+        return GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=T, position_embedding_type=pos_type)
+
+    results = {}
+    for cp in (1, WORLD):
+        _init_megatron(cp)
+        layout = seqpar.balanced_layout(torch.tensor(rb), cp) if split == "balanced" else "zigzag"
+        spec = get_gpt_layer_spec("softmax", strategy=strategy, layout=layout,
+                                  packed_split="document" if split == "document" else "row")
+        model = build(cp, spec)
+        if cp == 1:
+            state = _copy_state(model)
+            # The oracle: each document alone through the unpacked model with the fp64 core.
+            oracle = build(1, _with_core_attention(get_gpt_layer_local_spec(), ModuleSpec(module=_oracle_core())))
+            missing, unexpected = oracle.load_state_dict(state, strict=False)
+            assert not [k for k in missing if "_extra_state" not in k] and not unexpected, (missing, unexpected)
+            ref_loss = torch.zeros(1, T)
+            for d in range(len(real)):
+                sl = slice(pb[d], pb[d] + real[d])
+                out = oracle(tokens[:, sl], torch.arange(real[d]).unsqueeze(0), None, labels=labels[:, sl])
+                ref_loss[:, sl] = out
+            ref_loss.sum().backward()
+            ref_grads = {n: p.grad.detach().clone() for n, p in oracle.named_parameters()}
+        else:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            assert not [k for k in missing if "_extra_state" not in k] and not unexpected, (missing, unexpected)
+        rank = parallel_state.get_context_parallel_rank()
+        if cp == 1:
+            index = torch.arange(T)
+        elif split == "document":
+            index = _thd_indices(pb, rank, cp)
+        else:
+            index = seqpar.layout.global_positions(layout, rank, cp, T // cp)
+        batch = {k: v[:, index] for k, v in dict(tokens=tokens, labels=labels, pos=position_ids,
+                                                  mask=loss_mask, ref=ref_loss).items()}
+        loss = model(batch["tokens"], batch["pos"], None, labels=batch["labels"], packed_seq_params=params)
+        assert loss.shape == (1, T // cp), loss.shape
+        (loss * batch["mask"]).sum().backward()
+        group = parallel_state.get_context_parallel_group() if cp > 1 else None
+        torch.testing.assert_close(loss.detach() * batch["mask"], batch["ref"].detach(), **PACKED_TOL,
+                                   msg=lambda m: f"cp={cp} token losses: {m}")
+        grads = _grads(model, group)
+        assert grads.keys() == ref_grads.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], **PACKED_TOL,
+                                       msg=lambda m: f"cp={cp} grad {name}: {m}")
+        results[cp] = True
+    return all(results.values())
+
+
 def test_layout_matches_megatron_batch_slicing(mpool):
     assert all(mpool.run(case_layout_matches_megatron_slicing, WORLD))
 
@@ -398,3 +590,127 @@ def test_example_script_trains():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     losses = [float(v) for v in re.findall(r"loss (\S+)", proc.stdout)]
     assert len(losses) == 2 and all(map(math.isfinite, losses)) and losses[-1] < losses[0] - 0.1, proc.stdout
+
+
+@pytest.mark.parametrize("split,strategy,rope,window,skip_freq,softmax_type", [
+    ("document", "ring", True, None, None, "vanilla"),            # Megatron THD split + THD RoPE
+    ("document", "allgather", True, (3, 0), 2, "learnable"),      # window on layer 1, full layer 2, sinks
+    ("row", "ulysses", False, (4, -1), None, "off-by-one"),       # zigzag over the row
+    ("balanced", "ring", False, (5, 0), None, "learnable"),       # BalancedLayout of the documents
+])
+def test_packed_gpt_model_cp2_equals_per_document_oracle(mpool, split, strategy, rope, window, skip_freq,
+                                                         softmax_type):
+    """Tolerances: PACKED_TOL (fp32 model vs fp64-attention oracle) on token losses and grads."""
+    assert all(mpool.run(case_packed_gpt_model, WORLD, split=split, strategy=strategy, rope=rope, window=window,
+                         skip_freq=skip_freq, softmax_type=softmax_type))
+
+
+class _FakeGroup:
+    def __init__(self, size=1, rank=0):
+        self._size, self._rank = size, rank
+
+    def size(self):
+        return self._size
+
+    def rank(self):
+        return self._rank
+
+
+def _fake_pgs(cp_size=1):
+    import types
+
+    return types.SimpleNamespace(tp=_FakeGroup(), cp=None if cp_size == 1 else _FakeGroup(cp_size))
+
+
+def _small_config(**kw):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, kv_channels=8,
+                             use_cpu_initialization=True, attention_dropout=0.0, **kw)
+
+
+def test_layer_window_mapping():
+    """TE's (left, right) -> seqpar window = left + 1 on the window layers of window_attn_skip_freq."""
+    from seqpar.integrations.megatron import layer_window
+
+    assert layer_window(_small_config(window_size=(3, 0)), 1, True) == 4
+    assert layer_window(_small_config(window_size=(3, -1)), 2, True) == 4
+    assert layer_window(_small_config(window_size=(0, 0)), 1, True) == 1
+    assert layer_window(_small_config(window_size=(-1, 0)), 1, True) is None
+    assert layer_window(_small_config(window_size=(-1, -1)), 1, False) is None
+    assert layer_window(_small_config(), 1, True) is None
+    skip = _small_config(window_size=(3, 0), window_attn_skip_freq=2)
+    assert [layer_window(skip, n, True) for n in (1, 2)] == [4, None]
+    listed = _small_config(window_size=(3, 0), window_attn_skip_freq=[0, 1])
+    assert [layer_window(listed, n, True) for n in (1, 2)] == [None, 4]
+    with pytest.raises(ValueError, match=r"right=2 > 0"):
+        layer_window(_small_config(window_size=(3, 2)), 1, True)
+    with pytest.raises(ValueError, match=r"\(3, 0\) on a non-causal layer"):
+        layer_window(_small_config(window_size=(3, 0)), 1, False)
+
+
+def test_document_zigzag_layout_is_megatron_thd_split():
+    """document_zigzag_layout holds the tokens of Megatron's THD split, in its order, and merges
+    adjacent chunks into few segments."""
+    from seqpar.integrations.megatron import document_zigzag_layout
+    from seqpar.layout import global_positions
+
+    for cp, lengths in [(2, PACKED_PADDED), (2, [8, 24]), (3, [6, 12, 0, 18])]:
+        bounds = _cumsum(lengths)
+        layout = document_zigzag_layout(torch.tensor(bounds), cp)
+        for r in range(cp):
+            got = global_positions(layout, r, cp, bounds[-1] // cp)
+            assert torch.equal(got, _thd_indices(bounds, r, cp)), (cp, lengths, r)
+            assert len(layout.segments(r)) <= 2 * len(lengths)
+    assert document_zigzag_layout([0, 5, 9], 1) == "contiguous"
+    with pytest.raises(ValueError, match=r"divisible by 2 \* cp = 4.*\[0, 3, 8\]"):
+        document_zigzag_layout([0, 3, 8], 2)
+
+
+def test_packed_and_config_errors():
+    """Refused combinations raise errors that name what was refused."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from seqpar.integrations.megatron import SeqparCoreAttention, SeqparLinearCoreAttention, packed_documents
+
+    causal = AttnMaskType.causal
+    with pytest.raises(ValueError, match=r"right=1 > 0"):
+        SeqparCoreAttention(_small_config(window_size=(4, 1)), 1, causal, pg_collection=_fake_pgs())
+    with pytest.raises(ValueError, match="non-causal"):
+        SeqparCoreAttention(_small_config(window_size=(4, 0)), 1, AttnMaskType.no_mask, pg_collection=_fake_pgs())
+    SeqparCoreAttention(_small_config(window_size=(4, 0), window_attn_skip_freq=[0, 1]), 1, AttnMaskType.no_mask,
+                        pg_collection=_fake_pgs())  # layer 1 is a full-attention layer: fine
+    with pytest.raises(ValueError, match="sliding window.*layer 1"):
+        SeqparLinearCoreAttention(_small_config(window_size=(4, 0)), 1, causal, pg_collection=_fake_pgs())
+    with pytest.raises(ValueError, match="softmax_type must be 'vanilla'"):
+        SeqparLinearCoreAttention(_small_config(softmax_type="learnable"), 1, causal, pg_collection=_fake_pgs())
+    with pytest.raises(ValueError, match="qk_clip"):
+        SeqparCoreAttention(_small_config(log_max_attention_logit=True), 1, causal, pg_collection=_fake_pgs())
+
+    thd = lambda q, kv, **kw: PackedSeqParams(qkv_format="thd", cu_seqlens_q=torch.tensor(q),  # noqa: E731
+                                              cu_seqlens_kv=torch.tensor(kv), **kw)
+    with pytest.raises(NotImplementedError, match=r"cu_seqlens_q=\[0, 3, 8\] and cu_seqlens_kv=\[0, 4, 8\]"):
+        packed_documents(thd([0, 3, 8], [0, 4, 8]), 8)
+    with pytest.raises(NotImplementedError, match="qkv_format='sbhd'"):
+        packed_documents(PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=torch.tensor([0, 8])), 8)
+    with pytest.raises(ValueError, match="GLOBAL"):
+        packed_documents(thd([0, 3, 4], [0, 3, 4]), 8)
+    # padding at the end of each padded document is a document of its own
+    assert packed_documents(thd([0, 1, 3], [0, 1, 3], cu_seqlens_q_padded=torch.tensor([0, 4, 8]),
+                                cu_seqlens_kv_padded=torch.tensor([0, 4, 8])), 8) == ([0, 4, 8], [0, 1, 4, 6, 8])
+
+    q = torch.randn(8, 4, 8)
+    kv = torch.randn(8, 2, 8)
+    linear = SeqparLinearCoreAttention(_small_config(), 1, causal, pg_collection=_fake_pgs())
+    with pytest.raises(NotImplementedError, match="packed sequences"):
+        linear(q.unsqueeze(1), kv.unsqueeze(1), kv.unsqueeze(1), None, packed_seq_params=thd([0, 8], [0, 8]))
+    core = SeqparCoreAttention(_small_config(), 1, causal, pg_collection=_fake_pgs())
+    assert core(q, kv, kv, None, packed_seq_params=thd([0, 3, 8], [0, 3, 8])).shape == (8, 32)
+    with pytest.raises(ValueError, match="needs packed_seq_params"):
+        core(q, kv, kv, None)
+    with pytest.raises(ValueError, match="BalancedLayout"):
+        import seqpar
+
+        SeqparCoreAttention(_small_config(), 1, causal, pg_collection=_fake_pgs(),
+                            layout=seqpar.balanced_layout(torch.tensor([0, 8]), 2), packed_split="document")

@@ -15,6 +15,12 @@ same groups and methods as ``deepspeed.runtime.sequence_parallel.parallel_state_
 object instead of module globals): ZeRO then partitions and reduces over the sequence-data
 parallel group and divides gradients by the pure data-parallel size, so each rank's loss must be
 its share of the global mean (sum of local token losses / global token count).
+
+Masks: ``SeqparDistributedAttention(..., window=W, softcap=c)`` (fixed per layer) and the call's
+``cu_seqlens=`` (global document boundaries of one packed row) and ``sinks=`` (per-head logits
+[Hq], usually the model's parameter) are honoured exactly (see docs/masks.md). ZeRO-3 reduces
+with the right scale only with ``"reduce_scatter": false``: :func:`check_zero_config` checks an
+engine for that.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from torch import Tensor
 
 from seqpar.comm.groups import group_timeout
 from seqpar.integrations._common import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, check_choice
+from seqpar.masks import check_softcap, check_window
 from seqpar.validation import check_head_axis
 
 _LAYOUTS = {0: "[b, s, h, d]", 1: "[s, b, h, d]"}  # DeepSpeed's batch_dim_idx; heads on dim 2 in both
@@ -47,6 +54,24 @@ def resolve_sequence_parallel_group(source: Any) -> Optional[dist.ProcessGroup]:
         raise ValueError(f"{type(source).__name__}.get_sequence_parallel_group() returned None "
                          f"(is sequence parallelism configured?)")
     return group
+
+
+def check_zero_config(engine: Any) -> None:
+    """Raise a ValueError if ``engine`` (from ``deepspeed.initialize``) would scale the gradients of
+    sequence parallelism wrongly.
+
+    ZeRO-3's default gradient reduction (``"reduce_scatter": true``) averages over the whole
+    sequence-data-parallel group, sequence-parallel ranks included, so with sequence parallel
+    size sp every gradient comes out sp times too small (DeepSpeed 0.19.8,
+    ``DeepSpeedZeroOptimizer_Stage3.__avg_scatter_grads``). ZeRO-1/2, no ZeRO, and ZeRO-3 with
+    ``"reduce_scatter": false`` divide by the pure data-parallel size, which is what the loss
+    convention of this module (each rank's loss is its share of the global mean) needs."""
+    stage = engine.zero_optimization_stage()
+    sp = getattr(engine, "sequence_parallel_size", 1)
+    if stage == 3 and sp > 1 and engine.zero_reduce_scatter():
+        raise ValueError(f"ZeRO stage 3 with \"reduce_scatter\": true averages gradients over all "
+                         f"{sp} sequence-parallel ranks as if they were data-parallel replicas (gradients "
+                         f"{sp}x too small). Set \"zero_optimization\": {{\"stage\": 3, \"reduce_scatter\": false}}")
 
 
 class SequenceParallelMPU:
@@ -145,14 +170,32 @@ class SeqparDistributedAttention(_GroupResolver):
     it, raise a ValueError naming the expected and received shapes (a [b, h, s, d] tensor passed
     as [b, s, h, d] is the usual cause). ``layout`` is how the tokens are split over the group:
     ``"contiguous"`` (what DeepSpeed's data loaders produce), or ``"zigzag"``/``"striped"``
-    with data sharded by ``seqpar.shard``.
+    (or a ``seqpar.BalancedLayout``) with data sharded by ``seqpar.shard``.
+
+    Masks (docs/masks.md), honoured exactly by every strategy and layout: ``window`` (a causal
+    sliding window: query i sees keys i - window < j <= i) and ``softcap`` (scores become
+    softcap * tanh(s / softcap)) are fixed per layer; each call may pass ``cu_seqlens=`` (the
+    GLOBAL document boundaries ``[0, e_1, ..., T_global]`` of one packed row, so the batch must
+    be 1, the same tensor on every rank) and ``sinks=`` (per-head logits [Hq], usually the
+    model's ``nn.Parameter``; each rank gets its part of the gradient and ZeRO's reduction over
+    the sequence-data-parallel group adds them). Any other extra argument raises a TypeError
+    naming it: nothing is ignored.
     """
 
     def __init__(self, local_attention: Optional[torch.nn.Module] = None, sequence_process_group: Any = None,
                  scatter_idx: int = 2, gather_idx: int = 0, sp_stream: Any = None, num_kv_heads: Optional[int] = None,
                  *, strategy: str = "ulysses", layout: str = "contiguous", causal: bool = True,
-                 scale: Optional[float] = None, backend: str = "auto") -> None:
+                 scale: Optional[float] = None, backend: str = "auto", window: Optional[int] = None,
+                 softcap: Optional[float] = None) -> None:
         super().__init__(sequence_process_group)
+        name = type(self).__name__
+        try:  # at construction, so that a bad layer fails when the model is built
+            window, softcap = check_window(window), check_softcap(softcap)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{name}: {e}") from None
+        if window is not None and not causal:
+            raise ValueError(f"{name}(window={window}, causal=False): a sliding window needs causal=True "
+                             f"(query i sees keys i - window < j <= i); non-causal windows are not supported")
         if local_attention is not None:
             warnings.warn("SeqparDistributedAttention computes attention with seqpar; local_attention is not used",
                           stacklevel=2)
@@ -164,24 +207,67 @@ class SeqparDistributedAttention(_GroupResolver):
         self.scale = scale
         self.backend = backend
         self.num_kv_heads = num_kv_heads
+        self.window = window
+        self.softcap = softcap
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, batch_dim_idx: int, rotary_pos_emb: Any = None,
-                *args: Any, **kwargs: Any) -> Tensor:
-        """Attention of this rank's queries over the whole sequence; same shape and layout as ``query``."""
+                *args: Any, cu_seqlens: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
+                **kwargs: Any) -> Tensor:
+        """Attention of this rank's queries over the whole sequence; same shape and layout as ``query``.
+
+        ``cu_seqlens`` (keyword): global document boundaries of one packed row (batch 1);
+        ``sinks`` (keyword): per-head sink logits [Hq]. Other extra arguments raise a TypeError."""
         import seqpar
 
+        name = type(self).__name__
         if rotary_pos_emb is not None:
             raise NotImplementedError("apply RoPE before the call, with the global positions of the local tokens "
                                       "(seqpar.local_positions)")
-        if args or kwargs:
-            raise TypeError(f"unexpected extra arguments for seqpar attention: {len(args)} positional, {sorted(kwargs)}")
+        _refuse_extra_arguments(f"{name}.forward", args, kwargs, accepted="cu_seqlens=, sinks=")
         q, k, v = (_to_bshd(t, batch_dim_idx) for t in (query, key, value))
+        if cu_seqlens is not None and q.dim() == 4 and q.shape[0] != 1:
+            raise ValueError(f"{name}: cu_seqlens gives the documents of ONE packed row, but the query "
+                             f"{_LAYOUTS[batch_dim_idx]} (batch_dim_idx={batch_dim_idx}) has batch size "
+                             f"{q.shape[0]} (shape {tuple(query.shape)}); pack the batch into one row")
+        if sinks is not None:
+            _check_gathered(name, "sinks", sinks)
         if self.num_kv_heads is not None:
-            check_head_axis(type(self).__name__, _LAYOUTS[batch_dim_idx], query, key, value, num_heads=None,
+            check_head_axis(name, _LAYOUTS[batch_dim_idx], query, key, value, num_heads=None,
                             num_kv_heads=self.num_kv_heads)
         o = seqpar.attention(q, k, v, strategy=self.strategy, layout=self.layout, group=self.group,
-                             causal=self.causal, scale=self.scale, backend=self.backend)
+                             causal=self.causal, scale=self.scale, backend=self.backend, cu_seqlens=cu_seqlens,
+                             window=self.window, softcap=self.softcap, sinks=sinks)
         return o if batch_dim_idx == 0 else o.transpose(0, 1)
+
+
+def _refuse_extra_arguments(where: str, args: tuple, kwargs: dict, accepted: str) -> None:
+    """Raise a TypeError naming every extra positional / keyword argument (none is ignored)."""
+    if not args and not kwargs:
+        return
+    parts = []
+    if args:
+        parts.append(f"{len(args)} extra positional argument(s) after rotary_pos_emb "
+                     f"({', '.join(type(a).__name__ for a in args)})")
+    if kwargs:
+        parts.append(f"keyword argument(s) {', '.join(sorted(kwargs))}")
+    hint = ""
+    if any(name in kwargs for name in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")):
+        hint = ("; for packed documents pass cu_seqlens= (GLOBAL boundaries of the packed row, the same on every "
+                "rank), one tensor for queries and keys")
+    elif any(name in kwargs for name in ("attention_mask", "attn_mask", "mask", "is_causal", "causal")):
+        hint = "; the mask is causal=, window= (constructor) and cu_seqlens= (call): arbitrary masks are not supported"
+    raise TypeError(f"{where} got {' and '.join(parts)}; seqpar computes the attention itself and accepts only "
+                    f"{accepted} besides query, key, value, batch_dim_idx (nothing is silently ignored){hint}")
+
+
+def _check_gathered(where: str, what: str, tensor: Any) -> None:
+    """A ZeRO-3 partitioned parameter that was not gathered for this forward has 0 elements: say so."""
+    if isinstance(tensor, Tensor) and tensor.numel() == 0 and hasattr(tensor, "ds_id"):
+        raise ValueError(f"{where}: {what} is a ZeRO-3 partitioned parameter that is not gathered (ds_shape "
+                         f"{tuple(getattr(tensor, 'ds_shape', ()))}, local shape {tuple(tensor.shape)}). Make it a "
+                         f"parameter of the module whose forward calls the attention (ZeRO-3 gathers a module's "
+                         f"parameters for its forward), or use deepspeed.zero.GatheredParameters / "
+                         f"register_external_parameter")
 
 
 class SeqparDistributedLinearAttention(_GroupResolver):
@@ -199,6 +285,9 @@ class SeqparDistributedLinearAttention(_GroupResolver):
     call: fp32, or fp64 for fp64 inputs. Give it in fp64 (``retnet_decay(h, dtype=torch.float64)``)
     for fp64 accuracy. When ``g_gamma`` is given its length is the head count: q / k / v whose
     head axis (dim 2) holds another count raise a ValueError naming both shapes.
+
+    Packed documents are not supported yet: ``cu_seqlens=`` raises a NotImplementedError instead
+    of letting the state flow across documents.
     """
 
     def __init__(self, sequence_process_group: Any = None, *, strategy: str = "lasp2", layout: str = "contiguous",
@@ -211,9 +300,17 @@ class SeqparDistributedLinearAttention(_GroupResolver):
         self.backend = backend
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, batch_dim_idx: int, g: Optional[Tensor] = None,
-                initial_state: Optional[Tensor] = None, output_final_state: bool = False):
+                initial_state: Optional[Tensor] = None, output_final_state: bool = False, *,
+                cu_seqlens: Optional[Tensor] = None):
         """Causal linear attention; output in the input's layout (and the final state if asked)."""
         import seqpar
+
+        if cu_seqlens is not None:
+            raise NotImplementedError(f"{type(self).__name__}: cu_seqlens (packed documents) was given, but linear "
+                                      f"attention cannot keep documents apart yet: its state would need a reset at "
+                                      f"every document start, which seqpar.linear_attention does not do, so tokens "
+                                      f"would silently attend across documents. Use SeqparDistributedAttention "
+                                      f"layers with cu_seqlens, or call without cu_seqlens")
 
         q, k, v = (_to_bshd(t, batch_dim_idx) for t in (query, key, value))
         if self.g_gamma is not None and self.g_gamma.dim() == 1:  # g_gamma [h] gives the head count
