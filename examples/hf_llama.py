@@ -29,7 +29,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="local path of a Llama-family checkpoint (default: random tiny)")
     p.add_argument("--strategy", default="ring", choices=["ring", "allgather", "ulysses"])
-    p.add_argument("--layout", default="zigzag", choices=["contiguous", "zigzag", "striped"])
+    p.add_argument("--layout", default="zigzag", choices=["contiguous", "zigzag", "striped", "balanced"])
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=20)

@@ -23,11 +23,13 @@ def _group(ctx: WorkerContext, strategy: str):
     return ctx.usp_groups[(1, WORLD)] if strategy == "usp" else ctx.group
 
 
-def _compare(ctx: WorkerContext, reference, model, ref_out, out, layout: str) -> None:
+def _compare(ctx: WorkerContext, reference, model, ref_out, out, layout: str, documents=None) -> None:
     """Logits of this rank's tokens, the summed loss and every summed gradient equal the reference's."""
+    from seqpar.integrations.hf import row_layout
     from seqpar.layout import shard_tensor
 
-    torch.testing.assert_close(out.logits, shard_tensor(ref_out.logits.detach(), layout, ctx.rank, WORLD),
+    split = row_layout(layout, documents, T, WORLD)
+    torch.testing.assert_close(out.logits, shard_tensor(ref_out.logits.detach(), split, ctx.rank, WORLD),
                                rtol=RTOL, atol=ATOL)
     total = out.loss.detach().clone()
     torch.distributed.all_reduce(total, group=ctx.group)
@@ -113,10 +115,14 @@ def case_packed(ctx: WorkerContext, name: str, strategy: str, layout: str, bound
                      max_length_q=batch["max_length_q"], max_length_k=batch["max_length_k"])
     elif boundaries == "position_ids":
         del local["cu_seq_lens_q"], local["cu_seq_lens_k"]
+        if layout == "balanced":  # the split depends on the boundaries: refused without them
+            with pytest.raises(ValueError, match=r"layout='balanced' needs its global boundaries"):
+                model(**local)
+            return True
         assert torch.equal(local["position_ids"], shard_tensor(batch["position_ids"], layout, ctx.rank, WORLD))
     out = model(**local)
     out.loss.backward()
-    _compare(ctx, reference, model, ref_out, out, layout)
+    _compare(ctx, reference, model, ref_out, out, layout, batch["cu_seq_lens_q"])
     return True
 
 
@@ -133,7 +139,7 @@ def case_missing_position_ids(ctx: WorkerContext) -> str:
 _MATRIX = [(name, "ring", "zigzag") for name in archs.NAMES] + [
     ("mistral-window", "allgather", "contiguous"), ("gemma2-softcap-window", "ulysses", "striped"),
     ("gpt-oss-window", "usp", "zigzag"), ("qwen3-window", "allgather", "striped"),
-    ("gpt-oss", "ulysses", "contiguous")]
+    ("gpt-oss", "ulysses", "contiguous"), ("qwen2-window", "ring", "balanced"), ("llama", "ulysses", "balanced")]
 
 
 @pytest.mark.parametrize("name,strategy,layout", _MATRIX)
@@ -144,7 +150,9 @@ def test_architecture_sharded_equals_unsharded(pool, name, strategy, layout):
 @pytest.mark.parametrize("name,strategy,layout,boundaries", [
     ("llama", "ring", "zigzag", "shard_batch"), ("llama", "ring", "zigzag", "position_ids"),
     ("qwen2", "allgather", "contiguous", "collator"), ("mistral-window", "ring", "zigzag", "position_ids"),
-    ("gemma2-softcap-window", "ulysses", "zigzag", "shard_batch"), ("gpt-oss-window", "ring", "striped", "collator")])
+    ("gemma2-softcap-window", "ulysses", "zigzag", "shard_batch"), ("gpt-oss-window", "ring", "striped", "collator"),
+    ("llama", "ring", "balanced", "shard_batch"), ("gpt-oss-window", "usp", "balanced", "collator"),
+    ("mistral-window", "allgather", "balanced", "shard_batch"), ("llama", "ring", "balanced", "position_ids")])
 def test_packed_rows_become_documents(pool, name, strategy, layout, boundaries):
     assert all(pool.run(case_packed, WORLD, name=name, strategy=strategy, layout=layout, boundaries=boundaries))
 

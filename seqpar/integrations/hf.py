@@ -34,6 +34,7 @@ weights (``output_attentions=True``), attention dropout in training.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -44,6 +45,11 @@ from seqpar.integrations._common import SOFTMAX_STRATEGIES, check_choice
 
 #: The name of seqpar's function in transformers' AttentionInterface.
 ATTN_IMPLEMENTATION = "seqpar"
+
+#: The adapter's layouts: seqpar's names, plus ``"balanced"``: each packed row split by
+#: ``seqpar.balanced_layout`` of its documents (shard_batch and the attention derive the same
+#: layout from the row's global boundaries; a row without documents is one document).
+LAYOUTS = ("contiguous", "zigzag", "striped", "balanced")
 
 #: Keyword arguments of transformers' attention functions that seqpar honours exactly.
 HONOURED_ARGUMENTS = ("dropout", "scaling", "is_causal", "sliding_window", "softcap", "s_aux",
@@ -111,6 +117,22 @@ def _documents(module: torch.nn.Module, cu_seq_lens_q: Optional[torch.Tensor],
     return cu_seq_lens_q
 
 
+@functools.lru_cache(maxsize=64)
+def _balanced(boundaries: tuple[int, ...], world_size: int):
+    from seqpar.layout import balanced_layout
+
+    return balanced_layout(list(boundaries), world_size)
+
+
+def row_layout(layout: str, documents: Optional[torch.Tensor], global_len: int, world_size: int):
+    """The seqpar layout of one row: ``layout`` itself, or for ``"balanced"`` the
+    ``seqpar.balanced_layout`` of the row's documents (``[0, global_len]`` without documents)."""
+    if layout != "balanced":
+        return layout
+    boundaries = (0, global_len) if documents is None else tuple(int(b) for b in documents.tolist())
+    return _balanced(boundaries, world_size)
+
+
 def seqpar_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                              value: torch.Tensor, attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                              scaling: Optional[float] = None, is_causal: Optional[bool] = None,
@@ -143,8 +165,14 @@ def seqpar_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     _check_heads(module, query, key, value)
     documents = _documents(module, cu_seq_lens_q, cu_seq_lens_k)
+    layout = settings.layout
+    if layout == "balanced":
+        from seqpar.comm.groups import group_rank_and_size
+
+        world = group_rank_and_size(settings.group)[1]
+        layout = row_layout(layout, documents, query.shape[2] * world, world)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    o = seqpar.attention(q, k, v, strategy=settings.strategy, layout=settings.layout, group=settings.group,
+    o = seqpar.attention(q, k, v, strategy=settings.strategy, layout=layout, group=settings.group,
                          causal=causal, scale=scaling, backend=settings.backend, cu_seqlens=documents,
                          window=sliding_window or None, softcap=softcap or None, sinks=s_aux)
     return o, None
@@ -242,13 +270,19 @@ class _ForwardChecks:
 
             sp = getattr(self.settings.group, "sp", self.settings.group)
             gathered = all_gather(positions.contiguous(), sp).wait()
-            positions = unshard_tensor(list(gathered.unbind(0)), self.settings.layout, dim=positions.dim() - 1)
+            # "balanced" without boundaries: the layout of a row of one document (shard_batch's)
+            layout = row_layout(self.settings.layout, None, positions.shape[-1] * world, world)
+            positions = unshard_tensor(list(gathered.unbind(0)), layout, dim=positions.dim() - 1)
         try:
             documents = documents_from_position_ids(positions)
         except ValueError as e:
             raise ValueError(f"{self.name} under seqpar: {e}") from None
         if documents is None:
             return None
+        if self.settings.layout == "balanced" and world > 1:
+            raise ValueError(f"{self.name} under seqpar: a packed row under layout='balanced' needs its global "
+                             f"boundaries as cu_seq_lens_q/k (the split depends on them); "
+                             f"shard_batch(..., layout='balanced') returns them")
         kwargs = dict(kwargs, cu_seq_lens_q=documents, cu_seq_lens_k=documents)
         return args, kwargs
 
@@ -263,7 +297,9 @@ def apply_sequence_parallel(model: torch.nn.Module, group: Any, *, strategy: str
     docs/integrations.md for the tested list) run attention with seqpar over ``group``.
 
     ``strategy``: ring, allgather, ulysses (or usp with ``group`` a ``seqpar.comm.UspGroups``);
-    ``layout``: how the tokens are split (contiguous, zigzag, striped; see ``seqpar.shard``).
+    ``layout``: how the tokens are split (contiguous, zigzag, striped; see ``seqpar.shard``; or
+    ``"balanced"``: each packed row by ``seqpar.balanced_layout`` of its documents, with
+    :func:`shard_batch`).
     Registers ``"seqpar"`` in transformers' AttentionInterface (idempotent), stores the settings
     on this model's attention modules, adds the forward pre-hook on ``model.base_model``,
     selects ``"seqpar"`` for this model only and turns its ``use_cache`` off. Returns the model.
@@ -271,12 +307,10 @@ def apply_sequence_parallel(model: torch.nn.Module, group: Any, *, strategy: str
     from transformers import AttentionInterface
 
     check_choice("strategy", strategy, SOFTMAX_STRATEGIES)
-    from seqpar.layout import check_layout
-
     if not isinstance(layout, str):
-        raise TypeError(f"layout must be a layout name (contiguous, zigzag, striped), got {type(layout).__name__}: "
-                        f"a balanced layout depends on one batch's documents")
-    check_layout(layout)
+        raise TypeError(f"layout must be one of {LAYOUTS}, got a {type(layout).__name__}: a BalancedLayout fits "
+                        f"one row's documents only; layout='balanced' builds one per row")
+    check_choice("layout", layout, LAYOUTS)
     modules = _attention_modules(model)
     if not modules:
         raise ValueError(f"found no attention modules (classes named *Attention with a config) in {type(model).__name__}")
@@ -321,7 +355,8 @@ def shard_batch(input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, 
     to an unsharded model): ``labels`` and ``shift_labels`` (shifted over the global sequence,
     then sharded) and ``num_items_in_batch`` (the global count of labelled tokens), so that the
     model's loss is this rank's share of the global mean. ``group`` is the sequence-parallel
-    group (or the ``UspGroups`` given to apply_sequence_parallel).
+    group (or the ``UspGroups`` given to apply_sequence_parallel); ``layout`` the one given to
+    apply_sequence_parallel (``"balanced"``: :func:`row_layout` of the row's documents).
     """
     from seqpar.comm.groups import group_rank_and_size
     from seqpar.layout import shard_tensor
@@ -332,13 +367,15 @@ def shard_batch(input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, 
     elif position_ids.shape[-1] != input_ids.shape[1]:
         raise ValueError(f"position_ids {tuple(position_ids.shape)} and input_ids {tuple(input_ids.shape)} differ "
                          f"in length")
-    out: dict[str, Any] = {"input_ids": shard_tensor(input_ids, layout, rank, world),
-                           "position_ids": shard_tensor(position_ids, layout, rank, world)}
+    check_choice("layout", layout, LAYOUTS)
     documents = documents_from_position_ids(position_ids)
+    split = row_layout(layout, documents, input_ids.shape[1], world)
+    out: dict[str, Any] = {"input_ids": shard_tensor(input_ids, split, rank, world),
+                           "position_ids": shard_tensor(position_ids, split, rank, world)}
     if documents is not None:
         out.update(cu_seq_lens_q=documents, cu_seq_lens_k=documents)
     if labels is not None:
         shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
-        local = shard_tensor(shifted, layout, rank, world)
+        local = shard_tensor(shifted, split, rank, world)
         out.update(labels=local, shift_labels=local, num_items_in_batch=int((shifted != ignore_index).sum()))
     return out
