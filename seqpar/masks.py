@@ -86,40 +86,50 @@ def check_sinks(sinks: object, num_q_heads: int, device: torch.device) -> torch.
     return sinks
 
 
+def boundary_list(cu_seqlens: object, *, name: str = "cu_seqlens", global_len: int | None = None,
+                  device: torch.device | None = None) -> list[int]:
+    """Checked document boundaries ``[0, e_1, ..., T]`` as a list, empty documents included.
+
+    ``cu_seqlens``: a 1-D integer tensor (on ``device`` when given) or a sequence of ints that
+    starts at 0, ends at ``global_len`` (when given) and never decreases. Errors name ``name``
+    and the numbers. A CUDA tensor costs one host synchronisation to read."""
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.dim() != 1:
+            raise ValueError(f"{name} must be 1-D [num_documents + 1], got shape {tuple(cu_seqlens.shape)}")
+        if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got dtype {cu_seqlens.dtype}")
+        if device is not None and cu_seqlens.device != device:
+            raise ValueError(f"{name} is on {cu_seqlens.device} but q is on {device}")
+        bounds = [int(b) for b in cu_seqlens.tolist()]
+    elif isinstance(cu_seqlens, Sequence) and not isinstance(cu_seqlens, (str, bytes)):
+        if any(isinstance(b, bool) or not hasattr(b, "__index__") for b in cu_seqlens):
+            raise TypeError(f"{name} must hold ints, got {list(cu_seqlens)[:8]!r}")
+        bounds = [b.__index__() for b in cu_seqlens]
+    else:
+        raise TypeError(f"{name} must be a 1-D integer tensor or a sequence of ints, "
+                        f"got {type(cu_seqlens).__name__}")
+    if len(bounds) < 2:
+        raise ValueError(f"{name} needs at least 2 entries [0, ..., T_global], got {bounds}")
+    if bounds[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {bounds[0]} ({name}[:4] = {bounds[:4]})")
+    if global_len is not None and bounds[-1] != global_len:
+        raise ValueError(f"{name} must end at the global sequence length {global_len} (local length x "
+                         f"world size), got {bounds[-1]}")
+    for index, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        if b < a:
+            raise ValueError(f"{name} must not decrease: {name}[{index}] = {a} > {name}[{index + 1}] = {b}")
+    return bounds
+
+
 def check_documents(cu_seqlens: object, global_len: int, device: torch.device | None) -> tuple[int, ...] | None:
     """The document boundaries of ``cu_seqlens`` as a tuple, or None for no documents / one document.
 
     ``cu_seqlens``: 1-D integer tensor (or a sequence of ints) ``[0, e_1, ..., T_global]``, the
-    same on every rank, on q's device when it is a tensor. Empty documents (equal neighbours)
-    are allowed. A CUDA tensor costs one host synchronisation to read."""
+    same on every rank, on q's device when it is a tensor (checked by :func:`boundary_list`).
+    Empty documents (equal neighbours) are allowed and dropped."""
     if cu_seqlens is None:
         return None
-    if isinstance(cu_seqlens, torch.Tensor):
-        if cu_seqlens.dim() != 1:
-            raise ValueError(f"cu_seqlens must be 1-D [num_documents + 1], got shape {tuple(cu_seqlens.shape)}")
-        if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
-            raise ValueError(f"cu_seqlens must be an integer tensor, got dtype {cu_seqlens.dtype}")
-        if device is not None and cu_seqlens.device != device:
-            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
-        bounds = [int(b) for b in cu_seqlens.tolist()]
-    elif isinstance(cu_seqlens, Sequence) and not isinstance(cu_seqlens, (str, bytes)):
-        if any(isinstance(b, bool) or not hasattr(b, "__index__") for b in cu_seqlens):
-            raise TypeError(f"cu_seqlens must hold ints, got {list(cu_seqlens)[:8]!r}")
-        bounds = [b.__index__() for b in cu_seqlens]
-    else:
-        raise TypeError(f"cu_seqlens must be a 1-D integer tensor or a sequence of ints, "
-                        f"got {type(cu_seqlens).__name__}")
-    if len(bounds) < 2:
-        raise ValueError(f"cu_seqlens needs at least 2 entries [0, ..., T_global], got {bounds}")
-    if bounds[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]} (cu_seqlens[:4] = {bounds[:4]})")
-    if bounds[-1] != global_len:
-        raise ValueError(f"cu_seqlens must end at the global sequence length {global_len} (local length x "
-                         f"world size), got {bounds[-1]}")
-    for index, (a, b) in enumerate(zip(bounds, bounds[1:])):
-        if b < a:
-            raise ValueError(f"cu_seqlens must not decrease: cu_seqlens[{index}] = {a} > "
-                             f"cu_seqlens[{index + 1}] = {b}")
+    bounds = boundary_list(cu_seqlens, global_len=global_len, device=device)
     bounds = [b for i, b in enumerate(bounds) if i == 0 or b != bounds[i - 1]]  # drop empty documents
     return None if len(bounds) == 2 else tuple(bounds)
 

@@ -58,6 +58,7 @@ from seqpar.integrations._common import (
 )
 from seqpar.kernels.softmax_reference import compute_dtype
 from seqpar.layout import BalancedLayout, Segment
+from seqpar.masks import boundary_list
 from seqpar.validation import check_head_axis
 
 #: The seqpar layout of Megatron's context-parallel batch slicing (get_batch_on_this_cp_rank).
@@ -175,17 +176,7 @@ def document_zigzag_layout(cu_seqlens: Union[Tensor, Sequence[int]], world_size:
 
 
 def _boundaries(name: str, value) -> Optional[list[int]]:
-    if value is None:
-        return None
-    if isinstance(value, Tensor):
-        if value.dim() != 1 or value.is_floating_point() or value.is_complex():
-            raise ValueError(f"packed_seq_params.{name} must be a 1-D integer tensor, got "
-                             f"{value.dtype} of shape {tuple(value.shape)}")
-        value = value.tolist()
-    out = [int(v) for v in value]
-    if len(out) < 2 or out[0] != 0 or any(b < a for a, b in zip(out[:-1], out[1:])):
-        raise ValueError(f"packed_seq_params.{name} must start at 0 and never decrease, got {out}")
-    return out
+    return None if value is None else boundary_list(value, name=f"packed_seq_params.{name}")
 
 
 def packed_documents(packed_seq_params, global_len: int) -> tuple[list[int], list[int]]:
