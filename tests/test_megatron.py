@@ -376,26 +376,18 @@ def _oracle_core():
     return OracleCoreAttention
 
 
-class _RopeOnCpu:
+def _rope_on_cpu(model) -> None:
     """Megatron 0.16.1's RotaryEmbedding.get_emb moves its inv_freq to CUDA; on a CPU-only torch
-    this context computes the same table on CPU (the THD application path stays Megatron's)."""
+    this model's rotary module computes the same table on CPU instead (an attribute of this one
+    instance; the THD application path stays Megatron's)."""
+    import types
 
-    def __enter__(self):
-        from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    def get_emb(emb_self, max_seq_len, offset=0):
+        assert not emb_self.rotary_interleaved
+        freqs = emb_self.get_freqs_non_repeated(max_seq_len, offset)
+        return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
 
-        def get_emb(emb_self, max_seq_len, offset=0):
-            assert not emb_self.rotary_interleaved
-            freqs = emb_self.get_freqs_non_repeated(max_seq_len, offset)
-            return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
-
-        self.saved = RotaryEmbedding.get_emb
-        RotaryEmbedding.get_emb = get_emb
-        return self
-
-    def __exit__(self, *exc):
-        from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-
-        RotaryEmbedding.get_emb = self.saved
+    model.rotary_pos_emb.get_emb = types.MethodType(get_emb, model.rotary_pos_emb)
 
 
 def _packed_config(cp, window, skip_freq, softmax_type, rope):
@@ -408,11 +400,6 @@ def _packed_config(cp, window, skip_freq, softmax_type, rope):
 
 def case_packed_gpt_model(ctx: WorkerContext, split: str, strategy: str, rope: bool, window, skip_freq,
                           softmax_type: str) -> bool:
-    with _RopeOnCpu():
-        return _packed_gpt_model(split, strategy, rope, window, skip_freq, softmax_type)
-
-
-def _packed_gpt_model(split: str, strategy: str, rope: bool, window, skip_freq, softmax_type: str) -> bool:
     """A 2-layer GPTModel fed ONE packed row of documents with PackedSeqParams (qkv_format 'thd',
     global boundaries), at cp=1 and cp=2, against an oracle that knows nothing of packing: the
     cp=1 model with a written-out fp64 core attention run on each document separately (positions
@@ -450,7 +437,10 @@ def _packed_gpt_model(split: str, strategy: str, rope: bool, window, skip_freq, 
     def build(cp, spec):
         config = _packed_config(cp, window, skip_freq, softmax_type, rope)
         torch.manual_seed(1)
-        return GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=T, position_embedding_type=pos_type)
+        model = GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=T, position_embedding_type=pos_type)
+        if rope:
+            _rope_on_cpu(model)
+        return model
 
     results = {}
     for cp in (1, WORLD):
