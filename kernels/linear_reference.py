@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from seqpar.kernels.linear_transitions import ScalarDecay
 from seqpar.kernels.softmax_reference import compute_dtype
 
 
@@ -344,8 +345,8 @@ class ChunkedRun:
 
     def input_grads(self, do: torch.Tensor, states: ChunkStates, grads: ChunkStateGrads,
                     dht: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Stage 2 of the backward: (dq, dk, dv, dg or None) from the chunk-start states and the
+                    ) -> dict[str, torch.Tensor]:
+        """Stage 2 of the backward: {"q": dq, "k": dk, "v": dv, "g": dg (with g)} from the chunk-start states and the
         chunk-end state gradients of the run (both including any initial state / final-state
         gradient ``dht``, which dg needs too)."""
         gates, qc, kc, vc, dc = self.gates, self._c("q"), self._c("k"), self._c("v"), self._c_do(do)
@@ -377,7 +378,19 @@ class ChunkedRun:
         if self.want_dg:
             dg = gate_grad(self.q.to(self.cd), dq, self.k.to(self.cd), dk, dht,
                            states.final if dht is not None else None)
-        return dq, dk, dv, dg
+        return grads_dict(dq, dk, dv, dg)
+
+    def transition(self) -> ScalarDecay:
+        """A of the whole run: exp(log_total) per head (zeros without a gate)."""
+        return ScalarDecay(self.log_total)
+
+
+def grads_dict(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, dg: torch.Tensor | None) -> dict:
+    """The input gradients of a scalar-decay run as the protocol's dict (``g`` only when given)."""
+    out = {"q": dq, "k": dk, "v": dv}
+    if dg is not None:
+        out["g"] = dg
+    return out
 
 
 def gate_grad(q: torch.Tensor, dq: torch.Tensor, k: torch.Tensor, dk: torch.Tensor,
@@ -421,5 +434,5 @@ def chunk_linear_attention_backward_reference(do: torch.Tensor, q: torch.Tensor,
     run = ChunkedRun(q, k, v, g=g, g_gamma=g_gamma, scale=scale, chunk_size=chunk_size)
     states = run.states(initial_state)
     grads = run.state_grads(do, dht)
-    dq, dk, dv, dg = run.input_grads(do, states, grads, dht)
-    return dq, dk, dv, dg, (grads.initial if initial_state is not None else None)
+    d = run.input_grads(do, states, grads, dht)
+    return d["q"], d["k"], d["v"], d.get("g"), (grads.initial if initial_state is not None else None)

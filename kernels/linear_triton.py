@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from seqpar.kernels.linear_transitions import ScalarDecay
 from seqpar.kernels.triton_common import check_int32_offsets, interpreting, strides4
 
 from seqpar.kernels.linear_reference import (
@@ -38,6 +39,7 @@ from seqpar.kernels.linear_reference import (
     chunk_linear_attention_backward_reference,
     chunk_linear_attention_forward_reference,
     default_scale,
+    grads_dict,
     shift_state_grads,
     shift_states,
 )
@@ -547,7 +549,11 @@ class TritonChunkedRun:
             if dht is not None:
                 dg = dg + (dht.float() * states.final).sum((-2, -1)).unsqueeze(1)
             dg = dg.contiguous()
-        return dq, dk, dv, dg
+        return grads_dict(dq, dk, dv, dg)
+
+    def transition(self) -> ScalarDecay:
+        """A of the whole run: exp(log_total) per head."""
+        return ScalarDecay(self.log_total)
 
 
 def chunk_linear_attention_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -598,5 +604,5 @@ def chunk_linear_attention_backward_triton(do: torch.Tensor, q: torch.Tensor, k:
     run = TritonChunkedRun(q, k, v, g=g, g_gamma=g_gamma, scale=scale, chunk_size=chunk_size)
     states = run.states(initial_state)
     grads = run.state_grads(do, dht)
-    dq, dk, dv, dg = run.input_grads(do, states, grads, dht)
-    return dq, dk, dv, dg, (grads.initial if initial_state is not None else None)
+    d = run.input_grads(do, states, grads, dht)
+    return d["q"], d["k"], d["v"], d.get("g"), (grads.initial if initial_state is not None else None)

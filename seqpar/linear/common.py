@@ -1,12 +1,14 @@
-"""What the linear-attention strategies share: the run's configuration, the local chunks of a
-rank in global order, packing of states for the wire, a recorder of the bytes sent, and the scans
-that carry states forward and state gradients backward across chunks (docs/linear.md).
+"""What the linear-attention strategies share: the call's configuration, this rank's pieces in
+global order (each cut into spans at document starts), the wire format, and a recorder of the
+bytes sent (docs/linear.md, "Sequence parallelism").
 
-Notation: the sequence is cut into N global chunks (P for the contiguous layout, 2P for zigzag);
-chunk c has the state-from-zero M_c and the log decay log Gamma_c. The state entering chunk c is
-S_in(c) (S_in(0) = initial_state), S_in(c+1) = Gamma_c S_in(c) + M_c, and S_in(N) is the final
-state. Backward mirrors it with dS_end(c) (the gradient of the state leaving chunk c) and
-dM_c (what chunk c's own outputs put on S_in(c)).
+Notation: the layout cuts the sequence into N global pieces (P for contiguous, 2P for zigzag, the
+chunks of a balanced layout); piece c maps the state entering it, S_in(c), to the state leaving it,
+S_out(c) = A_c(S_in(c)) + U_c, with U_c its state from S_in = 0 and A_c its transition
+(:mod:`seqpar.kernels.linear_transitions`; A_c = 0 when a document starts inside it). Backward
+mirrors it: dS_end(c) is the gradient of the state leaving piece c, dM_c what piece c's own
+outputs (and the final states of the documents that end inside it) put on S_in(c), and
+dS_end(c-1) = A_c^T(dS_end(c)) + dM_c. Nothing here knows which family the kernels compute.
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 from seqpar.comm import CommHandle, all_gather, all_reduce, send_recv
-from seqpar.kernels.linear import chunked_run
-from seqpar.kernels.linear_reference import decay_state
+from seqpar.kernels.linear import chunked_run, linear_family
+from seqpar.kernels.linear_transitions import RESET, KeyDecay, MatrixTransition, ScalarDecay, Transition
 from seqpar.kernels.softmax import resolve_backend
 from seqpar.layout import segments
 
@@ -70,6 +72,8 @@ class CommStats:
 # ---------------------------------------------------------------------------------------------
 # The configuration of one call.
 
+TRANSITION_KINDS = {"scalar": ScalarDecay, "gla": KeyDecay, "delta": MatrixTransition, "kda": MatrixTransition}
+
 
 @dataclass
 class Run:
@@ -78,12 +82,14 @@ class Run:
     group: dist.ProcessGroup | None
     rank: int
     world_size: int
-    layout: str
+    layout: object  # a layout name or a BalancedLayout
     scale: float
     chunk_size: int
     backend: str
+    family: str  # seqpar.kernels.linear.FAMILIES
     g_gamma: torch.Tensor | None
-    data_dependent: bool  # per-token gates g given
+    use_qk_l2norm: bool
+    data_dependent: bool  # the transitions depend on the tokens (they travel with the states)
     output_final_state: bool
     stats: CommStats | None
     cd: torch.dtype  # compute and state dtype
@@ -92,24 +98,32 @@ class Run:
     Dk: int
     Dv: int
     local_len: int
-    owners: list[int] = field(default_factory=list)  # global chunk -> rank
-    chunk_len: int = 0
+    documents: tuple[int, ...] | None  # global boundaries [0, e_1, ..., T_global], or None: one sequence
+    device: torch.device = torch.device("cpu")
+    owners: list[int] = field(default_factory=list)  # global piece -> rank
+    piece_lengths: list[int] = field(default_factory=list)  # global piece -> tokens
 
     def __post_init__(self) -> None:
-        owners: dict[int, int] = {}
+        found: list[tuple[int, int, int]] = []
         for r in range(self.world_size):
             for seg in segments(self.layout, r, self.world_size, self.local_len):
-                owners[seg.global_start // seg.length] = r
-                self.chunk_len = seg.length
-        self.owners = [owners[c] for c in range(len(owners))]
+                found.append((seg.global_start, seg.length, r))
+        found.sort()
+        self.owners = [r for _, _, r in found]
+        self.piece_lengths = [n for _, n, _ in found]
+        self.piece_starts = [s for s, _, _ in found]
 
     def comm_groups(self) -> tuple:
         """The groups this run communicates on (None: the default group)."""
         return (self.group,) if self.world_size > 1 else ()
 
     @property
-    def n_chunks(self) -> int:
+    def n_pieces(self) -> int:
         return len(self.owners)
+
+    @property
+    def n_documents(self) -> int:
+        return 1 if self.documents is None else len(self.documents) - 1
 
     @property
     def state_shape(self) -> tuple[int, int, int, int]:
@@ -118,18 +132,57 @@ class Run:
     def zeros_state(self, device) -> torch.Tensor:
         return torch.zeros(self.state_shape, dtype=self.cd, device=device)
 
-    def zeros_log(self, device) -> torch.Tensor:
-        return torch.zeros(self.B, self.H, dtype=self.cd, device=device)
+    def zeros_final(self, device) -> torch.Tensor:
+        """Zeros shaped like the final state: [B, H, Dk, Dv], or [N, H, Dk, Dv] per document."""
+        lead = self.B if self.documents is None else self.n_documents
+        return torch.zeros((lead,) + self.state_shape[1:], dtype=self.cd, device=device)
 
-    def known_log_totals(self, device) -> list[torch.Tensor] | None:
-        """log Gamma_c of every chunk when it needs no communication (no gate, or g_gamma:
-        every chunk has the same length), else None."""
+    # -- documents and pieces ----------------------------------------------------------------
+
+    def document_starts(self) -> tuple[int, ...]:
+        """Global positions where a (non-empty) document starts; 0 always."""
+        if self.documents is None:
+            return (0,)
+        d = self.documents
+        return tuple(d[i] for i in range(len(d) - 1) if d[i + 1] > d[i])
+
+    def piece_has_start(self, c: int, at_first_token_only: bool = False) -> bool:
+        """Whether a document starts in piece c (at its first token, with ``at_first_token_only``)."""
+        lo, n = self.piece_starts[c], self.piece_lengths[c]
+        if at_first_token_only:
+            return lo in self._start_set()
+        return any(lo <= s < lo + n for s in self.document_starts())
+
+    def _start_set(self) -> frozenset:
+        if not hasattr(self, "_starts"):
+            self._starts = frozenset(self.document_starts())
+        return self._starts
+
+    def continues(self, c: int) -> bool:
+        """Whether piece c reads the state entering it (no document starts at its first token)."""
+        return 0 <= c < self.n_pieces and not self.piece_has_start(c, at_first_token_only=True)
+
+    def known_transition(self, c: int, device) -> Transition | None:
+        """A_c when every rank knows it without communication (a document start inside, no gate,
+        or g_gamma), else None."""
+        if self.piece_has_start(c):
+            return RESET
         if self.data_dependent:
             return None
-        if self.g_gamma is None:
-            return [self.zeros_log(device)] * self.n_chunks
-        log_total = (self.g_gamma.to(self.cd) * self.chunk_len).expand(self.B, self.H).clone()
-        return [log_total] * self.n_chunks
+        log = torch.zeros(self.B, self.H, dtype=self.cd, device=device)
+        if self.g_gamma is not None:
+            log = log + self.g_gamma.to(device=device, dtype=self.cd) * self.piece_lengths[c]
+        return ScalarDecay(log)
+
+    @property
+    def transition_numel(self) -> int:
+        """Elements of one transition on the wire (0 when transitions are known)."""
+        if not self.data_dependent:
+            return 0
+        return TRANSITION_KINDS[self.family].payload_numel(self.B, self.H, self.Dk)
+
+    def transition_from_payload(self, flat: torch.Tensor) -> Transition:
+        return TRANSITION_KINDS[self.family].from_payload(flat, self.B, self.H, self.Dk)
 
     # -- recorded communication --------------------------------------------------------------
 
@@ -159,102 +212,264 @@ class Run:
         self.mark(pass_, "recv")
         return out
 
+    def sum_over_ranks(self, t: torch.Tensor, pass_: str) -> torch.Tensor:
+        """The sum of ``t`` over the ranks (no communication on one rank)."""
+        if self.world_size == 1:
+            return t
+        return self.all_reduce(t.contiguous(), pass_).wait()
+
 
 # ---------------------------------------------------------------------------------------------
-# Local chunks.
+# Local pieces and their spans.
+
+
+@dataclass
+class Span:
+    """Local tokens [start, stop) of one piece that lie in one document, with the single-device
+    chunked run of their tokens (``kernel``: ``seqpar.kernels.linear.chunked_run``)."""
+
+    start: int
+    stop: int
+    document: int  # index of its document (0 without documents)
+    opens: bool  # its first token starts the document: its state starts from the document's initial state
+    closes: bool  # its last token ends the document: its final state is the document's final state
+    kernel: object
 
 
 @dataclass
 class Piece:
-    """One global chunk held by this rank: local tokens [start, stop), its inputs, and the
-    single-device chunked computation of its tokens (``kernel``: the stages of
-    ``seqpar.kernels.linear.chunked_run``). The strategies' local work is exactly those stages."""
+    """One global piece held by this rank: local tokens [start, stop), cut into spans at document
+    starts. Only the first span may read the state entering the piece, only the last may pass a
+    state on to the next piece."""
 
     index: int
     start: int
     stop: int
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    g: torch.Tensor | None
-    kernel: object
+    spans: list[Span]
 
     @property
-    def log_total(self) -> torch.Tensor:
-        """log Gamma of the piece [B, H] (the sum of its log gates; zeros without gates)."""
-        return self.kernel.log_total
+    def continues(self) -> bool:
+        """Reads the state entering it."""
+        return not self.spans[0].opens
+
+    @property
+    def open_end(self) -> bool:
+        """Passes its state on to the next piece."""
+        return not self.spans[-1].closes
+
+    @property
+    def resets(self) -> bool:
+        """A document starts inside it (A = 0)."""
+        return any(s.opens for s in self.spans)
 
 
-def make_pieces(run: Run, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None) -> list[Piece]:
-    """This rank's chunks in local order (which is also their global order)."""
+def _document_runs(lo: int, hi: int, documents: tuple[int, ...] | None) -> list[tuple[int, int, int]]:
+    """(start, stop, document index) of the parts of global tokens [lo, hi) in one document each."""
+    if documents is None:
+        return [(lo, hi, 0)]
+    runs = []
+    for n in range(len(documents) - 1):
+        a, b = max(lo, documents[n]), min(hi, documents[n + 1])
+        if a < b:
+            runs.append((a, b, n))
+    return runs
+
+
+def make_pieces(run: Run, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+                beta: torch.Tensor | None) -> list[Piece]:
+    """This rank's pieces in local order (which is also their global order), cut at document starts."""
     segs = segments(run.layout, run.rank, run.world_size, run.local_len)
     # a GPU kernel may want dense inputs; the zigzag halves are strided views
-    dense = len(segs) > 1 and resolve_backend(run.backend, q.device) == "triton"
-    cut = lambda x, s, e: None if x is None else (x[:, s:e].contiguous() if dense else x[:, s:e])
+    dense = resolve_backend(run.backend, q.device) == "triton"
+    total = run.piece_starts[-1] + run.piece_lengths[-1]
     pieces = []
     for seg in segs:
-        s, e = seg.local_start, seg.local_start + seg.length
-        qs, ks, vs, gs = cut(q, s, e), cut(k, s, e), cut(v, s, e), cut(g, s, e)
-        kernel = chunked_run(qs, ks, vs, g=gs, g_gamma=run.g_gamma, scale=run.scale, chunk_size=run.chunk_size,
-                             backend=run.backend)
-        pieces.append(Piece(seg.global_start // seg.length, s, e, qs, ks, vs, gs, kernel))
+        index = run.piece_starts.index(seg.global_start)
+        spans = []
+        for a, b, doc in _document_runs(seg.global_start, seg.global_start + seg.length, run.documents):
+            s, e = seg.local_start + a - seg.global_start, seg.local_start + b - seg.global_start
+            multi = dense and (s, e) != (0, run.local_len)
+            cut = lambda x: None if x is None else (x[:, s:e].contiguous() if multi else x[:, s:e])  # noqa: E731
+            doc_lo, doc_hi = (0, total) if run.documents is None else run.documents[doc:doc + 2]
+            kernel = chunked_run(cut(q), cut(k), cut(v), g=cut(g), g_gamma=run.g_gamma, beta=cut(beta),
+                                 scale=run.scale, chunk_size=run.chunk_size, backend=run.backend,
+                                 use_qk_l2norm=run.use_qk_l2norm)
+            spans.append(Span(s, e, doc, opens=a == doc_lo, closes=b == doc_hi, kernel=kernel))
+        pieces.append(Piece(index, seg.local_start, seg.local_start + seg.length, spans))
     return pieces
 
 
-def kernel_gates(run: Run, piece: Piece) -> dict:
-    """The gate keyword arguments of the single-device kernel for one piece."""
-    return dict(g=piece.g, g_gamma=run.g_gamma, scale=run.scale, chunk_size=run.chunk_size, backend=run.backend)
+def check_family(run: Run, g: torch.Tensor | None, beta: torch.Tensor | None) -> None:
+    """The run's family matches the gates (a programming error otherwise)."""
+    assert run.family == linear_family(g, beta), (run.family, linear_family(g, beta))
 
 
 # ---------------------------------------------------------------------------------------------
-# Packing (one buffer per message) and the scans.
+# Packing (one buffer per message).
 
 
-def pack(states: Sequence[torch.Tensor], logs: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-    """Flatten states [B, H, Dk, Dv] and log decays [B, H] into one 1-D buffer."""
-    return torch.cat([t.reshape(-1) for t in list(states) + list(logs)])
+def pack(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Flatten tensors into one 1-D buffer."""
+    return torch.cat([t.reshape(-1) for t in parts])
 
 
-def unpack(buf: torch.Tensor, run: Run, n_states: int, n_logs: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Inverse of :func:`pack` for a 1-D buffer."""
-    ns, nl = run.B * run.H * run.Dk * run.Dv, run.B * run.H
-    states = [buf[i * ns:(i + 1) * ns].view(run.state_shape) for i in range(n_states)]
-    off = n_states * ns
-    logs = [buf[off + i * nl: off + (i + 1) * nl].view(run.B, run.H) for i in range(n_logs)]
-    return states, logs
+def unpack_states(buf: torch.Tensor, run: Run, n: int) -> list[torch.Tensor]:
+    """The first ``n`` states [B, H, Dk, Dv] of a 1-D buffer."""
+    ns = run.B * run.H * run.Dk * run.Dv
+    return [buf[i * ns:(i + 1) * ns].view(run.state_shape) for i in range(n)]
 
 
-def step(state: torch.Tensor, log_total: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """One chunk of the scan: Gamma * state + local (forward: local = M; backward: local = dM)."""
-    return decay_state(state, log_total) + local
+def state_message(run: Run, state: torch.Tensor, transition: Transition | None) -> torch.Tensor:
+    """A state, and (when transitions travel) a piece's transition, in one buffer; a known or
+    reset transition travels as zeros so that every message of a pass has one size."""
+    parts = [state.to(run.cd)]
+    if run.transition_numel:
+        if transition is None or transition.is_reset or not run.data_dependent:
+            parts.append(torch.zeros(run.transition_numel, dtype=run.cd, device=state.device))
+        else:
+            parts.append(transition.payload().to(run.cd))
+    return pack(parts)
 
 
-def exclusive_scan(h0: torch.Tensor, M: Sequence[torch.Tensor], log_totals: Sequence[torch.Tensor]
-                   ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """S_in(c) of every chunk c (S_in(0) = h0) and the final state S_in(N)."""
-    s_in, S = [], h0
-    for m, lg in zip(M, log_totals):
-        s_in.append(S)
-        S = step(S, lg, m)
-    return s_in, S
+def read_state_message(run: Run, buf: torch.Tensor) -> tuple[torch.Tensor, Transition | None]:
+    """Inverse of :func:`state_message` (the transition is None when it does not travel)."""
+    ns = run.B * run.H * run.Dk * run.Dv
+    state = buf[:ns].view(run.state_shape)
+    if not run.transition_numel:
+        return state, None
+    return state, run.transition_from_payload(buf[ns:ns + run.transition_numel])
 
 
-def suffix_scan(dfinal: torch.Tensor, dM: Sequence[torch.Tensor], log_totals: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """dS_end(c) of every chunk: dS_end(N-1) = dfinal, dS_end(c) = Gamma_{c+1} dS_end(c+1) + dM_{c+1}."""
-    n = len(dM)
-    out = [dfinal] * n
-    for c in range(n - 2, -1, -1):
-        out[c] = step(out[c + 1], log_totals[c + 1], dM[c + 1])
+def message_numel(run: Run) -> int:
+    return run.B * run.H * run.Dk * run.Dv + run.transition_numel
+
+
+# ---------------------------------------------------------------------------------------------
+# The local stages of a piece (shared by both strategies).
+
+
+def document_initial_state(run: Run, h0: torch.Tensor | None, document: int) -> torch.Tensor | None:
+    """The state a document starts from: initial_state [B, H, Dk, Dv] (one sequence) or
+    initial_state[n] of document n ([N, H, Dk, Dv]); None: zero."""
+    if h0 is None:
+        return None
+    return h0.to(run.cd) if run.documents is None else h0[document:document + 1].to(run.cd)
+
+
+def local_states(run: Run, piece: Piece, h0: torch.Tensor | None) -> list:
+    """The states of every span of a piece that need nothing from other ranks: opening spans from
+    their document's initial state, a continuing first span from zero."""
+    return [span.kernel.states(document_initial_state(run, h0, span.document) if span.opens else None)
+            for span in piece.spans]
+
+
+def piece_transition(piece: Piece) -> Transition:
+    """A of a piece: RESET when a document starts in it, else its single span's transition."""
+    return RESET if piece.resets else piece.spans[0].kernel.transition()
+
+
+def enter(piece: Piece, states: list, s_in: torch.Tensor | None) -> list:
+    """The span states of a piece once the state entering it is known (shifts the first span)."""
+    if not piece.continues or s_in is None:
+        return states
+    return [piece.spans[0].kernel.with_initial_state(states[0], s_in)] + states[1:]
+
+
+def piece_outputs(piece: Piece, states: list) -> list[torch.Tensor]:
+    return [span.kernel.outputs(st) for span, st in zip(piece.spans, states)]
+
+
+def document_finals(run: Run, pieces: Sequence[Piece], states: Sequence[list], device) -> torch.Tensor:
+    """The final state of every document that ends on this rank (zeros elsewhere): summed over the
+    ranks it gives every document's final state. Empty documents keep their initial state (on
+    rank 0, so that the sum counts it once)."""
+    finals = run.zeros_final(device)
+    for piece, st in zip(pieces, states):
+        for span, s in zip(piece.spans, st):
+            if span.closes:
+                if run.documents is None:
+                    finals = s.final.to(run.cd)
+                else:
+                    finals[span.document] = s.final[0].to(run.cd)
+    return finals
+
+
+def empty_documents(run: Run) -> list[int]:
+    if run.documents is None:
+        return []
+    d = run.documents
+    return [n for n in range(len(d) - 1) if d[n + 1] == d[n]]
+
+
+def closing_grad(run: Run, dfinal: torch.Tensor | None, span: Span) -> torch.Tensor | None:
+    """The final-state gradient a closing span's end receives (None without one)."""
+    if dfinal is None or not span.closes:
+        return None
+    return dfinal if run.documents is None else dfinal[span.document:span.document + 1]
+
+
+def local_state_grads(run: Run, piece: Piece, dos: list[torch.Tensor], dfinal: torch.Tensor | None) -> list:
+    """The state gradients of every span that need nothing from other ranks: closing spans with
+    their document's final-state gradient, an open last span with none (shifted later)."""
+    return [span.kernel.state_grads(do, closing_grad(run, dfinal, span)) for span, do in zip(piece.spans, dos)]
+
+
+def piece_state_grad(piece: Piece, grads: list, ds_end: torch.Tensor | None,
+                     transition: Transition | None) -> torch.Tensor | None:
+    """dS_in of a piece (None when it does not read the entering state): what its first span puts on
+    the entering state, plus A^T(ds_end) when the piece passes its state on (``grads`` computed
+    without ``ds_end``, the gradient of the state leaving the piece)."""
+    if not piece.continues:
+        return None
+    dm = grads[0].initial
+    if ds_end is not None and piece.open_end and not piece.resets:
+        return dm + transition.apply_transpose(ds_end.to(dm.dtype))
+    return dm
+
+
+def actual_states(run: Run, piece: Piece, h0: torch.Tensor | None, s_in: torch.Tensor | None) -> list:
+    """The span states of a piece computed from their actual initial states (the entering state
+    ``s_in`` for a continuing first span)."""
+    return [span.kernel.states(s_in if i == 0 and piece.continues
+                               else document_initial_state(run, h0, span.document) if span.opens else None)
+            for i, span in enumerate(piece.spans)]
+
+
+def leave(piece: Piece, grads: list, ds_end: torch.Tensor | None) -> list:
+    """The span state gradients once the gradient of the state leaving the piece is known."""
+    if not piece.open_end or ds_end is None:
+        return grads
+    return grads[:-1] + [piece.spans[-1].kernel.with_final_grad(grads[-1], ds_end)]
+
+
+def span_dos(piece: Piece, do: torch.Tensor) -> list[torch.Tensor]:
+    return [do[:, s.start:s.stop] for s in piece.spans]
+
+
+def input_grads(run: Run, piece: Piece, dos: list, states: list, grads: list, dfinal: torch.Tensor | None,
+                ds_end: torch.Tensor | None) -> list[dict]:
+    """The input gradients of every span (the last stage)."""
+    out = []
+    for i, (span, do, st, sg) in enumerate(zip(piece.spans, dos, states, grads)):
+        dht = closing_grad(run, dfinal, span) if span.closes else (ds_end if i == len(piece.spans) - 1 else None)
+        out.append(span.kernel.input_grads(do, st, sg, dht))
     return out
 
 
-def initial_state_share(pieces: Sequence[Piece], dM: Sequence[torch.Tensor], log_before: Sequence[torch.Tensor],
-                        dfinal_mine: torch.Tensor | None, log_all: torch.Tensor | None) -> torch.Tensor:
-    """This rank's share of d(initial_state): what its own loss puts on it, through its chunks'
-    outputs (exp(log A_c) dM_c, A_c the decay of every token before chunk c, dM_c the gradient
-    chunk c's outputs put on the state entering it) and through its own gradient of the final
-    state (A_N dfinal). The shares of all ranks sum to the full gradient."""
-    share = sum(decay_state(m, lb) for m, lb in zip(dM, log_before))
-    if dfinal_mine is not None:
-        share = share + decay_state(dfinal_mine.to(share.dtype), log_all)
-    return share
+def initial_state_grad(run: Run, pieces: Sequence[Piece], grads: Sequence[list], dfinal: torch.Tensor | None,
+                       like: torch.Tensor) -> torch.Tensor:
+    """This rank's share of d(initial_state): the full gradient of every document that starts on
+    this rank (its opening span's state gradient), zeros for the others; the shares of all ranks
+    sum to the full gradient. Empty documents pass their final-state gradient (rank 0)."""
+    dh0 = torch.zeros(like.shape, dtype=run.cd, device=like.device)
+    for piece, gs in zip(pieces, grads):
+        for span, sg in zip(piece.spans, gs):
+            if span.opens:
+                if run.documents is None:
+                    dh0 = sg.initial.to(run.cd)
+                else:
+                    dh0[span.document] = sg.initial[0].to(run.cd)
+    if run.rank == 0 and dfinal is not None:
+        for n in empty_documents(run):
+            dh0[n] = dfinal[n].to(run.cd)
+    return dh0

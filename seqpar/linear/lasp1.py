@@ -23,18 +23,32 @@ per pass (rank P-1 keeps the state between its two chunks). The volume stays O(1
 the latency of the chain doubles; prefer lasp2 on zigzag.
 
 The final state is on the holder of the last chunk; when it is an output, one all-reduce (zeros
-elsewhere) gives it to every rank, and in backward one all-reduce sums the final-state gradients
-of all ranks (the final state acts as a tensor broadcast to every rank). With data-dependent
-gates each message also carries log A (the log decay of all tokens before it, [B, H]) so that
-each rank can compute its share of d(initial_state).
+elsewhere) gives it to every rank (with documents: the final state of every document, from the
+rank where it ends), and in backward one all-reduce sums the final-state gradients of all ranks
+(the final state acts as a tensor broadcast to every rank). A message is one state: the
+transitions never travel. With documents, no message goes to a piece whose first token starts a
+document (it does not read the entering state).
 """
 from __future__ import annotations
 
 import torch
 
-from seqpar.kernels.linear import chunk_linear_attention_backward, chunk_linear_attention_forward
-from seqpar.linear.common import Piece, Run, initial_state_share, kernel_gates, pack, step, unpack
-from seqpar.linear.lasp2 import finish_grads
+from seqpar.linear.common import (
+    Piece,
+    Run,
+    actual_states,
+    closing_grad,
+    document_finals,
+    enter,
+    initial_state_grad,
+    input_grads,
+    leave,
+    local_state_grads,
+    local_states,
+    piece_outputs,
+    piece_state_grad,
+    piece_transition,
+)
 
 
 class Lasp1:
@@ -46,128 +60,96 @@ class Lasp1:
 
     # -- the chain ---------------------------------------------------------------------------
 
-    def _n_logs(self, run: Run, pass_: str = "forward") -> int:
-        """Log decays per message: forward messages carry log A with data-dependent gates."""
-        return 1 if run.data_dependent and pass_ == "forward" else 0
-
-    def _receive(self, run: Run, c: int, carry, first, pass_: str, dev):
-        """What enters a chunk from chunk c (the one before it forward, after it backward)."""
-        if first is not None:
-            return first
-        src = run.owners[c]
+    def _receive(self, run: Run, src_piece: int, carry: torch.Tensor | None, pass_: str, dev) -> torch.Tensor:
+        """The state (or state gradient) from the holder of piece ``src_piece``."""
+        src = run.owners[src_piece]
         if src == run.rank:
             return carry
-        n_logs = self._n_logs(run, pass_)
-        like = pack([run.zeros_state(dev)], [run.zeros_log(dev)] * n_logs)
-        states, logs = unpack(run.recv(like, src, pass_), run, 1, n_logs)
-        return states[0], (logs[0] if logs else None)
+        return run.recv(run.zeros_state(dev), src, pass_)
 
-    def _pass_on(self, run: Run, c: int, value, pass_: str, sends: list):
-        """Send ``value`` (state, log) to the holder of chunk c, or keep it if that is this rank."""
-        dst = run.owners[c]
+    def _pass_on(self, run: Run, dst_piece: int, value: torch.Tensor, pass_: str, sends: list) -> torch.Tensor | None:
+        """Send ``value`` to the holder of piece ``dst_piece``, or keep it if that is this rank."""
+        dst = run.owners[dst_piece]
         if dst == run.rank:
             return value
-        state, log = value
-        sends.append(run.send(pack([state], [log] * self._n_logs(run, pass_)), dst, pass_))
+        sends.append(run.send(value.to(run.cd).contiguous(), dst, pass_))
         return None
-
-    def _log_before(self, run: Run, c: int, carried: torch.Tensor | None, dev) -> torch.Tensor:
-        known = run.known_log_totals(dev)
-        if known is None:
-            return carried
-        return sum(known[:c], run.zeros_log(dev))
 
     # -- forward -----------------------------------------------------------------------------
 
     def forward(self, run: Run, pieces: list[Piece], h0: torch.Tensor | None):
-        dev = pieces[0].q.device
-        N = run.n_chunks
         if self.pipelined:  # everything that needs no neighbour, before waiting
-            local = [p.kernel.states() for p in pieces]
+            local = [local_states(run, p, h0) for p in pieces]
+            transitions = [piece_transition(p) if p.open_end and not p.resets else None for p in pieces]
             run.mark("forward", "local")
-        outs, s_in_list, log_before, sends = [], [], [], []
+        outs, s_in_list, all_states, sends = [], [], [], []
         carry = None
         for i, p in enumerate(pieces):
-            first = None
-            if p.index == 0:
-                first = (h0.to(run.cd) if h0 is not None else run.zeros_state(dev), run.zeros_log(dev))
-            s_in, lb = self._receive(run, p.index - 1 if p.index > 0 else 0, carry, first, "forward", dev)
-            lb = self._log_before(run, p.index, lb, dev)
+            s_in = self._receive(run, p.index - 1, carry, "forward", run.device) if p.continues else None
+            passes_on = p.open_end and p.index + 1 < run.n_pieces
             if self.pipelined:
-                s_out = step(s_in, p.log_total, local[i].final)
+                u = local[i][-1].final
+                s_out = u if not passes_on else (u if p.resets or s_in is None else transitions[i].apply(s_in) + u)
             else:
-                o, s_out = chunk_linear_attention_forward(p.q, p.k, p.v, initial_state=s_in, output_final_state=True,
-                                                          **kernel_gates(run, p))
+                states = actual_states(run, p, h0, s_in)
+                o = piece_outputs(p, states)
+                s_out = states[-1].final
                 run.mark("forward", "kernel")
-            value = (s_out, lb + p.log_total)
-            carry = value if p.index == N - 1 else self._pass_on(run, p.index + 1, value, "forward", sends)
+            if passes_on:
+                carry = self._pass_on(run, p.index + 1, s_out, "forward", sends)
             if self.pipelined:  # after the hop went out
-                o = p.kernel.outputs(p.kernel.with_initial_state(local[i], s_in))
+                states = enter(p, local[i], s_in)
+                o = piece_outputs(p, states)
                 run.mark("forward", "finish")
-            outs.append(o)
+            outs.extend(o)
             s_in_list.append(s_in)
-            log_before.append(lb)
+            all_states.append(states)
         for h in sends:
             h.wait()
-        final, log_all = self._share_final(run, carry, dev)
-        return outs, final, dict(s_in=s_in_list, log_before=log_before, log_all=log_all)
-
-    def _share_final(self, run: Run, carry, dev):
-        """Give the final state (and log A_N) of the last chunk's holder to every rank."""
-        known = run.known_log_totals(dev)
-        log_all = sum(known, run.zeros_log(dev)) if known is not None else None
-        if not run.output_final_state:
-            return None, log_all
-        mine = carry if carry is not None else (run.zeros_state(dev), run.zeros_log(dev))
-        if run.world_size == 1:
-            return mine[0], (log_all if log_all is not None else mine[1])
-        buf = run.all_reduce(pack([mine[0]], [mine[1]] * self._n_logs(run)), "forward").wait()
-        states, logs = unpack(buf, run, 1, self._n_logs(run))
-        return states[0], (logs[0] if logs else log_all)
+        final = None
+        if run.output_final_state:
+            final = run.sum_over_ranks(document_finals(run, pieces, all_states, run.device), "forward")
+        saved = dict(s_in=s_in_list)
+        if self.pipelined:
+            saved["transitions"] = transitions
+        return outs, final, saved
 
     # -- backward ----------------------------------------------------------------------------
 
-    def backward(self, run: Run, pieces: list[Piece], dos: list[torch.Tensor], dfinal: torch.Tensor | None,
+    def backward(self, run: Run, pieces: list[Piece], dos: list[list[torch.Tensor]], dfinal: torch.Tensor | None,
                  saved: dict, want_h0: bool):
-        N = run.n_chunks
-        final_handle = None  # the sum over ranks of the final state's gradient, in flight
-        if dfinal is not None and run.world_size > 1:
-            final_handle = run.all_reduce(dfinal.to(run.cd), "backward")
-        local = ([p.kernel.state_grads(do) for p, do in zip(pieces, dos)]
-                 if self.pipelined or want_h0 else None)
+        h0 = saved["h0"]
         if self.pipelined:  # everything that needs no neighbour, before waiting
-            states = [p.kernel.states(s_in) for p, s_in in zip(pieces, saved["s_in"])]
+            local = [local_state_grads(run, p, d, dfinal) for p, d in zip(pieces, dos)]
+            states = [enter(p, local_states(run, p, h0), s) for p, s in zip(pieces, saved["s_in"])]
             run.mark("backward", "local")
-        dfinal_sum = final_handle.wait() if final_handle is not None else (
-            dfinal.to(run.cd) if dfinal is not None else None)
-        grads: list = [None] * len(pieces)
+        results: list = [None] * len(pieces)
+        final_grads: list = [None] * len(pieces)
         sends: list = []
         carry = None
-        dev = pieces[0].q.device
-        zero_log = run.zeros_log(dev)
         for i in reversed(range(len(pieces))):
-            p, do, s_in = pieces[i], dos[i], saved["s_in"][i]
-            first = None
-            if p.index == N - 1:
-                first = (dfinal_sum if dfinal_sum is not None else run.zeros_state(dev), zero_log)
-            ds_end, _ = self._receive(run, min(p.index + 1, N - 1), carry, first, "backward", dev)
+            p, d = pieces[i], dos[i]
+            receives = p.open_end and p.index + 1 < run.n_pieces
+            ds_end = self._receive(run, p.index + 1, carry, "backward", run.device) if receives else None
             if self.pipelined:
-                ds_in = step(ds_end, p.log_total, local[i].initial)
+                ds_in = piece_state_grad(p, local[i], ds_end, saved["transitions"][i])
             else:
-                dq, dk, dv, dg, ds_in = chunk_linear_attention_backward(
-                    do, p.q, p.k, p.v, initial_state=s_in, dht=ds_end, **kernel_gates(run, p))
+                grads = [span.kernel.state_grads(do, closing_grad(run, dfinal, span) if span.closes else ds_end)
+                         for span, do in zip(p.spans, d)]
+                st = actual_states(run, p, h0, saved["s_in"][i])
+                results[i] = input_grads(run, p, d, st, grads, dfinal, ds_end)
+                final_grads[i] = grads
+                ds_in = grads[0].initial if p.continues else None
                 run.mark("backward", "kernel")
-            if p.index > 0:
-                carry = self._pass_on(run, p.index - 1, (ds_in, zero_log), "backward", sends)
+            if ds_in is not None:
+                carry = self._pass_on(run, p.index - 1, ds_in, "backward", sends)
             if self.pipelined:  # after the hop went out
-                grads[i] = finish_grads(p, do, states[i], local[i], ds_end)
+                grads = leave(p, local[i], ds_end)
+                results[i] = input_grads(run, p, d, states[i], grads, dfinal, ds_end)
+                final_grads[i] = grads
                 run.mark("backward", "finish")
-            else:
-                grads[i] = (dq, dk, dv, dg)
         for h in sends:
             h.wait()
-        dh0 = None
-        if want_h0:
-            dM = [sg.initial for sg in local]
-            dh0 = initial_state_share(pieces, dM, saved["log_before"], dfinal, saved["log_all"])
-        return grads, dh0
+        dh0 = initial_state_grad(run, pieces, final_grads, dfinal, h0) if want_h0 else None
+        return results, dh0
+

@@ -34,23 +34,40 @@ from __future__ import annotations
 
 import torch
 
-from seqpar.linear.common import Piece, Run, exclusive_scan, initial_state_share, pack, suffix_scan, unpack
+from seqpar.kernels.linear_transitions import Transition
+from seqpar.linear.common import (
+    Piece,
+    Run,
+    document_finals,
+    enter,
+    initial_state_grad,
+    input_grads,
+    leave,
+    local_state_grads,
+    local_states,
+    pack,
+    piece_outputs,
+    piece_state_grad,
+    piece_transition,
+    read_state_message,
+    state_message,
+)
 
 
-def _by_chunk(run: Run, gathered: torch.Tensor, n_extra: int = 0, n_logs: int = 0):
-    """Unpack a gathered [P, n] buffer (rank r: its chunks' states, then ``n_extra`` more states,
-    then its chunks' logs) into lists indexed by global chunk, plus each rank's extra states."""
-    states: list = [None] * run.n_chunks
-    logs: list = [None] * run.n_chunks
-    extras = []
-    for r in range(run.world_size):
-        chunks = [c for c in range(run.n_chunks) if run.owners[c] == r]
-        st, lg = unpack(gathered[r], run, len(chunks) + n_extra, n_logs)
-        for i, c in enumerate(chunks):
-            states[c] = st[i]
-            logs[c] = lg[i] if lg else None
-        extras.append(st[len(chunks):])
-    return states, logs, extras
+def _gathered(run: Run, messages: list[torch.Tensor], pass_: str) -> list[torch.Tensor]:
+    """The message of every global piece: one all-gather of this rank's messages (all of one size)."""
+    gathered = run.all_gather(pack(messages), pass_).wait()
+    run.mark(pass_, "wait")
+    return _by_piece(run, gathered, messages[0].numel())
+
+
+def _by_piece(run: Run, gathered: torch.Tensor, size: int) -> list[torch.Tensor]:
+    out: list = [None] * run.n_pieces
+    seen = [0] * run.world_size
+    for c, r in enumerate(run.owners):
+        out[c] = gathered[r, seen[r] * size:(seen[r] + 1) * size]
+        seen[r] += 1
+    return out
 
 
 class Lasp2:
@@ -59,49 +76,64 @@ class Lasp2:
     name = "lasp2"
 
     def forward(self, run: Run, pieces: list[Piece], h0: torch.Tensor | None):
-        dev = pieces[0].q.device
-        local = [p.kernel.states() for p in pieces]
+        local = [local_states(run, p, h0) for p in pieces]
         run.mark("forward", "local")
-        logs = [p.log_total for p in pieces] if run.data_dependent else []
-        gathered = run.all_gather(pack([st.final for st in local], logs), "forward").wait()
-        run.mark("forward", "wait")
-        M_all, log_all, _ = _by_chunk(run, gathered, n_logs=len(logs))
-        log_totals = log_all if run.data_dependent else run.known_log_totals(dev)
-        h0c = h0.to(run.cd) if h0 is not None else run.zeros_state(dev)
-        s_in, final = exclusive_scan(h0c, M_all, log_totals)
-        outs = [p.kernel.outputs(st if p.index == 0 and h0 is None else p.kernel.with_initial_state(st, s_in[p.index]))
-                for p, st in zip(pieces, local)]
+        dev = local[0][0].final.device
+        mine = [piece_transition(p) if run.data_dependent else None for p in pieces]
+        messages = [state_message(run, st[-1].final, a) for st, a in zip(local, mine)]
+        received = _gathered(run, messages, "forward") if run.world_size > 1 else None
+        U: list = [None] * run.n_pieces
+        A: list[Transition] = [None] * run.n_pieces
+        for p, st, a in zip(pieces, local, mine):
+            U[p.index], A[p.index] = st[-1].final, a
+        for c in range(run.n_pieces):
+            if received is not None and run.owners[c] != run.rank:
+                U[c], A[c] = read_state_message(run, received[c])
+            known = run.known_transition(c, dev)
+            if known is not None:
+                A[c] = known
+        s_in, S = [None] * run.n_pieces, None
+        for c in range(run.n_pieces):
+            s_in[c] = S
+            S = U[c] if S is None or A[c].is_reset else A[c].apply(S) + U[c]
+        states = [enter(p, st, s_in[p.index]) for p, st in zip(pieces, local)]
+        outs = [o for p, st in zip(pieces, states) for o in piece_outputs(p, st)]
         run.mark("forward", "finish")
-        return outs, final, dict(s_in=[s_in[p.index] for p in pieces], log_totals=log_totals)
+        final = None
+        if run.output_final_state:
+            final = S if run.documents is None else run.sum_over_ranks(document_finals(run, pieces, states, dev),
+                                                                        "forward")
+        return outs, final, dict(s_in=[s_in[p.index] for p in pieces], transitions=A)
 
-    def backward(self, run: Run, pieces: list[Piece], dos: list[torch.Tensor], dfinal: torch.Tensor | None,
+    def backward(self, run: Run, pieces: list[Piece], dos: list[list[torch.Tensor]], dfinal: torch.Tensor | None,
                  saved: dict, want_h0: bool):
-        dev = pieces[0].q.device
-        local = [p.kernel.state_grads(do) for p, do in zip(pieces, dos)]
+        h0 = saved["h0"]
+        grads = [local_state_grads(run, p, d, dfinal) for p, d in zip(pieces, dos)]
         run.mark("backward", "local")
-        dM = [sg.initial for sg in local]
-        extra = [dfinal.to(run.cd)] if dfinal is not None else []
-        handle = run.all_gather(pack(dM + extra), "backward")
-        # overlapped with the all-gather: the chunk states, from the S_in the forward found
-        states = [p.kernel.states(s_in) for p, s_in in zip(pieces, saved["s_in"])]
+        dM = [piece_state_grad(p, g, None, None) for p, g in zip(pieces, grads)]
+        dev = grads[0][0].initial.device
+        zero = run.zeros_state(dev)
+        messages = [zero if m is None else m.to(run.cd) for m in dM]
+        handle = run.all_gather(pack(messages), "backward") if run.world_size > 1 else None
+        # overlapped with the all-gather: the span states, from the entering states the forward found
+        states = [enter(p, local_states(run, p, h0), s) for p, s in zip(pieces, saved["s_in"])]
         run.mark("backward", "states")
-        gathered = handle.wait()
-        run.mark("backward", "wait")
-        dM_all, _, extras = _by_chunk(run, gathered, n_extra=len(extra))
-        dfinal_sum = sum(e[0] for e in extras) if extra else run.zeros_state(dev)
-        log_totals = saved["log_totals"]
-        ds_end = suffix_scan(dfinal_sum, dM_all, log_totals)
-        grads = [finish_grads(p, do, st, sg, ds_end[p.index]) for p, do, st, sg in zip(pieces, dos, states, local)]
+        if handle is not None:
+            gathered = handle.wait()
+            run.mark("backward", "wait")
+            dM_all = _by_piece(run, gathered, messages[0].numel())
+        else:
+            dM_all = messages
+        A = saved["transitions"]
+        ds_end: list = [None] * run.n_pieces
+        dS = None
+        for c in range(run.n_pieces - 1, 0, -1):
+            dS = dM_all[c].view(run.state_shape) if dS is None or A[c].is_reset else (
+                A[c].apply_transpose(dS) + dM_all[c].view(run.state_shape))
+            ds_end[c - 1] = dS
+        grads = [leave(p, g, ds_end[p.index]) for p, g in zip(pieces, grads)]
+        result = [input_grads(run, p, d, st, g, dfinal, ds_end[p.index])
+                  for p, d, st, g in zip(pieces, dos, states, grads)]
         run.mark("backward", "finish")
-        dh0 = None
-        if want_h0:
-            log_before = torch.stack(log_totals).cumsum(0)
-            before = [log_before[p.index - 1] if p.index > 0 else run.zeros_log(dev) for p in pieces]
-            dh0 = initial_state_share(pieces, dM, before, dfinal, log_before[-1])
-        return grads, dh0
-
-
-def finish_grads(p: Piece, do: torch.Tensor, states, state_grads, ds_end: torch.Tensor):
-    """(dq, dk, dv, dg) of a piece from its chunk states (from S_in) and its state gradients
-    computed with no final-state gradient, given the gradient ``ds_end`` of the state it ends with."""
-    return p.kernel.input_grads(do, states, p.kernel.with_final_grad(state_grads, ds_end), ds_end)
+        dh0 = initial_state_grad(run, pieces, grads, dfinal, h0) if want_h0 else None
+        return result, dh0

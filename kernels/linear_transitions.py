@@ -1,0 +1,136 @@
+"""The transition of a run of tokens of a linear recurrence (docs/linear.md, "Transitions").
+
+Every linear-attention family has the form S_t = A_t(S_{t-1}) + B_t with A_t linear in the state
+S [B, H, Dk, Dv]. Over a run of tokens the state leaving it is S_out = A(S_in) + U, where U is the
+run's state from S_in = 0 (``states().final`` of a chunked run) and A the composition of its A_t.
+The sequence-parallel strategies only need to apply A (forward: the state flows forward) and its
+transpose A^T (backward: the state gradient flows back), and to send A over the wire:
+
+- :class:`ScalarDecay`: A(S) = exp(log) S with ``log`` [B, H] (no gate, ``g_gamma``, ``g`` [B, T, H]);
+- :class:`KeyDecay`: A(S) = diag(exp(log)) S with ``log`` [B, H, Dk] (GLA's per-key gates);
+- :class:`MatrixTransition`: A(S) = M S with ``M`` [B, H, Dk, Dk] (the gated delta rule, KDA).
+
+A run that contains a document start has A = 0: nothing before the start reaches the state after
+it (:data:`RESET`, never sent: every rank knows the documents).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _exp(log: torch.Tensor) -> torch.Tensor:
+    """exp(log) with denormal results flushed to zero (they cost 100x on CPUs and carry nothing)."""
+    e = log.exp()
+    tiny = torch.finfo(e.dtype).tiny
+    return torch.where(e < tiny, torch.zeros((), dtype=e.dtype, device=e.device), e)
+
+
+class Transition:
+    """The linear map A of a run of tokens (see the module docstring)."""
+
+    def apply(self, state: torch.Tensor) -> torch.Tensor:
+        """A(state) for a state [B, H, Dk, Dv]."""
+        raise NotImplementedError
+
+    def apply_transpose(self, grad: torch.Tensor) -> torch.Tensor:
+        """A^T(grad) for a state gradient [B, H, Dk, Dv]."""
+        raise NotImplementedError
+
+    def payload(self) -> torch.Tensor:
+        """The transition as one flat tensor for the wire (see :meth:`from_payload`)."""
+        raise NotImplementedError
+
+    @property
+    def is_reset(self) -> bool:
+        return False
+
+
+@dataclass
+class ScalarDecay(Transition):
+    """A(S) = exp(log) S, ``log`` [B, H] (a log decay per head; zeros: no gate)."""
+
+    log: torch.Tensor
+
+    def apply(self, state: torch.Tensor) -> torch.Tensor:
+        return state * _exp(self.log.to(state.dtype))[..., None, None]
+
+    apply_transpose = apply
+
+    def payload(self) -> torch.Tensor:
+        return self.log.reshape(-1)
+
+    @staticmethod
+    def payload_numel(B: int, H: int, Dk: int) -> int:
+        return B * H
+
+    @classmethod
+    def from_payload(cls, flat: torch.Tensor, B: int, H: int, Dk: int) -> "ScalarDecay":
+        return cls(flat.view(B, H))
+
+
+@dataclass
+class KeyDecay(Transition):
+    """A(S) = diag(exp(log)) S, ``log`` [B, H, Dk] (one log decay per key channel: GLA)."""
+
+    log: torch.Tensor
+
+    def apply(self, state: torch.Tensor) -> torch.Tensor:
+        return state * _exp(self.log.to(state.dtype))[..., None]
+
+    apply_transpose = apply
+
+    def payload(self) -> torch.Tensor:
+        return self.log.reshape(-1)
+
+    @staticmethod
+    def payload_numel(B: int, H: int, Dk: int) -> int:
+        return B * H * Dk
+
+    @classmethod
+    def from_payload(cls, flat: torch.Tensor, B: int, H: int, Dk: int) -> "KeyDecay":
+        return cls(flat.view(B, H, Dk))
+
+
+@dataclass
+class MatrixTransition(Transition):
+    """A(S) = M S, ``matrix`` [B, H, Dk, Dk] (the delta rule: products of exp(g) (I - beta k k^T))."""
+
+    matrix: torch.Tensor
+
+    def apply(self, state: torch.Tensor) -> torch.Tensor:
+        return self.matrix.to(state.dtype) @ state
+
+    def apply_transpose(self, grad: torch.Tensor) -> torch.Tensor:
+        return self.matrix.to(grad.dtype).transpose(-1, -2) @ grad
+
+    def payload(self) -> torch.Tensor:
+        return self.matrix.reshape(-1)
+
+    @staticmethod
+    def payload_numel(B: int, H: int, Dk: int) -> int:
+        return B * H * Dk * Dk
+
+    @classmethod
+    def from_payload(cls, flat: torch.Tensor, B: int, H: int, Dk: int) -> "MatrixTransition":
+        return cls(flat.view(B, H, Dk, Dk))
+
+
+class _Reset(Transition):
+    """A = 0: the run contains a document start."""
+
+    def apply(self, state: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(state)
+
+    apply_transpose = apply
+
+    @property
+    def is_reset(self) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return "RESET"
+
+
+RESET = _Reset()
