@@ -379,7 +379,8 @@ def piece_outputs(piece: Piece, states: list) -> list[torch.Tensor]:
     return [span.kernel.outputs(st) for span, st in zip(piece.spans, states)]
 
 
-def document_finals(run: Run, pieces: Sequence[Piece], states: Sequence[list], device) -> torch.Tensor:
+def document_finals(run: Run, pieces: Sequence[Piece], states: Sequence[list], h0: torch.Tensor | None,
+                    device) -> torch.Tensor:
     """The final state of every document that ends on this rank (zeros elsewhere): summed over the
     ranks it gives every document's final state. Empty documents keep their initial state (on
     rank 0, so that the sum counts it once)."""
@@ -391,6 +392,9 @@ def document_finals(run: Run, pieces: Sequence[Piece], states: Sequence[list], d
                     finals = s.final.to(run.cd)
                 else:
                     finals[span.document] = s.final[0].to(run.cd)
+    if run.rank == 0 and h0 is not None:
+        for n in empty_documents(run):
+            finals[n] = h0[n].to(run.cd)
     return finals
 
 

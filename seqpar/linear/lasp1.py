@@ -108,7 +108,7 @@ class Lasp1:
             h.wait()
         final = None
         if run.output_final_state:
-            final = run.sum_over_ranks(document_finals(run, pieces, all_states, run.device), "forward")
+            final = run.sum_over_ranks(document_finals(run, pieces, all_states, h0, run.device), "forward")
         saved = dict(s_in=s_in_list)
         if self.pipelined:
             saved["transitions"] = transitions

@@ -101,7 +101,7 @@ class Lasp2:
         run.mark("forward", "finish")
         final = None
         if run.output_final_state:
-            final = S if run.documents is None else run.sum_over_ranks(document_finals(run, pieces, states, dev),
+            final = S if run.documents is None else run.sum_over_ranks(document_finals(run, pieces, states, h0, dev),
                                                                         "forward")
         return outs, final, dict(s_in=[s_in[p.index] for p in pieces], transitions=A)
 
