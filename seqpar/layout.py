@@ -61,8 +61,16 @@ class BalancedLayout:
         return self.chunk_len * self.chunks_per_rank * self.world_size
 
     def segments(self, rank: int) -> list[Segment]:
-        return [Segment(i * self.chunk_len, self.chunk_len, chunk * self.chunk_len, 1)
-                for i, chunk in enumerate(self.assignment[rank])]
+        """This rank's tokens as segments in local order; chunks that follow each other both locally
+        and globally form one segment (fine chunks cost no more plan work than the runs they form)."""
+        out: list[Segment] = []
+        for i, chunk in enumerate(self.assignment[rank]):
+            if out and out[-1].global_start + out[-1].length == chunk * self.chunk_len:
+                last = out.pop()
+                out.append(Segment(last.local_start, last.length + self.chunk_len, last.global_start, 1))
+            else:
+                out.append(Segment(i * self.chunk_len, self.chunk_len, chunk * self.chunk_len, 1))
+        return out
 
     def __repr__(self) -> str:
         import hashlib

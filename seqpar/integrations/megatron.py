@@ -57,7 +57,7 @@ from seqpar.integrations._common import (
     retnet_decay,
 )
 from seqpar.kernels.softmax_reference import compute_dtype
-from seqpar.layout import BalancedLayout, Segment
+from seqpar.layout import BalancedLayout
 from seqpar.masks import boundary_list
 from seqpar.validation import check_head_axis
 
@@ -128,21 +128,6 @@ def layer_window(config: TransformerConfig, layer_number: int, causal: bool) -> 
     return None if left == -1 else left + 1
 
 
-class _DocumentChunksLayout(BalancedLayout):
-    """A BalancedLayout whose adjacent chunks (consecutive both locally and globally) are reported
-    as one segment, so that fine chunks cost no more plan work than the runs they form."""
-
-    def segments(self, rank: int) -> list[Segment]:
-        out: list[Segment] = []
-        for seg in super().segments(rank):
-            if out and out[-1].local_start + out[-1].length == seg.local_start \
-                    and out[-1].global_start + out[-1].length == seg.global_start:
-                last = out.pop()
-                seg = Segment(last.local_start, last.length + seg.length, last.global_start, 1)
-            out.append(seg)
-        return out
-
-
 @functools.lru_cache(maxsize=64)
 def _document_zigzag(boundaries: tuple[int, ...], world_size: int) -> BalancedLayout:
     lengths = [b - a for a, b in zip(boundaries[:-1], boundaries[1:])]
@@ -160,7 +145,7 @@ def _document_zigzag(boundaries: tuple[int, ...], world_size: int) -> BalancedLa
             for k in (r, n - 1 - r):
                 first = (start + k * part) // chunk
                 assignment[r].extend(range(first, first + part // chunk))
-    return _DocumentChunksLayout(world_size, chunk, tuple(tuple(a) for a in assignment))
+    return BalancedLayout(world_size, chunk, tuple(tuple(a) for a in assignment))
 
 
 def document_zigzag_layout(cu_seqlens: Union[Tensor, Sequence[int]], world_size: int) -> Union[str, BalancedLayout]:

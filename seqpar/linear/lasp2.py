@@ -55,7 +55,11 @@ from seqpar.linear.common import (
 
 
 def _gathered(run: Run, messages: list[torch.Tensor], pass_: str) -> list[torch.Tensor]:
-    """The message of every global piece: one all-gather of this rank's messages (all of one size)."""
+    """The message of every global piece: one all-gather of this rank's messages (all of one size;
+    a rank with fewer pieces than another pads with zeros)."""
+    most = max(run.owners.count(r) for r in range(run.world_size))
+    if len(messages) < most:
+        messages = messages + [torch.zeros_like(messages[0])] * (most - len(messages))
     gathered = run.all_gather(pack(messages), pass_).wait()
     run.mark(pass_, "wait")
     return _by_piece(run, gathered, messages[0].numel())
@@ -114,7 +118,9 @@ class Lasp2:
         dev = grads[0][0].initial.device
         zero = run.zeros_state(dev)
         messages = [zero if m is None else m.to(run.cd) for m in dM]
-        handle = run.all_gather(pack(messages), "backward") if run.world_size > 1 else None
+        most = max(run.owners.count(r) for r in range(run.world_size))
+        padded = messages + [zero] * (most - len(messages))
+        handle = run.all_gather(pack(padded), "backward") if run.world_size > 1 else None
         # overlapped with the all-gather: the span states, from the entering states the forward found
         states = [enter(p, local_states(run, p, h0), s) for p, s in zip(pieces, saved["s_in"])]
         run.mark("backward", "states")
