@@ -217,8 +217,9 @@ def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                            chunk_size: int = DEFAULT_CHUNK_SIZE, use_qk_l2norm: bool = False
                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Linear attention of any family on one device, differentiable in q, k, v, g, beta,
-    initial_state and through the final state (one run of tokens; for packed documents use
-    :func:`seqpar.linear_attention`, which also runs on one device).
+    initial_state and through the final state, over one run of tokens (for packed documents call
+    it once per document, or use :func:`seqpar.linear_attention` with ``cu_seqlens`` and a
+    one-rank group).
 
     Per head, with state S [Dk, Dv] and o_t = scale * S_t^T q_t (docs/linear.md):
 

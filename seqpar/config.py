@@ -16,9 +16,11 @@ from seqpar.kernels.softmax import BACKENDS
 from seqpar.layout import LAYOUTS, check_global_length, check_layout, chunks_per_rank, layout_name
 from seqpar.masks import check_softcap, check_window
 
-LAYER_KINDS = {"S": "softmax", "L": "linear"}
+LAYER_KINDS = {"S": "softmax", "L": "linear", "D": "delta"}
+#: Layer kinds whose token mixing is a linear-attention recurrence (a state passed across ranks).
+RECURRENT_KINDS = ("linear", "delta")
 FEATURE_MAPS = ("identity", "elu1", "relu", "silu")
-DECAYS = ("fixed", "gate", "none")
+DECAYS = ("fixed", "gate", "gla", "none")
 SOFTMAX_STRATEGIES = ("ring", "allgather", "ulysses", "usp")
 LINEAR_STRATEGIES = ("lasp2", "lasp1")
 DTYPES = ("float32", "float64", "bfloat16")
@@ -29,10 +31,17 @@ NONFINITE_ACTIONS = ("stop", "skip")
 class ModelConfig:
     """A Linear-Llama3-style hybrid decoder.
 
-    ``pattern`` is a string over ``S`` (softmax attention) and ``L`` (linear attention), repeated
-    (and truncated) to ``n_layers``. ``linear_decay`` is ``fixed`` (a per-head constant log decay,
-    RetNet's ladder log(1 - 2^(-5-h))), ``gate`` (a data-dependent per-head gate,
-    log-sigmoid of a low-rank projection divided by ``gate_normalizer``, as GLA) or ``none``.
+    ``pattern`` is a string over ``S`` (softmax attention), ``L`` (linear attention) and ``D``
+    (gated delta rule, a Gated DeltaNet layer as in Qwen3-Next), repeated (and truncated) to
+    ``n_layers``. ``linear_decay`` (``L`` layers) is ``fixed`` (a per-head constant log decay,
+    RetNet's ladder log(1 - 2^(-5-h))), ``gate`` (a data-dependent per-head gate, log-sigmoid of a
+    low-rank projection divided by ``gate_normalizer``), ``gla`` (the same per key channel: gates
+    [B, T, H, head_dim], as GLA) or ``none``.
+
+    ``D`` layers have ``delta_heads`` heads (None: ``n_heads``) with query / key dimension
+    ``delta_head_dim`` (None: ``head_dim``) and value dimension ``delta_value_dim`` (None:
+    ``delta_head_dim``); :attr:`delta_dims` resolves the three. Giving one of them without a ``D``
+    layer in the pattern is an error (it would be silently unused).
 
     Softmax layers: ``window`` (None: full causal attention) is a causal sliding window, query i
     sees keys i - window < j <= i (the transformers ``sliding_window`` convention), in global
@@ -62,6 +71,10 @@ class ModelConfig:
     linear_rope: bool = False
     gate_rank: int = 16
     gate_normalizer: float = 16.0
+    # gated delta-rule layers (pattern letter D); None: n_heads / head_dim / delta_head_dim
+    delta_heads: int | None = None
+    delta_head_dim: int | None = None
+    delta_value_dim: int | None = None
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -74,11 +87,13 @@ class ModelConfig:
             raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads} (GQA)")
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim {self.head_dim} (dim {self.dim} / n_heads {self.n_heads}) must be even for RoPE")
-        if not self.pattern:
-            raise ValueError("pattern must be a non-empty string over 'S' (softmax) and 'L' (linear)")
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise ValueError(f"pattern must be a non-empty string over 'S' (softmax), 'L' (linear) and 'D' "
+                             f"(gated delta rule), got {self.pattern!r}")
         bad = sorted(set(self.pattern) - set(LAYER_KINDS))
         if bad:
-            raise ValueError(f"pattern {self.pattern!r} has unknown layer kinds {bad}; use 'S' (softmax) and 'L' (linear)")
+            raise ValueError(f"pattern {self.pattern!r} has unknown layer kinds {bad}; use 'S' (softmax), "
+                             f"'L' (linear) and 'D' (gated delta rule)")
         if self.linear_decay not in DECAYS:
             raise ValueError(f"unknown linear_decay {self.linear_decay!r}; expected one of {DECAYS}")
         if self.feature_map not in FEATURE_MAPS:
@@ -92,6 +107,17 @@ class ModelConfig:
         for name in ("window", "softcap"):
             if getattr(self, name) is not None and not self.has_softmax:
                 raise ValueError(f"{name}={getattr(self, name)} applies to softmax-attention layers, but pattern "
+                                 f"{self.pattern!r} has none over {self.n_layers} layers")
+        for name in ("delta_heads", "delta_head_dim", "delta_value_dim"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int >= 1 or None, got {type(value).__name__} {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+            if not self.has_delta:
+                raise ValueError(f"{name}={value} applies to gated delta-rule layers ('D'), but pattern "
                                  f"{self.pattern!r} has none over {self.n_layers} layers")
 
     @property
@@ -108,13 +134,27 @@ class ModelConfig:
 
     @property
     def layer_kinds(self) -> list[str]:
-        """``"softmax"`` or ``"linear"`` for each of the ``n_layers`` layers."""
+        """``"softmax"``, ``"linear"`` or ``"delta"`` for each of the ``n_layers`` layers."""
         reps = (self.n_layers + len(self.pattern) - 1) // len(self.pattern)
         return [LAYER_KINDS[c] for c in (self.pattern * reps)[: self.n_layers]]
 
     @property
     def has_linear(self) -> bool:
-        return "linear" in self.layer_kinds
+        """Whether some layer is a linear-attention recurrence (``L`` or ``D``): such a layer
+        passes a state across the ranks, so each rank must hold consecutive tokens."""
+        return any(kind in RECURRENT_KINDS for kind in self.layer_kinds)
+
+    @property
+    def has_delta(self) -> bool:
+        return "delta" in self.layer_kinds
+
+    @property
+    def delta_dims(self) -> tuple[int, int, int]:
+        """(heads, query / key dimension, value dimension) of the gated delta-rule layers."""
+        heads = self.n_heads if self.delta_heads is None else self.delta_heads
+        key_dim = self.head_dim if self.delta_head_dim is None else self.delta_head_dim
+        value_dim = key_dim if self.delta_value_dim is None else self.delta_value_dim
+        return heads, key_dim, value_dim
 
     @property
     def has_softmax(self) -> bool:
@@ -286,7 +326,8 @@ FIELD_HELP: dict[str, str] = {
     "n_kv_heads": "key/value heads (GQA: must divide n_heads)",
     "ffn_dim": "SwiGLU hidden size (none: 8/3 dim rounded up to ffn_multiple_of)",
     "ffn_multiple_of": "round the default SwiGLU hidden size up to a multiple of this",
-    "pattern": "layer kinds, repeated over the layers: S = softmax attention, L = linear attention (e.g. LLLS)",
+    "pattern": "layer kinds, repeated over the layers: S = softmax attention, L = linear attention, D = gated delta "
+               "rule (Gated DeltaNet) (e.g. LLLS, DDDS)",
     "norm_eps": "RMSNorm epsilon",
     "rope_theta": "RoPE base",
     "tie_embeddings": "share the input embedding with the output head",
@@ -294,12 +335,16 @@ FIELD_HELP: dict[str, str] = {
               "(none: full causal attention)",
     "softcap": "attention logit softcap of the softmax-attention layers (Gemma 2): s -> softcap * tanh(s / softcap) "
                "(none: off)",
-    "linear_decay": "decay of linear-attention layers: fixed (per-head RetNet ladder), gate (data-dependent, GLA) or none",
+    "linear_decay": "decay of the linear-attention (L) layers: fixed (per-head RetNet ladder), gate (data-dependent, "
+                    "per head), gla (data-dependent, per head and key channel, as GLA) or none",
     "feature_map": "feature map applied to q and k in linear-attention layers",
     "linear_output_norm": "RMSNorm on each head's linear-attention output",
     "linear_rope": "apply RoPE to q and k in linear-attention layers too",
-    "gate_rank": "rank of the low-rank gate projection (linear_decay=gate)",
-    "gate_normalizer": "divide the log-sigmoid gate by this (linear_decay=gate)",
+    "gate_rank": "rank of the low-rank gate projection (linear_decay=gate or gla)",
+    "gate_normalizer": "divide the log-sigmoid gate by this (linear_decay=gate or gla)",
+    "delta_heads": "heads of the gated delta-rule (D) layers (none: n_heads)",
+    "delta_head_dim": "query / key dimension per head of the D layers (none: head_dim)",
+    "delta_value_dim": "value dimension per head of the D layers (none: delta_head_dim)",
     "init_std": "standard deviation of the initial weights",
     # SequenceParallelConfig
     "sp_size": "sequence-parallel ranks per sequence (must divide the number of processes)",
@@ -366,6 +411,9 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # Llama-3.2-1B shapes (dim 2048, 16 layers, 32/8 heads, SwiGLU 8192), byte vocabulary:
     # about 0.97B parameters.
     "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, pattern="LLLS"),
+    # Qwen3-Next-style: three gated delta-rule (Gated DeltaNet) layers per softmax layer.
+    "qwen3next-tiny": dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, pattern="DDDS"),
+    "qwen3next-small": dict(dim=256, n_layers=8, n_heads=8, n_kv_heads=4, pattern="DDDS"),
 }
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
@@ -373,6 +421,8 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(seq_len=1024, batch_size=8, steps=500, lr=1e-3, warmup_steps=50),
     "medium": dict(seq_len=4096, batch_size=8, steps=2000, lr=6e-4, warmup_steps=100),
     "1b": dict(seq_len=32768, batch_size=8, steps=5000, lr=3e-4, warmup_steps=200, activation_checkpointing=True),
+    "qwen3next-tiny": dict(seq_len=128, batch_size=4, steps=40, lr=3e-3, warmup_steps=4),
+    "qwen3next-small": dict(seq_len=1024, batch_size=8, steps=500, lr=1e-3, warmup_steps=50),
 }
 
 
@@ -381,7 +431,8 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 
 #: Fields that give the parameters their shapes (or add parameters): never changed on resume.
 SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "ffn_multiple_of", "pattern",
-                "tie_embeddings", "linear_decay", "linear_output_norm", "gate_rank")
+                "tie_embeddings", "linear_decay", "linear_output_norm", "gate_rank", "delta_heads", "delta_head_dim",
+                "delta_value_dim")
 #: Fields that change what the model computes or which tokens it sees: a resume with other
 #: values is refused unless each one is named in ``allow_changes`` (e.g. a longer seq_len with a
 #: larger rope_theta for long-context continued training).

@@ -1,8 +1,11 @@
-"""A Linear-Llama3-style hybrid decoder: softmax and linear attention layers in one stack.
+"""A Linear-Llama3-style hybrid decoder: softmax, linear-attention and gated delta-rule layers
+in one stack.
 
 Each layer is RMSNorm -> attention -> residual -> RMSNorm -> SwiGLU -> residual. The attention
-of a layer is softmax (GQA, RoPE) or linear (per-head fixed decay, a data-dependent gate, or
-none; a feature map; an optional per-head output norm), following ``ModelConfig.pattern``.
+of a layer follows ``ModelConfig.pattern``: softmax (``S``: GQA, RoPE), linear (``L``: per-head
+fixed decay, a data-dependent per-head gate, GLA's per-key-channel gates, or none; a feature
+map; an optional per-head output norm) or the gated delta rule (``D``: a Gated DeltaNet layer as
+in Qwen3-Next, :class:`GatedDeltaNet`, without the short convolution).
 
 The model runs on the tokens it is given. Every attention module has a ``context_parallel``
 field, ``None`` by default: the layer then mixes its tokens on one device (the tokens it holds
@@ -14,14 +17,16 @@ shard of the sequence. Nothing is patched: the switch is data on the modules.
 Softmax layers honour ``ModelConfig.window`` (a causal sliding window) and ``ModelConfig.softcap``
 (a logit softcap) on one device and across ranks alike. ``HybridLM.forward(..., cu_seqlens=...)``
 runs one packed row of documents (B = 1, GLOBAL boundaries ``[0, ..., T_global]``): softmax layers
-see only keys of their own document and RoPE positions restart at each document. Linear layers
-refuse documents (a ValueError): they would need their state reset at every document start,
-which :func:`seqpar.linear_attention` does not have yet.
+see only keys of their own document and RoPE positions restart at each document; linear and
+delta-rule layers reset their state at every document start (they hand the boundaries to
+:func:`seqpar.linear_attention`; on one device they run ``chunk_linear_attention`` once per
+document).
 
 Every attention module also has a ``timer`` field, ``None`` by default: given a
 :class:`PhaseTimer` (:func:`attach_timer`), the layer adds the wall time of its token mixing
-(forward and backward) to the timer under its ``kind`` ("softmax" or "linear"); the trainer
-reports it per step (see docs/training.md, "Where the step time goes").
+(forward and backward) to the timer under its ``kind`` ("softmax" or "linear"; delta-rule layers
+are of kind "linear" too: they run on the linear-attention strategies); the trainer reports it
+per step (see docs/training.md, "Where the step time goes").
 """
 from __future__ import annotations
 
@@ -343,10 +348,13 @@ class SoftmaxAttention(nn.Module):
 
 
 class LinearAttention(nn.Module):
-    """Causal linear attention with a feature map, per-head decay or gate, and output norm.
+    """Causal linear attention with a feature map, a decay, and output norm.
 
-    K/V may have fewer heads (GQA); they are repeated locally before the mixer (the memory
-    state is per query head anyway, so nothing more is communicated).
+    The decay (``ModelConfig.linear_decay``): ``fixed`` (RetNet's per-head ladder, ``g_gamma``
+    [H]), ``gate`` (per head, g [B, T, H] = logsigmoid(low-rank projection) / gate_normalizer),
+    ``gla`` (per head and key channel, g [B, T, H, head_dim], the same form: GLA's gates) or
+    ``none``. K/V may have fewer heads (GQA); they are repeated locally before the mixer (the
+    memory state is per query head anyway, so nothing more is communicated).
     """
 
     kind = "linear"
@@ -361,17 +369,16 @@ class LinearAttention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.gate_normalizer = cfg.gate_normalizer
-        if cfg.linear_decay == "gate":
+        if cfg.linear_decay in ("gate", "gla"):
+            gates = cfg.n_heads * (cfg.head_dim if cfg.linear_decay == "gla" else 1)
             self.gate = nn.Sequential(nn.Linear(cfg.dim, cfg.gate_rank, bias=False),
-                                      nn.Linear(cfg.gate_rank, cfg.n_heads, bias=True))
+                                      nn.Linear(cfg.gate_rank, gates, bias=True))
         self.out_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.linear_output_norm else None
         self.context_parallel: ContextParallel | None = None
         self.timer: PhaseTimer | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cu_seqlens: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
-        if cu_seqlens is not None:
-            raise ValueError(documents_unsupported_message())
         B, T, _ = x.shape
         rep = self.n_heads // self.n_kv_heads
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
@@ -383,43 +390,143 @@ class LinearAttention(nn.Module):
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
         g = g_gamma = None
-        if self.decay == "gate":
-            gate = self.gate(x)
-            g = F.logsigmoid(gate if gate.dtype == torch.float64 else gate.float()) / self.gate_normalizer
+        if self.decay in ("gate", "gla"):
+            g = F.logsigmoid(_in_compute_dtype(self.gate(x))) / self.gate_normalizer
+            if self.decay == "gla":
+                g = g.view(B, T, self.n_heads, self.head_dim)
         elif self.decay == "fixed":
             g_gamma = retnet_log_decay(self.n_heads, device=x.device, dtype=compute_dtype(q.dtype))
-        if self.timer is None:
-            o = self.mix(q, k, v, g, g_gamma)
-        else:
-            o = self.timer.call(self.kind, self.mix, q, k, v, g, g_gamma)
+        args = (q, k, v, g, g_gamma) if cu_seqlens is None else (q, k, v, g, g_gamma, cu_seqlens)
+        o = self.mix(*args) if self.timer is None else self.timer.call(self.kind, self.mix, *args)
         if self.out_norm is not None:  # normalise in the parameters' dtype (fp32 under autocast)
             o = self.out_norm(o.to(self.out_norm.weight.dtype))
         return self.wo(o.reshape(B, T, -1))
 
     def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
-            g_gamma: torch.Tensor | None) -> torch.Tensor:
+            g_gamma: torch.Tensor | None, cu_seqlens: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
         """Token mixing: on one device, or across the group of ``context_parallel``.
 
-        q, k, v [B, T, n_heads, head_dim] (k / v already repeated to n_heads); before calling
-        seqpar the head axis is checked against n_heads (see :meth:`SoftmaxAttention.mix`)."""
-        cp = self.context_parallel
-        if cp is None:
-            return chunk_linear_attention(q, k, v, g=g, g_gamma=g_gamma)[0]
-        import seqpar
-
-        check_head_axis(f"{type(self).__name__}.mix", "[b, s, h, d]", q, k, v, num_heads=self.n_heads,
-                        num_kv_heads=self.n_heads)
-        o, _ = seqpar.linear_attention(q, k, v, strategy=cp.strategy, layout=cp.layout, group=cp.sp_group,
-                                g=g, g_gamma=g_gamma, backend=cp.backend, validate=cp.validate)
-        return o.to(q.dtype)
+        q, k, v [B, T, n_heads, head_dim] (k / v already repeated to n_heads); g [B, T, n_heads]
+        or [B, T, n_heads, head_dim] (GLA) or g_gamma [n_heads]; ``cu_seqlens``: the GLOBAL
+        document boundaries of the packed row (B = 1), the state resets at each document start.
+        Before calling seqpar the head axis is checked against n_heads (see
+        :meth:`SoftmaxAttention.mix`)."""
+        return _mix_recurrent(self, q, k, v, n_heads=self.n_heads, g=g, g_gamma=g_gamma, cu_seqlens=cu_seqlens)
 
 
-def documents_unsupported_message(where: str = "a linear-attention layer") -> str:
-    """Why packed documents (cu_seqlens) are refused by linear-attention layers."""
-    return (f"cu_seqlens (packed documents) was given but {where} cannot keep documents apart: linear attention "
-            f"would need its state reset at every document start, and seqpar.linear_attention does not support "
-            f"state resets yet, so its tokens would silently attend across documents. Use softmax layers only "
-            f"(pattern 'S') with cu_seqlens, or run without cu_seqlens")
+class GatedDeltaNet(nn.Module):
+    """A gated delta-rule layer (Gated DeltaNet, Yang et al. 2024; the linear layers of Qwen3-Next).
+
+    Per head h of ``delta_heads`` (query / key dimension Dk, value dimension Dv, see
+    :attr:`ModelConfig.delta_dims`):
+
+        q, k, v = silu(W_q x), silu(W_k x), silu(W_v x)       (q, k L2-normalised in the mixer)
+        beta = sigmoid(W_b x)                                 [B, T, H], in (0, 1)
+        g = -exp(A_log) * softplus(W_a x + dt_bias)           [B, T, H], Mamba2-style log decay
+        S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = Dk^-1/2 S_t^T q_t
+        out = W_o (RMSNorm(o) * silu(W_gate x))               (gated RMSNorm per head)
+
+    ``A_log`` and ``dt_bias`` are per-head parameters initialised as Mamba2's / Qwen3-Next's
+    (A uniform in [1, 16]; softplus(dt_bias) log-uniform in [1e-3, 0.1]): see
+    :meth:`reset_decay_parameters`. Unlike Qwen3-Next and fla's GatedDeltaNet there is NO short
+    causal convolution on q, k, v: under sequence parallelism it would need a halo exchange of the
+    previous rank's last tokens (and its gradient back), which seqpar does not have; the SiLU that
+    follows the convolution there is applied directly to the projections here. No RoPE.
+
+    ``kind`` is ``"linear"``: the layer runs on the linear-attention strategies (lasp2 / lasp1),
+    is timed as linear attention and needs consecutive tokens per rank, like :class:`LinearAttention`.
+    """
+
+    kind = "linear"
+    family = "delta"
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.key_dim, self.value_dim = cfg.delta_dims
+        H, Dk, Dv = self.n_heads, self.key_dim, self.value_dim
+        self.wq = nn.Linear(cfg.dim, H * Dk, bias=False)
+        self.wk = nn.Linear(cfg.dim, H * Dk, bias=False)
+        self.wv = nn.Linear(cfg.dim, H * Dv, bias=False)
+        self.w_beta = nn.Linear(cfg.dim, H, bias=False)
+        self.w_decay = nn.Linear(cfg.dim, H, bias=False)
+        self.w_gate = nn.Linear(cfg.dim, H * Dv, bias=False)
+        self.A_log = nn.Parameter(torch.empty(H))
+        self.dt_bias = nn.Parameter(torch.empty(H))
+        self.out_norm = nn.RMSNorm(Dv, eps=cfg.norm_eps)
+        self.wo = nn.Linear(H * Dv, cfg.dim, bias=False)
+        self.context_parallel: ContextParallel | None = None
+        self.timer: PhaseTimer | None = None
+        self.reset_decay_parameters()
+
+    @torch.no_grad()
+    def reset_decay_parameters(self, a_range: tuple[float, float] = (1.0, 16.0), dt_min: float = 1e-3,
+                               dt_max: float = 0.1, dt_floor: float = 1e-4) -> None:
+        """Mamba2's initialisation: A_log = log(A), A ~ U(a_range); dt_bias = softplus^-1(dt),
+        dt log-uniform in [dt_min, dt_max] (at least dt_floor)."""
+        self.A_log.copy_(torch.empty_like(self.A_log, dtype=torch.float64).uniform_(*a_range).log())
+        log_dt = torch.empty_like(self.dt_bias, dtype=torch.float64).uniform_(math.log(dt_min), math.log(dt_max))
+        dt = log_dt.exp().clamp(min=dt_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) == dt
+
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g, beta) [B, T, H] of the input x [B, T, dim], in the compute dtype (fp32, fp64 for fp64)."""
+        beta = torch.sigmoid(_in_compute_dtype(self.w_beta(x)))
+        a = _in_compute_dtype(self.w_decay(x))
+        g = -torch.exp(self.A_log.to(a.dtype)) * F.softplus(a + self.dt_bias.to(a.dtype))
+        return g, beta
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
+        """x [B, T, dim] -> [B, T, dim]. ``cos`` / ``sin`` (RoPE) are unused; ``cu_seqlens`` the
+        GLOBAL document boundaries of the packed row (B = 1): the state resets at each start."""
+        B, T, _ = x.shape
+        H, Dk, Dv = self.n_heads, self.key_dim, self.value_dim
+        q = F.silu(self.wq(x)).view(B, T, H, Dk)
+        k = F.silu(self.wk(x)).view(B, T, H, Dk)
+        v = F.silu(self.wv(x)).view(B, T, H, Dv)
+        g, beta = self.gates(x)
+        args = (q, k, v, g, beta) if cu_seqlens is None else (q, k, v, g, beta, cu_seqlens)
+        o = self.mix(*args) if self.timer is None else self.timer.call(self.kind, self.mix, *args)
+        o = self.out_norm(o.to(self.out_norm.weight.dtype))  # in the parameters' dtype (fp32 under autocast)
+        o = o * F.silu(self.w_gate(x).view(B, T, H, Dv)).to(o.dtype)
+        return self.wo(o.reshape(B, T, H * Dv))
+
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+            cu_seqlens: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
+        """The gated delta rule with q and k L2-normalised inside (``use_qk_l2norm``): on one
+        device, or across the group of ``context_parallel``. q, k [B, T, H, Dk], v [B, T, H, Dv],
+        g and beta [B, T, H]; ``cu_seqlens`` as in :meth:`LinearAttention.mix`."""
+        return _mix_recurrent(self, q, k, v, n_heads=self.n_heads, g=g, beta=beta, use_qk_l2norm=True,
+                              cu_seqlens=cu_seqlens)
+
+
+def _in_compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x in fp64 when it is fp64, else in fp32 (gates are formed in the compute dtype)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _mix_recurrent(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, n_heads: int,
+                   cu_seqlens: torch.Tensor | Sequence[int] | None, **gates: Any) -> torch.Tensor:
+    """The token mixing of a linear-attention or delta-rule layer: ``chunk_linear_attention`` on
+    one device (once per document with ``cu_seqlens``), :func:`seqpar.linear_attention` across
+    the group of ``module.context_parallel``.
+    ``gates``: the keyword arguments naming the family (g, g_gamma, beta, use_qk_l2norm); None
+    values are left out, so that a family's call passes only what it uses."""
+    gates = {name: value for name, value in gates.items() if value is not None}
+    cp = module.context_parallel
+    if cp is None:
+        if cu_seqlens is None:
+            return chunk_linear_attention(q, k, v, **gates)[0].to(q.dtype)
+        return _documents_apart(q, k, v, cu_seqlens, gates)
+    import seqpar
+
+    if cu_seqlens is not None:
+        gates["cu_seqlens"] = cu_seqlens
+    check_head_axis(f"{type(module).__name__}.mix", "[b, s, h, d]", q, k, v, num_heads=n_heads,
+                    num_kv_heads=n_heads)
+    o, _ = seqpar.linear_attention(q, k, v, strategy=cp.strategy, layout=cp.layout, group=cp.sp_group,
+                                   backend=cp.backend, validate=cp.validate, **gates)
+    return o.to(q.dtype)
 
 
 class FeedForward(nn.Module):
@@ -435,13 +542,36 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def _documents_apart(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | Sequence[int],
+                     gates: dict[str, Any]) -> torch.Tensor:
+    """Single-device linear attention of a packed row (B = 1): ``chunk_linear_attention`` on each
+    document of ``cu_seqlens`` [0, ..., T] on its own (its state starts from zero), the outputs
+    joined along the tokens. Per-token gates (g, beta) are cut with the documents."""
+    T = q.shape[1]
+    documents = check_documents(cu_seqlens, T, q.device if isinstance(cu_seqlens, torch.Tensor) else None) or (0, T)
+    if q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens describes the documents of ONE packed row; got batch size {q.shape[0]}")
+    per_token = {name for name, value in gates.items() if isinstance(value, torch.Tensor) and value.dim() >= 3}
+    parts = []
+    for a, b in zip(documents, documents[1:]):
+        if b > a:
+            cut = {name: value[:, a:b] if name in per_token else value for name, value in gates.items()}
+            parts.append(chunk_linear_attention(q[:, a:b], k[:, a:b], v[:, a:b], **cut)[0].to(q.dtype))
+    return torch.cat(parts, dim=1) if parts else q.new_zeros(*q.shape[:3], v.shape[-1])
+
+
+#: The attention module of each layer kind of ``ModelConfig.layer_kinds``.
+ATTENTION_CLASSES: dict[str, type[nn.Module]] = {"softmax": SoftmaxAttention, "linear": LinearAttention,
+                                                 "delta": GatedDeltaNet}
+
+
 class Block(nn.Module):
     """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(x))."""
 
     def __init__(self, cfg: ModelConfig, kind: str):
         super().__init__()
         self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attention = SoftmaxAttention(cfg) if kind == "softmax" else LinearAttention(cfg)
+        self.attention = ATTENTION_CLASSES[kind](cfg)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.hidden_dim)
 
@@ -458,9 +588,9 @@ class HybridLM(nn.Module):
     ``context_parallel`` says this rank holds, or 0..T-1 on one device.
     ``cu_seqlens`` (optional): the GLOBAL document boundaries ``[0, e_1, ..., T_global]`` of one
     packed row (B = 1; T_global = T x the sequence-parallel size), the same on every rank, as a
-    1-D integer tensor or a sequence of ints. Softmax layers then attend within each document and
-    RoPE positions restart at every document start; a model with linear-attention layers raises
-    a ValueError (linear attention has no state resets yet).
+    1-D integer tensor or a sequence of ints. Softmax layers then attend within each document,
+    RoPE positions restart at every document start, and linear and delta-rule layers reset their
+    state at every document start.
     ``activation_checkpointing`` recomputes each layer in backward.
     """
 
@@ -476,10 +606,14 @@ class HybridLM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 n_layers)."""
+        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 n_layers);
+        norm weights 1, biases 0; the delta-rule layers' A_log / dt_bias as Mamba2
+        (:meth:`GatedDeltaNet.reset_decay_parameters`)."""
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
+            if name.endswith(("A_log", "dt_bias")):
+                continue
             if p.dim() == 1:
                 if name.endswith("bias"):
                     nn.init.zeros_(p)
@@ -489,6 +623,9 @@ class HybridLM(nn.Module):
                 nn.init.normal_(p, std=out_std)
             else:
                 nn.init.normal_(p, std=std)
+        for module in self.modules():
+            if isinstance(module, GatedDeltaNet):
+                module.reset_decay_parameters()
 
     def positions(self, local_len: int, device: torch.device) -> torch.Tensor:
         """Global positions of the ``local_len`` tokens this rank holds."""
@@ -499,16 +636,11 @@ class HybridLM(nn.Module):
 
     def document_bounds(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor | Sequence[int] | None
                         ) -> tuple[int, ...] | None:
-        """The document boundaries of ``cu_seqlens`` for ``tokens`` [1, T_local] (None: one
-        document), checked once per forward: the model must have no linear-attention layer, the
-        batch must be one packed row, and the boundaries must end at the global length."""
+        """The document boundaries of ``cu_seqlens`` for ``tokens`` [1, T_local] (None: no
+        cu_seqlens, or one document), checked once per forward: the batch must be one packed row, and the
+        boundaries must end at the global length."""
         if cu_seqlens is None:
             return None
-        kinds = self.config.layer_kinds
-        if "linear" in kinds:
-            index = kinds.index("linear")
-            raise ValueError(documents_unsupported_message(
-                f"layer {index} of the model is a linear-attention layer (pattern {self.config.pattern!r}) and it"))
         if tokens.dim() != 2 or tokens.shape[0] != 1:
             raise ValueError(f"cu_seqlens describes the documents of ONE packed row: tokens must be [1, T_local], "
                              f"got shape {tuple(tokens.shape)}; pack the batch into one row")

@@ -2,7 +2,9 @@
 sync) on 1, 2 and 4 gloo ranks gives the loss and parameter gradients of the unsharded model on
 one process, for every softmax strategy, both linear strategies, both decay kinds and the token
 layouts; the softmax layers' sliding window and softcap, and packed documents (cu_seqlens) in
-softmax-only models; plus the configuration errors.
+softmax-only models; plus the configuration errors. The gated delta-rule layers ('D'), GLA gates
+and documents through linear layers are in tests/test_hybrid_families.py (which reuses the cases
+here).
 
 Tolerances: everything runs in float64, so the sharded and the unsharded step agree to
 rounding (loss within 1e-10 absolute, every gradient within 1e-8 of the largest reference
@@ -244,11 +246,12 @@ def _recorded_rope_positions():
 
 def case_documents(ctx, model_kw: dict, sp_kw: dict, bounds: list[int], T: int = 24, default_positions: bool = False,
                    activation_checkpointing: bool = False, layout_object: bool = False):
-    """One step of a softmax-only model on one packed row with documents ``bounds`` on the pool
-    ranks; the loss / gradient errors against (a) the unsharded model given the same cu_seqlens
-    and (b) the unsharded model run on each document separately."""
+    """One step of a model (softmax-only unless ``model_kw`` names a pattern) on one packed row
+    with documents ``bounds`` on the pool ranks; the loss / gradient errors against (a) the
+    unsharded model given the same cu_seqlens and (b) the unsharded model run on each document
+    separately."""
     torch.manual_seed(0)
-    model = HybridLM(_tiny_config(pattern="S", **model_kw)).double()
+    model = HybridLM(_tiny_config(**{"pattern": "S", **model_kw})).double()
     tokens, labels = _documents_batch(T, bounds, model.config.vocab_size)
     cu = torch.tensor(bounds)
     ref = copy.deepcopy(model)
@@ -326,25 +329,19 @@ def test_documents_change_the_model():
         torch.testing.assert_close(model(tokens, cu_seqlens=[0, 24]), plain, rtol=0, atol=0)
 
 
-def test_document_errors():
-    """Linear-attention layers refuse documents (they would cross them); cu_seqlens needs one
-    packed row whose boundaries end at the global length."""
+@pytest.mark.parametrize("pattern", ["S", "SL"])
+def test_document_errors(pattern):
+    """cu_seqlens needs one packed row whose boundaries end at the global length, in softmax-only
+    models and in models with linear layers alike (which take documents: see
+    tests/test_hybrid_families.py)."""
     tokens = torch.zeros(1, 16, dtype=torch.long)
-    hybrid = HybridLM(_tiny_config(pattern="SL"))
-    with pytest.raises(ValueError, match=r"layer 1 of the model is a linear-attention layer .*state reset"):
-        hybrid(tokens, cu_seqlens=torch.tensor([0, 8, 16]))
-    with pytest.raises(ValueError, match="linear-attention layer.*state reset"):  # even one document: never silently
-        hybrid(tokens, cu_seqlens=torch.tensor([0, 16]))
-    layer = next(m for m in hybrid.attention_modules() if isinstance(m, LinearAttention))
-    with pytest.raises(ValueError, match="linear-attention layer.*state reset"):
-        layer(torch.zeros(1, 16, 32), None, None, [0, 8, 16])
-    softmax_only = HybridLM(_tiny_config(pattern="S"))
+    model = HybridLM(_tiny_config(pattern=pattern))
     with pytest.raises(ValueError, match=r"ONE packed row.*\(2, 16\)"):
-        softmax_only(torch.zeros(2, 16, dtype=torch.long), cu_seqlens=torch.tensor([0, 8, 16]))
+        model(torch.zeros(2, 16, dtype=torch.long), cu_seqlens=torch.tensor([0, 8, 16]))
     with pytest.raises(ValueError, match="must end at the global sequence length 16"):
-        softmax_only(tokens, cu_seqlens=torch.tensor([0, 8, 12]))
+        model(tokens, cu_seqlens=torch.tensor([0, 8, 12]))
     with pytest.raises(ValueError, match="must not decrease"):
-        softmax_only(tokens, cu_seqlens=[0, 9, 8, 16])
+        model(tokens, cu_seqlens=[0, 9, 8, 16])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,7 +390,18 @@ def _untimed_and_timed_steps(model, tokens, labels, before=None):
     return grads, timer, step
 
 
-def test_phase_timer_times_the_mixing_forward_and_backward_and_nothing_else():
+@pytest.fixture
+def one_thread():
+    """One intra-op thread while a timing test runs: on a busy 2-core machine (other processes,
+    the gloo pool starting) a second thread that is descheduled stalls each parallel op for a
+    time slice, ~100 ms per step, which is not what these tests measure."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_phase_timer_times_the_mixing_forward_and_backward_and_nothing_else(one_thread):
     """The softmax layer's mixing sleeps 20 ms in forward and 40 ms in backward; the feed-forward
     blocks sleep 50 ms in backward. The timer's "softmax" total holds the mixing's 60 ms (plus its
     real work) but none of the feed-forward's sleep, and the gradients are those of an untimed run."""
@@ -429,7 +437,7 @@ def test_phase_timer_times_the_mixing_forward_and_backward_and_nothing_else():
     assert all(m.timer is None for m in model.attention_modules())
 
 
-def test_phase_timer_with_activation_checkpointing():
+def test_phase_timer_with_activation_checkpointing(one_thread):
     """Recomputed layers time their mixing again (forward) and the backward once; the
     gradients are unchanged."""
     torch.manual_seed(0)
@@ -506,8 +514,9 @@ def test_fixed_decay_linear_layer_keeps_fp64_accuracy():
     (dict(n_heads=4, n_kv_heads=3), "not divisible by n_kv_heads"),
     (dict(dim=12, n_heads=4, n_kv_heads=4), "must be even for RoPE"),
     (dict(pattern="LSX"), "unknown layer kinds"),
+    (dict(pattern="DSd"), r"unknown layer kinds \['d'\]"),
     (dict(pattern=""), "non-empty"),
-    (dict(linear_decay="exp"), "unknown linear_decay"),
+    (dict(linear_decay="exp"), r"unknown linear_decay 'exp'; expected one of \('fixed', 'gate', 'gla', 'none'\)"),
     (dict(feature_map="tanh"), "unknown feature_map"),
     (dict(window=0), "window must be >= 1"),
     (dict(window=-3), "window must be >= 1"),

@@ -263,7 +263,7 @@ def test_help_has_one_line_per_flag_with_choices_and_the_real_defaults(capsys):
     # the chosen preset's values, not the dataclass defaults
     assert "--seq-len N tokens per sequence (global, before it is split over the sp ranks) (default: 1024)" in flat
     assert "--steps N optimizer steps in all (a resumed run continues up to this step) (default: 500)" in flat
-    for choices in ("{contiguous,zigzag,striped}", "{fixed,gate,none}", "{ring,allgather,ulysses,usp}",
+    for choices in ("{contiguous,zigzag,striped}", "{fixed,gate,gla,none}", "{ring,allgather,ulysses,usp}",
                     "{lasp2,lasp1}", "{auto,torch,triton,sdpa}", "{stdlib,synthetic}"):
         assert choices in out, choices
     # flags given before --help are the defaults shown
