@@ -266,19 +266,29 @@ def softmax_estimate(strategy: str, layout: str, world_size: int, shape: Shape, 
                     average / 1e12, steps)
 
 
+TRANSITION_ELEMENTS = {"none": lambda dk: 0, "scalar": lambda dk: 1, "gla": lambda dk: dk, "delta": lambda dk: dk * dk}
+
+
 def linear_estimate(strategy: str, world_size: int, shape: Shape, machine: Machine,
-                    chunks_per_rank: int = 1) -> Estimate:
-    """Forward estimate of one linear-attention layer under 'lasp2' or 'lasp1' (ring, serial)."""
+                    chunks_per_rank: int = 1, transition: str = "none", value_dim: int | None = None) -> Estimate:
+    """Forward estimate of one linear-attention layer under 'lasp2' or 'lasp1' (ring, serial).
+
+    ``transition``: what LASP-2 gathers with each state (docs/linear.md, "Bytes per pass"):
+    'none' (no gate or a fixed decay: known), 'scalar' (a data-dependent gate per head), 'gla'
+    (per key channel) or 'delta' (the delta rule and KDA: a Dk x Dk matrix per head).
+    ``value_dim``: Dv (default: the head dim)."""
     local_len = shape.seq_len // world_size
-    state_bytes = shape.batch * shape.heads * shape.head_dim * shape.head_dim * 4  # fp32 state
+    dv = shape.head_dim if value_dim is None else value_dim
+    state_bytes = shape.batch * shape.heads * shape.head_dim * dv * 4  # fp32 state
+    gathered_bytes = state_bytes + shape.batch * shape.heads * TRANSITION_ELEMENTS[transition](shape.head_dim) * 4
     # chunked linear attention (chunk 64): intra-chunk QK^T and PV, plus state update and readout
     chunk = 64
     flop = shape.batch * shape.heads * local_len * (4 * chunk * shape.head_dim + 4 * shape.head_dim ** 2)
     compute = flop / (machine.linear_tflops * 1e12)
     bw, lat = machine.link_gbytes_s * 1e9, machine.latency_us * 1e-6
     if strategy == "lasp2":
-        sent = state_bytes * chunks_per_rank * (world_size - 1)  # all-gather: receive P-1 states, send ours
-        comm = lat + state_bytes * chunks_per_rank * (world_size - 1) / bw
+        sent = gathered_bytes * chunks_per_rank * (world_size - 1)  # all-gather: receive P-1 pieces, send ours
+        comm = lat + gathered_bytes * chunks_per_rank * (world_size - 1) / bw
         time = max(compute, comm) + 2 * shape.batch * shape.heads * local_len * shape.head_dim ** 2 / (machine.linear_tflops * 1e12)
         steps = 1
     elif strategy == "lasp1":
@@ -317,6 +327,9 @@ def _backward_bytes(strategy: str, forward_bytes: float, world_size: int, elemen
     return forward_bytes
 
 
+LINEAR_TRANSITIONS = {"gate": "scalar", "gla": "gla"}  # ModelConfig.linear_decay -> what LASP-2 gathers
+
+
 def step_bytes_per_rank(model: ModelConfig, sp: SequenceParallelConfig, seq_len: int, batch_per_replica: int, element_bytes: int,
                         num_params: int, dp_size: int = 1) -> StepBytes:
     """Estimate what one rank sends per training step of a :class:`seqpar.config.ModelConfig` run
@@ -339,8 +352,14 @@ def step_bytes_per_rank(model: ModelConfig, sp: SequenceParallelConfig, seq_len:
                                                           else None))
             else:
                 strategy = sp.linear_strategy
-                est = linear_estimate(strategy, P, shape, machine,
-                                      chunks_per_rank=chunks_per_rank(sp.layout))
+                layer_shape, transition, dv = shape, LINEAR_TRANSITIONS.get(model.linear_decay, "none"), None
+                if kind == "delta":
+                    heads, dk, dv = model.delta_dims
+                    layer_shape = Shape(batch=batch_per_replica, seq_len=seq_len, heads=heads, kv_heads=heads,
+                                        head_dim=dk, element_bytes=element_bytes)
+                    transition = "delta"
+                est = linear_estimate(strategy, P, layer_shape, machine, chunks_per_rank=chunks_per_rank(sp.layout),
+                                      transition=transition, value_dim=dv)
             fwd += est.bytes_sent_per_rank
             bwd += _backward_bytes(strategy, est.bytes_sent_per_rank, P, element_bytes)
     grads = 4.0 * num_params

@@ -256,3 +256,13 @@ def test_step_bytes_follow_the_model_window():
     windowed = step_bytes_per_rank(ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, pattern="S", window=65),
                                    sp, 4096, 1, 2, num_params=0)
     assert 0 < windowed.attention_forward < full.attention_forward / 10
+
+
+def test_lasp2_bytes_include_the_transitions_that_travel():
+    """LASP-2 gathers a state per piece plus its transition when that depends on the tokens: the
+    estimate follows docs/linear.md's table (B*H*(Dk*Dv + a)*4 per piece, a = 0, 1, Dk or Dk^2)."""
+    shape = Shape(batch=1, seq_len=8192, heads=16, kv_heads=16, head_dim=128, element_bytes=2)
+    P, B, H, Dk, Dv = 8, 1, 16, 128, 64
+    for transition, extra in (("none", 0), ("scalar", 1), ("gla", Dk), ("delta", Dk * Dk)):
+        est = linear_estimate("lasp2", P, shape, Machine(), chunks_per_rank=2, transition=transition, value_dim=Dv)
+        assert est.bytes_sent_per_rank == 2 * (P - 1) * B * H * (Dk * Dv + extra) * 4, transition
