@@ -239,10 +239,136 @@ def test_refused_arguments():
         SeqparDistributedAttention(None, None, window=2.5)
     with pytest.raises(ValueError, match=r"SeqparDistributedAttention: softcap"):
         SeqparDistributedAttention(None, None, softcap=-1.0)
-    # linear attention has no document resets yet
+    # linear attention: gates of another shape than the query's [b, s, h] (per key: [b, s, h, dk]),
+    # several rows with documents, a striped layout
     lin = SeqparDistributedLinearAttention(None)
-    with pytest.raises(NotImplementedError, match="cu_seqlens .* linear attention cannot keep documents apart"):
-        lin(q, q, q, 0, cu_seqlens=torch.tensor([0, 3, 8]))
+    with pytest.raises(ValueError, match=r"g must be \[b, s, h\] or \[b, s, h, dk\].*\(1, 8, 4\) or "
+                                         r"\(1, 8, 4, 8\); got \(1, 8, 3\)"):
+        lin(q, q, q, 0, g=torch.zeros(1, 8, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"beta must be \[s, b, h\] like the query \[s, b, h, d\] "
+                                         r"\(batch_dim_idx=1\), i.e. \(8, 1, 4\); got \(8, 1, 4, 8\)"):
+        lin(*(t.transpose(0, 1) for t in (q, q, q)), 1, beta=torch.full((8, 1, 4, 8), 0.5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"ONE packed row.*batch size 2"):
+        lin(q2, q2, q2, 0, cu_seqlens=torch.tensor([0, 3, 8]))
+    with pytest.raises(ValueError, match="linear layout 'striped'"):
+        SeqparDistributedLinearAttention(None, layout="striped")
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear attention: every family and packed documents on DeepSpeed's group against the per-document
+# fp64 recurrence of the unsharded row.
+
+# family -> (gate: None / "head" / "key", beta, use_qk_l2norm)
+LINEAR_FAMILIES = {"scalar": ("head", False, False), "gla": ("key", False, False),
+                   "gated_delta": ("head", True, True), "kda": ("key", True, False)}
+LINEAR_TOL = dict(rtol=1e-9, atol=1e-10)
+
+
+def _linear_inputs(family: str, B: int, T: int, H: int, DK: int, DV: int, seed: int) -> dict:
+    gate, use_beta, l2 = LINEAR_FAMILIES[family]
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    x = dict(q=rnd(B, T, H, DK), k=rnd(B, T, H, DK), v=rnd(B, T, H, DV), do=rnd(B, T, H, DV), g=None, beta=None)
+    if use_beta and not l2:  # the delta rule wants unit keys
+        x["q"], x["k"] = (torch.nn.functional.normalize(x[n], dim=-1) for n in ("q", "k"))
+    if gate is not None:
+        x["g"] = torch.nn.functional.logsigmoid(rnd(B, T, H, *((DK,) if gate == "key" else ())) + 1.5)
+    if use_beta:
+        x["beta"] = torch.sigmoid(rnd(B, T, H))
+    return x
+
+
+def _linear_oracle(x: dict, docs: list[int] | None, h0: torch.Tensor | None, l2: bool):
+    """(o, final states, grads of <o, do> + <final, dfinal>) by the fp64 recurrence, document by document."""
+    from seqpar.kernels.delta_reference import gated_delta_recurrent_reference
+    from seqpar.kernels.gla_reference import gla_recurrent_reference
+    from seqpar.kernels.linear_reference import linear_attention_recurrent_reference
+
+    names = [n for n in ("q", "k", "v", "g", "beta") if x[n] is not None]
+    leaves = {n: x[n].clone().requires_grad_(True) for n in names}
+    if h0 is not None:
+        leaves["h0"] = h0.clone().requires_grad_(True)
+
+    def run(sl, h):
+        q, k, v = (leaves[n][:, sl] for n in ("q", "k", "v"))
+        g = leaves["g"][:, sl] if "g" in leaves else None
+        if "beta" in leaves:
+            return gated_delta_recurrent_reference(q, k, v, leaves["beta"][:, sl], g=g, initial_state=h,
+                                                   output_final_state=True, use_qk_l2norm=l2)
+        if g is not None and g.dim() == 4:
+            return gla_recurrent_reference(q, k, v, g, initial_state=h, output_final_state=True)
+        return linear_attention_recurrent_reference(q, k, v, g=g, initial_state=h, output_final_state=True)
+
+    T = x["q"].shape[1]
+    bounds = docs or [0, T]
+    parts = [run(slice(a, b), None if h0 is None else (leaves["h0"][i:i + 1] if docs else leaves["h0"]))
+             for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    o = torch.cat([p[0] for p in parts], dim=1)
+    final = torch.cat([p[1] for p in parts], dim=0)
+    dfinal = torch.linspace(-1.0, 1.0, final.numel(), dtype=torch.float64).view_as(final)
+    loss = (o * x["do"]).sum() + (final * dfinal).sum()
+    grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+    return o.detach(), final.detach(), dfinal, grads
+
+
+def case_linear_families(ctx: WorkerContext, family: str, strategy: str, layout: str, batch_dim_idx: int,
+                         documents: bool, with_state: bool) -> bool:
+    """SeqparDistributedLinearAttention at sp=2: o, the final states and the gradients of q, k, v,
+    g, beta (this rank's shard) and of the initial states (summed over ranks) equal the fp64
+    recurrence of the unsharded row run on each document alone (LINEAR_TOL)."""
+    import seqpar
+    from seqpar.integrations.deepspeed import SeqparDistributedLinearAttention
+    from seqpar.layout import shard_tensor
+
+    B, T, H, DK, DV = (1 if documents else 2), 28, 2, 5, 3
+    docs = DOCS_LINEAR if documents else None
+    x = _linear_inputs(family, B, T, H, DK, DV, seed=7)
+    l2 = LINEAR_FAMILIES[family][2]
+    h0 = None
+    if with_state:
+        h0 = torch.randn(len(docs) - 1 if docs else B, H, DK, DV, generator=torch.Generator().manual_seed(8),
+                         dtype=torch.float64)
+    o_ref, final_ref, dfinal, grads_ref = _linear_oracle(x, docs, h0, l2)
+    if layout == "balanced":
+        layout = seqpar.balanced_layout(docs or [0, T], WORLD, chunks_per_rank=2)
+    attn = SeqparDistributedLinearAttention(ctx.group, strategy=strategy, layout=layout, use_qk_l2norm=l2)
+    to_layout = (lambda t: t) if batch_dim_idx == 0 else (lambda t: t.transpose(0, 1))  # noqa: E731
+    shard = lambda t: shard_tensor(t, layout, ctx.rank, WORLD)  # noqa: E731
+    local = {n: to_layout(shard(t)).clone().requires_grad_(True) for n, t in x.items()
+             if t is not None and n != "do"}
+    h0_local = h0.clone().requires_grad_(True) if with_state else None
+    o, final = attn(local["q"], local["k"], local["v"], batch_dim_idx, local.get("g"), h0_local, True,
+                    beta=local.get("beta"), cu_seqlens=None if docs is None else torch.tensor(docs))
+    ((o * to_layout(shard(x["do"]))).sum() + (final * dfinal).sum() / WORLD).backward()
+    torch.testing.assert_close(o.detach(), to_layout(shard(o_ref)), **LINEAR_TOL)
+    torch.testing.assert_close(final.detach(), final_ref, **LINEAR_TOL)
+    for name, t in local.items():
+        torch.testing.assert_close(t.grad, to_layout(shard(grads_ref[name])), **LINEAR_TOL,
+                                   msg=lambda m: f"d{name}: {m}")
+    if with_state:
+        dh0 = h0_local.grad.clone()
+        torch.distributed.all_reduce(dh0, group=ctx.group)
+        torch.testing.assert_close(dh0, grads_ref["h0"], **LINEAR_TOL)
+    return True
+
+
+# 28 tokens on 2 ranks (zigzag / balanced chunks of 7): a 1-token document, documents across the
+# chunk boundaries at 7 and 21, one ending and one starting on the rank boundary at 14, a 1-token
+# document last.
+DOCS_LINEAR = [0, 1, 9, 14, 19, 27, 28]
+
+
+@pytest.mark.parametrize("family,strategy,layout,batch_dim_idx,documents,with_state", [
+    ("scalar", "lasp2", "contiguous", 0, True, True),
+    ("gla", "lasp1", "zigzag", 1, False, True),
+    ("gla", "lasp2", "balanced", 0, True, False),
+    ("gated_delta", "lasp2", "zigzag", 1, True, True),
+    ("kda", "lasp1", "contiguous", 0, True, False),
+])
+def test_linear_families_and_documents_match_recurrence(dspool, family, strategy, layout, batch_dim_idx,
+                                                        documents, with_state):
+    assert all(dspool.run(case_linear_families, WORLD, family=family, strategy=strategy, layout=layout,
+                          batch_dim_idx=batch_dim_idx, documents=documents, with_state=with_state))
 
 
 def test_masks_single_process_match_reference():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import os
 import warnings
@@ -44,12 +45,20 @@ def _init_megatron(cp: int) -> None:
 def _config(cp: int, num_layers: int, gqa: bool):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    return TransformerConfig(num_layers=num_layers, hidden_size=32, num_attention_heads=4,
-                             num_query_groups=2 if gqa else 4, ffn_hidden_size=64, kv_channels=8,
-                             use_cpu_initialization=True, context_parallel_size=cp, attention_dropout=0.0,
-                             hidden_dropout=0.0, params_dtype=torch.float32, bias_dropout_fusion=False,
-                             masked_softmax_fusion=False, gradient_accumulation_fusion=False,
-                             persist_layer_norm=False, apply_rope_fusion=False)
+    config = TransformerConfig(num_layers=num_layers, hidden_size=32, num_attention_heads=4,
+                               num_query_groups=2 if gqa else 4, ffn_hidden_size=64, kv_channels=8,
+                               use_cpu_initialization=True, context_parallel_size=cp, attention_dropout=0.0,
+                               hidden_dropout=0.0, params_dtype=torch.float32, bias_dropout_fusion=False,
+                               masked_softmax_fusion=False, gradient_accumulation_fusion=False,
+                               persist_layer_norm=False, apply_rope_fusion=False)
+    _small_delta_sizes(config)
+    return config
+
+
+def _small_delta_sizes(config) -> None:
+    """Megatron's GDN size fields for the 'D' layers: 2 q / k heads repeated to 4 value heads, Dk != Dv."""
+    config.linear_num_key_heads, config.linear_num_value_heads = 2, 4
+    config.linear_key_head_dim, config.linear_value_head_dim = 8, 6
 
 
 def _spec(config, pattern: str | None, strategy: str | None, stock: bool):
@@ -376,6 +385,72 @@ def _oracle_core():
     return OracleCoreAttention
 
 
+def _linear_oracle(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The linear core's math written out in fp64 on [b, s, n, d] (k / v heads repeated): silu
+    feature maps, the decay ladder log(1 - 2^(-5 - 5h/H)), the token-by-token recurrence, the
+    parameter-free RMS norm (eps 1e-6)."""
+    from seqpar.kernels.linear_reference import linear_attention_recurrent_reference
+
+    H, D = q.shape[2], q.shape[3]
+    q, k, v = (t.double().repeat_interleave(H // t.shape[2], dim=2) for t in (q, k, v))
+    log_decay = torch.log(1.0 - 2.0 ** (-5.0 - 5.0 * torch.arange(H, dtype=torch.float64) / H))
+    o, _ = linear_attention_recurrent_reference(torch.nn.functional.silu(q), torch.nn.functional.silu(k), v,
+                                                g_gamma=log_decay, scale=D ** -0.5)
+    return o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def _oracle_linear_core():
+    """The linear core attention of one unpacked document, in fp64 (:func:`_linear_oracle`)."""
+    from megatron.core.transformer.module import MegatronModule
+
+    class OracleLinearCore(MegatronModule):
+        def __init__(self, config, layer_number, attn_mask_type, attention_type="self", attention_dropout=None,
+                     softmax_scale=None, cp_comm_type=None, pg_collection=None):
+            super().__init__(config=config)
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            assert packed_seq_params is None
+            s, b, n, d = query.shape
+            o = _linear_oracle(*(t.transpose(0, 1) for t in (query, key, value)))
+            return o.transpose(0, 1).reshape(s, b, n * d).to(query.dtype)
+
+    return OracleLinearCore
+
+
+def _oracle_delta_layer():
+    """SeqparGatedDeltaNet whose token mixing is the fp64 token-by-token gated delta rule (one
+    unpacked document at a time): same parameters, projections and gates."""
+    from seqpar.integrations.megatron import SeqparGatedDeltaNet
+    from seqpar.kernels.delta_reference import gated_delta_recurrent_reference
+
+    class OracleGatedDeltaNet(SeqparGatedDeltaNet):
+        def mix(self, q, k, v, g, beta, *, layout, cu_seqlens):
+            assert cu_seqlens is None
+            o, _ = gated_delta_recurrent_reference(q.double(), k.double(), v.double(), beta.double(), g=g.double(),
+                                                   use_qk_l2norm=True)
+            return o.to(q.dtype)
+
+    return OracleGatedDeltaNet
+
+
+def _oracle_block_spec(pattern: str, num_layers: int):
+    """The block spec of the per-document oracle: fp64 softmax (S), linear (L) and delta (D) mixing."""
+    from megatron.core.models.gpt.gpt_layer_specs import LNImpl, get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    from seqpar.integrations.megatron import _with_core_attention, expand_pattern
+
+    base = get_gpt_layer_local_spec()
+    by_letter = {"S": _with_core_attention(base, ModuleSpec(module=_oracle_core())),
+                 "L": _with_core_attention(base, ModuleSpec(module=_oracle_linear_core())),
+                 "D": dataclasses.replace(base, submodules=dataclasses.replace(
+                     base.submodules, self_attention=ModuleSpec(module=_oracle_delta_layer())))}
+    return TransformerBlockSubmodules(layer_specs=[by_letter[c] for c in expand_pattern(pattern, num_layers)],
+                                      layer_norm=LNImpl)
+
+
 def _rope_on_cpu(model) -> None:
     """Megatron 0.16.1's RotaryEmbedding.get_emb moves its inv_freq to CUDA; on a CPU-only torch
     this model's rotary module computes the same table on CPU instead (an attribute of this one
@@ -399,20 +474,19 @@ def _packed_config(cp, window, skip_freq, softmax_type, rope):
 
 
 def case_packed_gpt_model(ctx: WorkerContext, split: str, strategy: str, rope: bool, window, skip_freq,
-                          softmax_type: str) -> bool:
-    """A 2-layer GPTModel fed ONE packed row of documents with PackedSeqParams (qkv_format 'thd',
-    global boundaries), at cp=1 and cp=2, against an oracle that knows nothing of packing: the
-    cp=1 model with a written-out fp64 core attention run on each document separately (positions
-    restarting at 0). Per-token losses of the real tokens, their sum and every parameter gradient
-    (summed over cp) must agree; padding tokens are masked out of the loss."""
+                          softmax_type: str, pattern: str = "SS", linear_strategy: str = "lasp2") -> bool:
+    """A 2-layer GPTModel (layers by ``pattern``: S softmax, L linear core, D gated delta rule)
+    fed ONE packed row of documents with PackedSeqParams (qkv_format 'thd', global boundaries), at
+    cp=1 and cp=2, against an oracle that knows nothing of packing: the cp=1 model with written-out
+    fp64 token mixing (softmax, linear recurrence, delta-rule recurrence) run on each document
+    separately (positions restarting at 0). Per-token losses of the real tokens, their sum and
+    every parameter gradient (summed over cp) must agree; padding tokens are masked out of the loss."""
     from megatron.core import parallel_state
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.packed_seq_params import PackedSeqParams
-    from megatron.core.transformer.spec_utils import ModuleSpec
 
     import seqpar
-    from seqpar.integrations.megatron import _with_core_attention, get_gpt_layer_spec
+    from seqpar.integrations.megatron import hybrid_layer_specs
 
     real = PACKED_REAL if split == "document" else ROW_REAL
     padded = PACKED_PADDED if split == "document" else ROW_REAL
@@ -434,8 +508,9 @@ def case_packed_gpt_model(ctx: WorkerContext, split: str, strategy: str, rope: b
         params.cu_seqlens_kv_padded = torch.tensor(pb, dtype=torch.int32)
     pos_type = "rope" if rope else "learned_absolute"
 
-    def build(cp, spec):
+    def build(cp, spec_of_config):
         config = _packed_config(cp, window, skip_freq, softmax_type, rope)
+        spec = spec_of_config(config)
         torch.manual_seed(1)
         model = GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=T, position_embedding_type=pos_type)
         if rope:
@@ -446,13 +521,13 @@ def case_packed_gpt_model(ctx: WorkerContext, split: str, strategy: str, rope: b
     for cp in (1, WORLD):
         _init_megatron(cp)
         layout = seqpar.balanced_layout(torch.tensor(rb), cp) if split == "balanced" else "zigzag"
-        spec = get_gpt_layer_spec("softmax", strategy=strategy, layout=layout,
-                                  packed_split="document" if split == "document" else "row")
-        model = build(cp, spec)
+        model = build(cp, lambda config: hybrid_layer_specs(
+            pattern, config=config, softmax_strategy=strategy, linear_strategy=linear_strategy, layout=layout,
+            packed_split="document" if split == "document" else "row"))
         if cp == 1:
             state = _copy_state(model)
-            # The oracle: each document alone through the unpacked model with the fp64 core.
-            oracle = build(1, _with_core_attention(get_gpt_layer_local_spec(), ModuleSpec(module=_oracle_core())))
+            # The oracle: each document alone through the unpacked model with fp64 token mixing.
+            oracle = build(1, lambda config: _oracle_block_spec(pattern, config.num_layers))
             missing, unexpected = oracle.load_state_dict(state, strict=False)
             assert not [k for k in missing if "_extra_state" not in k] and not unexpected, (missing, unexpected)
             ref_loss = torch.zeros(1, T)
@@ -489,6 +564,159 @@ def case_packed_gpt_model(ctx: WorkerContext, split: str, strategy: str, rope: b
     return all(results.values())
 
 
+def _packed_row_fp64():
+    """(PackedSeqParams of the padded THD row PACKED_REAL / PACKED_PADDED, the oracle's documents:
+    every real run and every padding run, as global [start, end) pairs, row length)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    rb, pb = _cumsum(PACKED_REAL), _cumsum(PACKED_PADDED)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=torch.tensor(rb, dtype=torch.int32),
+                             cu_seqlens_kv=torch.tensor(rb, dtype=torch.int32),
+                             cu_seqlens_q_padded=torch.tensor(pb, dtype=torch.int32),
+                             cu_seqlens_kv_padded=torch.tensor(pb, dtype=torch.int32),
+                             max_seqlen_q=max(PACKED_PADDED), max_seqlen_kv=max(PACKED_PADDED))
+    runs = []
+    for start, n, room in zip(pb[:-1], PACKED_REAL, PACKED_PADDED):
+        runs.append((start, start + n))
+        if n < room:
+            runs.append((start + n, start + room))
+    return params, runs, pb[-1]
+
+
+def _per_run(fn, runs, *tensors, dim: int):
+    """``fn`` applied to each run of tokens (along ``dim``) alone, the results concatenated."""
+    outs = [fn(*(t.narrow(dim, a, b - a) for t in tensors)) for a, b in runs]
+    return torch.cat(outs, dim=dim)
+
+
+def case_linear_core_packed_fp64(ctx: WorkerContext, strategy: str) -> dict:
+    """SeqparLinearCoreAttention in fp64 on one packed THD row (padded documents, Megatron's
+    per-document split) at cp=1 and cp=2 against :func:`_linear_oracle` run on every document and
+    every padding run alone: outputs and q/k/v gradients. Returns the relative errors."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from seqpar.integrations.megatron import SeqparLinearCoreAttention
+
+    params, runs, T = _packed_row_fp64()
+    H, HKV, D = 4, 2, 8
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(T, n, D, generator=gen, dtype=torch.float64) for n in (H, HKV, HKV))
+    w = torch.randn(T, H * D, generator=gen, dtype=torch.float64)
+    qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
+    oracle = lambda q, k, v: _linear_oracle(q[None], k[None], v[None])[0].reshape(q.shape[0], H * D)  # noqa: E731
+    o_ref = _per_run(oracle, runs, qr, kr, vr, dim=0)
+    (o_ref * w).sum().backward()
+    errors = {}
+    for cp in (1, WORLD):
+        _init_megatron(cp)
+        rank = parallel_state.get_context_parallel_rank()
+        index = _thd_indices(_cumsum(PACKED_PADDED), rank, cp) if cp > 1 else torch.arange(T)
+        config = _config(cp, 1, gqa=True)
+        config.params_dtype = torch.float64
+        core = SeqparLinearCoreAttention(config, 1, AttnMaskType.padding_causal, strategy=strategy)
+        ql, kl, vl = (t[index].clone().requires_grad_(True) for t in (q, k, v))
+        o = core(ql, kl, vl, None, packed_seq_params=params)
+        (o * w[index]).sum().backward()
+        got = {"o": o.detach(), "dq": ql.grad, "dk": kl.grad, "dv": vl.grad}
+        want = {"o": o_ref.detach()[index], "dq": qr.grad[index], "dk": kr.grad[index], "dv": vr.grad[index]}
+        errors[cp] = {n: _max_rel_err({n: got[n]}, {n: want[n]}) for n in got}
+    return errors
+
+
+def case_delta_layer_fp64(ctx: WorkerContext, strategy: str, packed: bool) -> dict:
+    """SeqparGatedDeltaNet in fp64 at cp=1 and cp=2 (Megatron's zigzag rows, or one packed THD row
+    with the per-document split) against its formulas written out here: silu projections, 2 q / k
+    heads repeated to 4 value heads, beta = sigmoid(W_b x), g = -exp(A_log) softplus(W_a x +
+    dt_bias), the fp64 token-by-token gated delta rule with L2-normalised q / k (on each document
+    and padding run alone), the per-head gated RMS norm and the output projection. Compares the
+    output, the input gradient and every parameter gradient (summed over cp). Returns the
+    relative errors."""
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    from seqpar.integrations.megatron import MEGATRON_CP_LAYOUT, SeqparGatedDeltaNet
+    from seqpar.kernels.delta_reference import gated_delta_recurrent_reference
+    from seqpar.layout import shard_tensor
+
+    silu = torch.nn.functional.silu
+    if packed:
+        params, runs, S = _packed_row_fp64()
+        B = 1
+    else:
+        params, S, B = None, 20, 2
+        runs = [(0, S)]
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(S, B, 32, generator=gen, dtype=torch.float64)
+    w = torch.randn(S, B, 32, generator=gen, dtype=torch.float64)
+    errors, state = {}, None
+    for cp in (1, WORLD):
+        _init_megatron(cp)
+        rank = parallel_state.get_context_parallel_rank()
+        if packed:
+            index = _thd_indices(_cumsum(PACKED_PADDED), rank, cp) if cp > 1 else torch.arange(S)
+        else:
+            index = shard_tensor(torch.arange(S), MEGATRON_CP_LAYOUT, rank, cp, dim=0)
+        config = _config(cp, 1, gqa=True)
+        config.params_dtype = torch.float64
+        torch.manual_seed(1)
+        layer = SeqparGatedDeltaNet(config, 1, strategy=strategy, A_init_range=(0.05, 0.5))
+        if state is None:
+            with torch.no_grad():  # random, not Megatron's all-ones, so the bias matters
+                layer.dt_bias.copy_(torch.linspace(-1.0, 1.0, layer.dt_bias.numel(), dtype=torch.float64))
+                layer.out_norm.weight.copy_(torch.linspace(0.5, 1.5, 6, dtype=torch.float64))
+            state = _copy_state(layer)
+            # the oracle, on the parameters of the cp=1 layer
+            P = {n: t.clone().requires_grad_(True) for n, t in state.items()}
+            xr = x.clone().requires_grad_(True)
+
+            def proj(name, n, d):  # [S, B, hidden] -> [B, S, n, d]
+                return (xr @ P[f"{name}.weight"].T).transpose(0, 1).reshape(B, S, n, d)
+
+            q = silu(proj("linear_q", 2, 8)).repeat_interleave(2, dim=2)
+            k = silu(proj("linear_k", 2, 8)).repeat_interleave(2, dim=2)
+            v, z = silu(proj("linear_v", 4, 6)), proj("linear_z", 4, 6)
+            beta = torch.sigmoid(proj("linear_beta", 4, 1)[..., 0])
+            g = -torch.exp(P["A_log"]) * torch.nn.functional.softplus(proj("linear_a", 4, 1)[..., 0] + P["dt_bias"])
+            rule = lambda q, k, v, beta, g: gated_delta_recurrent_reference(  # noqa: E731
+                q, k, v, beta, g=g, use_qk_l2norm=True)[0]
+            o = _per_run(rule, runs, q, k, v, beta, g, dim=1)
+            o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + config.layernorm_epsilon) * P["out_norm.weight"]
+            out_ref = (o * silu(z)).reshape(B, S, 24).transpose(0, 1) @ P["out_proj.weight"].T
+            (out_ref * w).sum().backward()
+            want_grads = {n: t.grad for n, t in P.items()}
+        else:
+            missing, unexpected = layer.load_state_dict(state, strict=False)
+            assert not [k for k in missing if "_extra_state" not in k] and not unexpected, (missing, unexpected)
+        xl = x[index].clone().requires_grad_(True)
+        out, bias = layer(xl, None, packed_seq_params=params)
+        assert bias is None and out.dtype == torch.float64 and out.shape == xl.shape
+        (out * w[index]).sum().backward()
+        grads = _grads(layer, parallel_state.get_context_parallel_group() if cp > 1 else None)
+        errors[cp] = {"out": _max_rel_err({"o": out.detach()}, {"o": out_ref.detach()[index]}),
+                      "dx": _max_rel_err({"dx": xl.grad}, {"dx": xr.grad[index]}),
+                      "params": _max_rel_err(grads, want_grads)}
+        if not packed:  # A_log / dt_bias are sharded over tensor parallelism in distributed checkpoints
+            sharded = layer.sharded_state_dict(prefix="layer.")
+            assert isinstance(sharded["layer.A_log"], ShardedTensor) and "layer.linear_q.weight" in sharded
+    return errors
+
+
+@pytest.mark.parametrize("strategy", ["lasp2", "lasp1"])
+def test_linear_core_packed_fp64_matches_per_document_recurrence(mpool, strategy):
+    for errors in mpool.run(case_linear_core_packed_fp64, WORLD, strategy=strategy):
+        for cp, errs in errors.items():
+            assert max(errs.values()) < FP64_REL_TOL, (cp, errs)
+
+
+@pytest.mark.parametrize("strategy,packed", [("lasp2", False), ("lasp1", True)])
+def test_delta_layer_fp64_matches_written_out_formulas(mpool, strategy, packed):
+    """SeqparGatedDeltaNet (fp64) at cp=1 and cp=2 equals Gated DeltaNet written out (relative 1e-10)."""
+    for errors in mpool.run(case_delta_layer_fp64, WORLD, strategy=strategy, packed=packed):
+        for cp, errs in errors.items():
+            assert max(errs.values()) < FP64_REL_TOL, (cp, errs)
+
+
 def test_layout_matches_megatron_batch_slicing(mpool):
     assert all(mpool.run(case_layout_matches_megatron_slicing, WORLD))
 
@@ -503,7 +731,8 @@ def test_transformer_layer_linear_cp2_equals_cp1(mpool, strategy):
     assert all(mpool.run(case_transformer_layer, WORLD, kind="linear", strategy=strategy, gqa=False))
 
 
-@pytest.mark.parametrize("pattern,strategy", [(None, "ring"), ("LS", "allgather"), ("LLLS", "ulysses")])
+@pytest.mark.parametrize("pattern,strategy", [(None, "ring"), ("LS", "allgather"), ("LLLS", "ulysses"),
+                                              ("DS", "allgather")])
 def test_gpt_model_cp2_equals_cp1(mpool, pattern, strategy):
     assert all(mpool.run(case_gpt_model, WORLD, pattern=pattern, strategy=strategy))
 
@@ -593,6 +822,25 @@ def test_packed_gpt_model_cp2_equals_per_document_oracle(mpool, split, strategy,
     """Tolerances: PACKED_TOL (fp32 model vs fp64-attention oracle) on token losses and grads."""
     assert all(mpool.run(case_packed_gpt_model, WORLD, split=split, strategy=strategy, rope=rope, window=window,
                          skip_freq=skip_freq, softmax_type=softmax_type))
+
+
+@pytest.mark.parametrize("split,pattern,strategy,linear_strategy,rope,window,skip_freq,softmax_type", [
+    # linear core on the per-document zigzag (a BalancedLayout) of Megatron's THD split, THD RoPE
+    ("document", "LS", "ring", "lasp2", True, None, None, "vanilla"),
+    # delta-rule layer on the THD split; softmax layer 1 with a window and learnable sinks
+    ("document", "SD", "allgather", "lasp1", True, (3, 0), 2, "learnable"),
+    # both recurrent layers on the zigzag row split (unpadded documents)
+    ("row", "LD", "ulysses", "lasp1", False, None, None, "vanilla"),
+    # a BalancedLayout of the documents; window on the softmax layer only
+    ("balanced", "SD", "ring", "lasp2", False, (5, 0), [1, 0], "off-by-one"),
+])
+def test_packed_recurrent_layers_cp2_equal_per_document_oracle(mpool, split, pattern, strategy, linear_strategy,
+                                                               rope, window, skip_freq, softmax_type):
+    """Linear-core and gated delta-rule layers on packed rows: the state resets at every document
+    (and padding) start. Tolerances: PACKED_TOL on token losses and every parameter gradient."""
+    assert all(mpool.run(case_packed_gpt_model, WORLD, split=split, strategy=strategy, rope=rope, window=window,
+                         skip_freq=skip_freq, softmax_type=softmax_type, pattern=pattern,
+                         linear_strategy=linear_strategy))
 
 
 class _FakeGroup:
@@ -692,15 +940,82 @@ def test_packed_and_config_errors():
 
     q = torch.randn(8, 4, 8)
     kv = torch.randn(8, 2, 8)
+    # the linear core on a packed row (one process): the state resets at the document start at 3
     linear = SeqparLinearCoreAttention(_small_config(), 1, causal, pg_collection=_fake_pgs())
-    with pytest.raises(NotImplementedError, match="packed sequences"):
-        linear(q.unsqueeze(1), kv.unsqueeze(1), kv.unsqueeze(1), None, packed_seq_params=thd([0, 8], [0, 8]))
+    packed = linear(q.unsqueeze(1), kv.unsqueeze(1), kv.unsqueeze(1), None, packed_seq_params=thd([0, 3, 8], [0, 3, 8]))
+    alone = linear(q[3:].unsqueeze(1), kv[3:].unsqueeze(1), kv[3:].unsqueeze(1), None)
+    assert packed.shape == (8, 1, 32)
+    torch.testing.assert_close(packed[3:], alone, rtol=1e-5, atol=1e-6)
+    assert (linear(q.unsqueeze(1), kv.unsqueeze(1), kv.unsqueeze(1), None)[3:] - alone).abs().max() > 1e-3
+    with pytest.raises(NotImplementedError, match="causal only"):
+        linear(q, kv, kv, None, attn_mask_type=AttnMaskType.padding, packed_seq_params=thd([0, 3, 8], [0, 3, 8]))
     core = SeqparCoreAttention(_small_config(), 1, causal, pg_collection=_fake_pgs())
     assert core(q, kv, kv, None, packed_seq_params=thd([0, 3, 8], [0, 3, 8])).shape == (8, 32)
     with pytest.raises(ValueError, match="needs packed_seq_params"):
         core(q, kv, kv, None)
-    with pytest.raises(ValueError, match="BalancedLayout"):
-        import seqpar
+    import seqpar
 
-        SeqparCoreAttention(_small_config(), 1, causal, pg_collection=_fake_pgs(),
-                            layout=seqpar.balanced_layout(torch.tensor([0, 8]), 2), packed_split="document")
+    balanced = seqpar.balanced_layout(torch.tensor([0, 8]), 2)
+    for cls in (SeqparCoreAttention, SeqparLinearCoreAttention):
+        with pytest.raises(ValueError, match="BalancedLayout"):
+            cls(_small_config(), 1, causal, pg_collection=_fake_pgs(), layout=balanced, packed_split="document")
+
+
+def test_delta_layer_spec_and_errors():
+    """The 'D' letter builds SeqparGatedDeltaNet in the self-attention slot; what it cannot honour
+    raises an error naming it (one process: Megatron's parallel linear layers need torch.distributed
+    to run, so the layer's outputs are tested on the pool)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    import seqpar
+    from seqpar.integrations.megatron import (
+        SeqparCoreAttention,
+        SeqparGatedDeltaNet,
+        SeqparLinearCoreAttention,
+        expand_pattern,
+        get_gpt_layer_spec,
+        hybrid_layer_specs,
+    )
+
+    assert expand_pattern("ld", 4) == "LDLD"
+    block = hybrid_layer_specs("LDS", num_layers=3, packed_split="row")
+    attn = [s.submodules.self_attention for s in block.layer_specs]
+    assert attn[1].module is SeqparGatedDeltaNet and attn[1].params["packed_split"] == "row"
+    assert [a.submodules.core_attention.module for a in (attn[0], attn[2])] == [SeqparLinearCoreAttention,
+                                                                               SeqparCoreAttention]
+    assert attn[0].submodules.core_attention.params["packed_split"] == "row"
+    with pytest.raises(ValueError, match="unknown layer kind 'gdn'"):
+        get_gpt_layer_spec("gdn")
+
+    def config(**kw):
+        c = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True,
+                              attention_dropout=0.0, **kw)
+        _small_delta_sizes(c)
+        return c
+
+    with pytest.raises(ValueError, match="SeqparGatedDeltaNet cannot take a sliding window: layer 1"):
+        SeqparGatedDeltaNet(config(window_size=(4, 0)), 1, pg_collection=_fake_pgs())
+    bad = config()
+    bad.linear_num_value_heads = 3
+    with pytest.raises(ValueError, match=r"linear_num_value_heads \(3\) to be a multiple of "
+                                         r"linear_num_key_heads \(2\)"):
+        SeqparGatedDeltaNet(bad, 1, pg_collection=_fake_pgs())
+    with pytest.raises(ValueError, match="'striped' is not supported"):
+        SeqparGatedDeltaNet(config(), 1, pg_collection=_fake_pgs(), layout="striped")
+    with pytest.raises(ValueError, match="BalancedLayout"):
+        SeqparGatedDeltaNet(config(), 1, pg_collection=_fake_pgs(), packed_split="document",
+                            layout=seqpar.balanced_layout(torch.tensor([0, 8]), 2))
+    layer = SeqparGatedDeltaNet(config(window_size=(4, 0), window_attn_skip_freq=[0, 1]), 1,
+                                pg_collection=_fake_pgs())  # layer 1 is a full-attention layer: fine
+    x = torch.randn(9, 1, 32)
+    with pytest.raises(NotImplementedError, match="self-attention only"):
+        layer(x, None, key_value_states=x)
+    with pytest.raises(NotImplementedError, match="attention_bias"):
+        layer(x, None, attention_bias=torch.zeros(1))
+    with pytest.raises(NotImplementedError, match="no inference"):
+        layer(x, None, inference_context=object())
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=torch.tensor([0, 4, 9]),
+                             cu_seqlens_kv=torch.tensor([0, 4, 9]))
+    with pytest.raises(ValueError, match=r"batch 1.*\(9, 2, 32\)"):
+        layer(x.expand(9, 2, 32), None, packed_seq_params=params)

@@ -44,14 +44,15 @@ def retnet_decay(num_heads: int, head_offset: int = 0, total_heads: int | None =
     return torch.log1p(-torch.pow(2.0, -5.0 - 5.0 * h / max(total, 1))).to(dtype)
 
 
-def linear_attention_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: str, layout: str,
+def linear_attention_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: str, layout,
                            group, feature: str, g_gamma: torch.Tensor | None, scale: float | None,
-                           normalize: bool, eps: float = 1e-6) -> torch.Tensor:
+                           normalize: bool, eps: float = 1e-6, cu_seqlens=None, backend: str = "auto") -> torch.Tensor:
     """Causal linear attention of local shards [B, T_local, H, D] over ``group``.
 
     Applies the feature map to q and k, repeats k/v heads to q's (GQA: linear attention sends
     states, not K/V, so repeating does not add traffic), runs ``seqpar.linear_attention`` and, with
-    ``normalize``, a parameter-free RMS norm over the head dimension of the output.
+    ``normalize``, a parameter-free RMS norm over the head dimension of the output (in fp32, or
+    fp64 for fp64 outputs). ``cu_seqlens``: packed documents (global boundaries).
     """
     import seqpar
 
@@ -64,7 +65,7 @@ def linear_attention_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     q = feature_map(q, feature)
     k = feature_map(k, feature)
     o, _ = seqpar.linear_attention(q, k, v, strategy=strategy, layout=layout, group=group,
-                                   g_gamma=g_gamma, scale=scale)
+                                   g_gamma=g_gamma, scale=scale, cu_seqlens=cu_seqlens, backend=backend)
     if normalize:  # in fp32, or fp64 for fp64 outputs
         of = o.to(compute_dtype(o.dtype))
         o = (of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + eps)).to(o.dtype)

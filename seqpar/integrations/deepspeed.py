@@ -5,7 +5,9 @@ called as ``attn(query, key, value, batch_dim_idx)`` on this rank's contiguous s
 sequence, ``[b, s/p, h, d]`` (``batch_dim_idx=0``) or ``[s/p, b, h, d]`` (``batch_dim_idx=1``).
 :class:`SeqparDistributedAttention` takes the same call and runs a seqpar softmax strategy
 (ulysses, ring, allgather; zigzag / striped layouts for load-balanced causal rings) on the same
-group; :class:`SeqparDistributedLinearAttention` runs linear attention (LASP-2 / LASP).
+group; :class:`SeqparDistributedLinearAttention` runs linear attention (LASP-2 / LASP) of every
+seqpar family (constant, per-head and per-key gates, the gated delta rule, KDA), packed
+documents included.
 
 The group is the one DeepSpeed trains with: pass a ``ProcessGroup``, the ``mpu`` given to
 ``deepspeed.initialize(..., mpu=mpu)`` or the engine (anything with
@@ -25,7 +27,7 @@ engine for that.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -33,6 +35,7 @@ from torch import Tensor
 
 from seqpar.comm.groups import group_timeout
 from seqpar.integrations._common import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, check_choice
+from seqpar.layout import BalancedLayout
 from seqpar.masks import check_softcap, check_window
 from seqpar.validation import check_head_axis
 
@@ -274,58 +277,91 @@ class SeqparDistributedLinearAttention(_GroupResolver):
     """Causal linear attention (``lasp2`` or ``lasp1``) of this rank's tokens over DeepSpeed's
     sequence-parallel group, with DistributedAttention's call shape.
 
-    ``attn(query, key, value, batch_dim_idx, g=None)``: q/k/v as for
-    :class:`SeqparDistributedAttention` (feature maps already applied by the model), optional
-    per-token log-decay ``g`` ``[b, s/p, h]`` (or ``[s/p, b, h]``) and the module's per-head
-    constant log-decay ``g_gamma`` ``[h]``. Layouts: contiguous or zigzag. With
-    ``output_final_state`` returns ``(o, final_state [b, h, dk, dv])``.
+    ``attn(query, key, value, batch_dim_idx, g=None, initial_state=None, output_final_state=False,
+    *, beta=None, cu_seqlens=None)``: q/k/v as for :class:`SeqparDistributedAttention` (feature
+    maps already applied by the model; k and v with q's head count) and the gates of the family
+    (see :func:`seqpar.linear_attention`), each this rank's tokens in the layout of the inputs
+    (``[b, s/p, h, ...]`` for ``batch_dim_idx=0``, ``[s/p, b, h, ...]`` for 1):
+
+    - ``g`` ``[b, s/p, h]``: a per-token log decay per head (Mamba2 / gated linear attention);
+      ``[b, s/p, h, dk]``: per key channel (GLA);
+    - ``beta`` ``[b, s/p, h]`` in (0, 1]: the delta rule (Gated DeltaNet with ``g [b, s/p, h]``,
+      KDA with ``g [b, s/p, h, dk]``). The delta rule expects unit-norm q and k: normalise them,
+      or build the module with ``use_qk_l2norm=True``;
+    - the module's per-head constant log-decay ``g_gamma`` ``[h]`` (no gradient).
+
+    Log gates must be <= 0. ``cu_seqlens`` (keyword): the GLOBAL document boundaries
+    ``[0, e_1, ..., T_global]`` of one packed row (batch 1), the same tensor on every rank; the
+    state resets at every document start, and ``initial_state`` / the final state are then one
+    per document, ``[n_docs, h, dk, dv]``. Layouts: contiguous, zigzag or a
+    ``seqpar.BalancedLayout`` (shard with ``seqpar.shard``). With ``output_final_state`` returns
+    ``(o, final_state [b or n_docs, h, dk, dv])``.
 
     ``g_gamma`` is kept as given (a plain attribute, not a buffer, so that the engine's
     ``module.bfloat16()`` / ``half()`` cannot round it) and used in the compute dtype of each
     call: fp32, or fp64 for fp64 inputs. Give it in fp64 (``retnet_decay(h, dtype=torch.float64)``)
     for fp64 accuracy. When ``g_gamma`` is given its length is the head count: q / k / v whose
     head axis (dim 2) holds another count raise a ValueError naming both shapes.
-
-    Packed documents are not supported yet: ``cu_seqlens=`` raises a NotImplementedError instead
-    of letting the state flow across documents.
     """
 
-    def __init__(self, sequence_process_group: Any = None, *, strategy: str = "lasp2", layout: str = "contiguous",
-                 g_gamma: Optional[Tensor] = None, scale: Optional[float] = None, backend: str = "auto") -> None:
+    def __init__(self, sequence_process_group: Any = None, *, strategy: str = "lasp2",
+                 layout: Union[str, BalancedLayout] = "contiguous", g_gamma: Optional[Tensor] = None,
+                 scale: Optional[float] = None, use_qk_l2norm: bool = False, backend: str = "auto") -> None:
         super().__init__(sequence_process_group)
         self.strategy = check_choice("linear strategy", strategy, LINEAR_STRATEGIES)
-        self.layout = check_choice("linear layout", layout, ("contiguous", "zigzag"))
+        if not isinstance(layout, BalancedLayout):
+            check_choice("linear layout", layout, ("contiguous", "zigzag"))
+        self.layout = layout
         self.g_gamma = g_gamma
         self.scale = scale
+        self.use_qk_l2norm = use_qk_l2norm
         self.backend = backend
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, batch_dim_idx: int, g: Optional[Tensor] = None,
                 initial_state: Optional[Tensor] = None, output_final_state: bool = False, *,
-                cu_seqlens: Optional[Tensor] = None):
+                beta: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None):
         """Causal linear attention; output in the input's layout (and the final state if asked)."""
         import seqpar
 
-        if cu_seqlens is not None:
-            raise NotImplementedError(f"{type(self).__name__}: cu_seqlens (packed documents) was given, but linear "
-                                      f"attention cannot keep documents apart yet: its state would need a reset at "
-                                      f"every document start, which seqpar.linear_attention does not do, so tokens "
-                                      f"would silently attend across documents. Use SeqparDistributedAttention "
-                                      f"layers with cu_seqlens, or call without cu_seqlens")
-
+        name = type(self).__name__
         q, k, v = (_to_bshd(t, batch_dim_idx) for t in (query, key, value))
         if self.g_gamma is not None and self.g_gamma.dim() == 1:  # g_gamma [h] gives the head count
             n = self.g_gamma.shape[0]
-            check_head_axis(type(self).__name__, _LAYOUTS[batch_dim_idx], query, key, value, num_heads=n,
-                            num_kv_heads=n)
-        if g is not None and batch_dim_idx == 1:
-            g = g.transpose(0, 1)
+            check_head_axis(name, _LAYOUTS[batch_dim_idx], query, key, value, num_heads=n, num_kv_heads=n)
+        _check_gate_shape(name, "g", g, query, batch_dim_idx, per_key_ok=True)
+        _check_gate_shape(name, "beta", beta, query, batch_dim_idx, per_key_ok=False)
+        if cu_seqlens is not None and q.dim() == 4 and q.shape[0] != 1:
+            raise ValueError(f"{name}: cu_seqlens gives the documents of ONE packed row, but the query "
+                             f"{_LAYOUTS[batch_dim_idx]} (batch_dim_idx={batch_dim_idx}) has batch size "
+                             f"{q.shape[0]} (shape {tuple(query.shape)}); pack the batch into one row")
+        if batch_dim_idx == 1:
+            g, beta = (None if t is None else t.transpose(0, 1) for t in (g, beta))
         g_gamma = None
         if self.g_gamma is not None:
             if self.g_gamma.device != q.device:  # moved once: a plain attribute does not follow .to(device)
                 self.g_gamma = self.g_gamma.to(q.device)
             g_gamma = self.g_gamma.to(compute_dtype(q.dtype))
         o, state = seqpar.linear_attention(q, k, v, strategy=self.strategy, layout=self.layout, group=self.group,
-                                           g=g, g_gamma=g_gamma, scale=self.scale, initial_state=initial_state,
+                                           g=g, g_gamma=g_gamma, beta=beta, use_qk_l2norm=self.use_qk_l2norm,
+                                           cu_seqlens=cu_seqlens, scale=self.scale, initial_state=initial_state,
                                            output_final_state=output_final_state, backend=self.backend)
         o = o if batch_dim_idx == 0 else o.transpose(0, 1)
         return (o, state) if output_final_state else o
+
+
+def _check_gate_shape(where: str, name: str, gate: Optional[Tensor], query: Tensor, batch_dim_idx: int,
+                      per_key_ok: bool) -> None:
+    """A ValueError naming both shapes unless ``gate`` is ``query``'s [b, s, h] (or, with
+    ``per_key_ok``, [b, s, h, dk]) in the layout of ``batch_dim_idx``."""
+    if gate is None:
+        return
+    if not isinstance(gate, Tensor):
+        raise TypeError(f"{where}: {name} must be a torch.Tensor or None, got {type(gate).__name__}")
+    lead = tuple(query.shape[:3])
+    allowed = [lead] + ([lead + tuple(query.shape[3:])] if per_key_ok else [])
+    if tuple(gate.shape) not in allowed:
+        axes = _LAYOUTS[batch_dim_idx][:-4] + "]"
+        kinds = f"{axes} or {_LAYOUTS[batch_dim_idx].replace('d]', 'dk]')}" if per_key_ok else axes
+        raise ValueError(f"{where}: {name} must be {kinds} like the query {_LAYOUTS[batch_dim_idx]} "
+                         f"(batch_dim_idx={batch_dim_idx}), i.e. {' or '.join(str(a) for a in allowed)}; got "
+                         f"{tuple(gate.shape)} for query {tuple(query.shape)}")
