@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from seqpar.kernels.linear_transitions import ScalarDecay
+from seqpar.kernels.linear_transitions import flushed_exp as _flushed_exp
 from seqpar.kernels.softmax_reference import compute_dtype
 
 
@@ -171,15 +172,6 @@ def _blocks(gates: ChunkGates, B: int, H: int) -> list[slice]:
 
 def _scaled(x: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
     return x if d is None else x * d
-
-
-def _flushed_exp(log: torch.Tensor) -> torch.Tensor:
-    """exp(log), with values below the dtype's smallest normal number set to 0 (as a flush-to-zero
-    unit would): a decay that underflows must not make every product it enters denormal, which
-    costs CPUs ~100x per operation (the difference is below the dtype's resolution of any sum
-    with a normal term)."""
-    out = log.exp()
-    return out.masked_fill_(out < torch.finfo(log.dtype).tiny, 0.0)
 
 
 def decay_state(state: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:

@@ -15,16 +15,23 @@ it (:data:`RESET`, never sent: every rank knows the documents).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 
-def _exp(log: torch.Tensor) -> torch.Tensor:
-    """exp(log) with denormal results flushed to zero (they cost 100x on CPUs and carry nothing)."""
-    e = log.exp()
-    tiny = torch.finfo(e.dtype).tiny
-    return torch.where(e < tiny, torch.zeros((), dtype=e.dtype, device=e.device), e)
+def flushed_exp(log: torch.Tensor) -> torch.Tensor:
+    """exp(log), with values below the dtype's smallest normal number set to 0 (as a flush-to-zero
+    unit would): a decay that underflows must not make every product it enters denormal, which
+    costs CPUs ~100x per operation (the difference is below the dtype's resolution of any sum
+    with a normal term). The argument is clamped first: an exp whose result underflows is itself
+    ~50x slower than a normal one on CPUs."""
+    lowest = math.log(torch.finfo(log.dtype).tiny)
+    return log.clamp(min=lowest).exp().masked_fill_(log < lowest, 0.0)
+
+
+_exp = flushed_exp
 
 
 class Transition:

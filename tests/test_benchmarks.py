@@ -139,3 +139,38 @@ def test_overhead_benchmark_quick(tmp_path):
         assert cells[3] in ("yes", "NO", "-"), cells
     assert "1 torch thread per process" in proc.stdout and "torch " in proc.stdout
     assert len(_table_rows(out.with_suffix(".md").read_text())) == len(OVERHEAD_ROWS)
+
+
+def test_linear_families_tiny_cpu(tmp_path):
+    """benchmarks/linear_families.py at tiny sizes: every family x T x mode timed (positive ms and a
+    ratio to the scalar family, printed and in the JSON), and the bytes of lasp2 / lasp1 per rank and
+    pass on the fake process group equal to docs/linear.md's formula on every rank (the script exits
+    non-zero otherwise); a few formula values are recomputed here by hand."""
+    out = tmp_path / "lf.json"
+    proc = _run("linear_families.py", "--T", "50", "--heads", "2", "--dk", "8", "--dv", "12", "--repeats", "1",
+                "--warmup", "0", "--bytes-world-sizes", "2", "3", "--bytes-heads", "2", "--bytes-dk", "8",
+                "--bytes-dv", "4", "--bytes-local-len", "4", "--out", str(out))
+    data = json.loads(out.read_text())
+    assert data["machine"]["torch"] and data["machine"]["torch_threads"] == 1 and data["machine"]["cpu"]
+    timing = {(r["family"], r["T"], r["mode"]): r for r in data["timing"]}
+    assert set(timing) == {(f, 50, m) for f in ("scalar", "gla", "delta", "kda") for m in ("fwd", "fwd+bwd")}
+    for key, r in timing.items():
+        assert r["impl"] == "seqpar" and r["backend"] == "torch", key
+        assert r["ms"] > 0 and r["cpu_ms"] > 0 and r["mtok_s"] > 0 and r["ratio_to_scalar"] > 0, (key, r["note"])
+    assert len([c for c in _table_rows(proc.stdout) if c[1] == "seqpar"]) == len(timing)
+
+    rows = {(r["family"], r["strategy"], r["layout"], r["P"]): r for r in data["bytes"]}
+    assert set(rows) == {(f, s, lay, P) for f in ("scalar", "scalar-g_gamma", "gla", "delta", "kda")
+                         for s in ("lasp2", "lasp1") for lay in ("contiguous", "zigzag") for P in (2, 3)}
+    for key, r in rows.items():
+        assert r["match"] is True and r["measured"] == r["formula"], key
+        assert len(r["measured"]["forward"]) == key[3], key
+    state = 2 * 8 * 4 * 4  # B H Dk Dv fp32
+    a = {"scalar": 2 * 4, "scalar-g_gamma": 0, "gla": 2 * 8 * 4, "delta": 2 * 8 * 8 * 4, "kda": 2 * 8 * 8 * 4}
+    for family, trans in a.items():
+        assert rows[(family, "lasp2", "zigzag", 3)]["measured"]["forward"] == [2 * (state + trans)] * 3, family
+        assert rows[(family, "lasp2", "contiguous", 2)]["measured"]["backward"] == [2 * state] * 2, family
+    assert rows[("delta", "lasp1", "contiguous", 3)]["measured"] == {"forward": [2 * state, 2 * state, state],
+                                                                     "backward": [state, 2 * state, 2 * state]}
+    assert rows[("kda", "lasp1", "zigzag", 3)]["measured"]["backward"] == [2 * state, 3 * state, 2 * state]
+    assert "fake process group" in proc.stdout

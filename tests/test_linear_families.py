@@ -236,3 +236,45 @@ def test_bad_family_inputs():
         cu_seqlens=torch.tensor([0, 3, 6]), initial_state=t(1, 2, 3, 4))
     bad(r"no Triton kernel; use backend='torch'", beta=beta, g=-torch.rand(1, 6, 2, 3, dtype=torch.float64),
         backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton runs under the strategies (Triton's CPU interpreter, in a fresh process: it must
+# see TRITON_INTERPRET=1 before triton is imported).
+
+TRITON_CASES = [("gla", "lasp2", "zigzag", "short"), ("gated_delta", "lasp1", "contiguous", "short"),
+                ("delta", "lasp2", "balanced", "long")]
+
+
+def case_triton_families(ctx) -> dict[str, float]:
+    """2 ranks, fp32, backend='triton': o, the final states and dq, dk, dv, dg, dbeta against the
+    fp64 per-document recurrence, to 2e-4 of each tensor's largest value."""
+    r, P = ctx.rank, ctx.world_size
+    errors = {}
+    for i, (family, strategy, layout_name, kind) in enumerate(TRITON_CASES):
+        x = draw(family, documents(kind, P), P, True, seed=500 + i)
+        layout = layout_for(layout_name, x["docs"], P)
+        o_ref, S_ref, grads = oracle(x)
+        loc = lambda t: None if t is None else shard_tensor(t, layout, r, P).float().requires_grad_()  # noqa: E731
+        q, k, v, g, beta = (loc(x[n]) for n in ("q", "k", "v", "g", "beta"))
+        h0 = x["h0"].float()
+        o, S = linear_attention(q, k, v, strategy=strategy, layout=layout, group=ctx.group, g=g, beta=beta,
+                                use_qk_l2norm=x["l2"], cu_seqlens=torch.tensor(x["docs"]), initial_state=h0,
+                                output_final_state=True, chunk_size=16, backend="triton")
+        ((o.double() * shard_tensor(x["w_o"], layout, r, P)).sum() + (S.double() * x["w_f"][r]).sum()).backward()
+        pairs = [(o, shard_tensor(o_ref, layout, r, P)), (S, S_ref)]
+        pairs += [(t.grad, shard_tensor(grads[n], layout, r, P))
+                  for n, t in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)) if t is not None]
+        errors[family] = max(((a.double() - b).abs().max() / b.abs().max()).item() for a, b in pairs)
+    assert all(e < 2e-4 for e in errors.values()), errors
+    return errors
+
+
+def test_triton_families_under_the_strategies_interpreted():
+    """backend='triton' (GLA and delta-rule Triton runs, interpreted, fp32) under lasp2 / lasp1,
+    three layouts and packed documents equals the fp64 recurrence on 2 ranks."""
+    pytest.importorskip("triton")
+    pytest.importorskip("numpy")
+    from distributed_pool import run_case_interpreted
+
+    run_case_interpreted("test_linear_families", "case_triton_families", world_size=2)
