@@ -64,7 +64,9 @@ export PYTHONSAFEPATH=1
 
 TAG=$("$PY" -c "import torch, re; n = torch.cuda.get_device_name(0).lower() if torch.cuda.is_available() else 'cpu'; m = re.search(r'\b([a-z]\d{2,4}[a-z]?)\b', n); print(m.group(1) if m else 'gpu')" 2>/dev/null || echo gpu)
 
-# STEPS selects what runs (default: all): tests, kernels, linear (the linear kernels alone), strategies
+# STEPS selects what runs (default: tests kernels strategies): tests, kernels, linear (the linear
+# kernels alone), strategies, families (the linear families' Triton runs against fla: opt in, e.g.
+# STEPS="families linear" for a second device call)
 STEPS="${STEPS:-tests kernels strategies}"
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 # -v: test names stream out, so a step cut by its timeout still shows which tests passed / failed
@@ -88,6 +90,9 @@ want kernels && step "bench_kernels" 140 "$PY" benchmarks/bench_kernels.py --sof
 
 want linear && step "bench_kernels linear" 120 "$PY" benchmarks/bench_kernels.py --softmax-T --linear-T 16384 65536 \
   --out "$OUT/kernels_linear_${TAG}.json"
+
+want families && step "linear families" 150 "$PY" benchmarks/linear_families.py --parts timing --device cuda \
+  --dtype bf16 --T 16384 65536 --heads 16 --dk 128 --dv 128 --out "$OUT/linear_families_${TAG}.json"
 
 # 3. one rank of an 8-rank job per strategy (fake process group), then T = 1M for a subset
 if want strategies; then
