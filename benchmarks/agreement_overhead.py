@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import queue
 import socket
 import statistics
 import time
@@ -85,7 +86,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
                         what="seqpar.attention(validate='cached')", mode="cached")
 
     def linear_added():
-        check_agreement(linear_signature(q, q, q, "lasp2", "contiguous", None, q, None, 0.35, False), group,
+        check_agreement(linear_signature(q, q, q, "lasp2", "contiguous", g=None, g_gamma=q, beta=None,
+                                         use_qk_l2norm=False, documents=None, initial_state=None, scale=0.35,
+                                         output_final_state=False), group,
                         what="seqpar.linear_attention(validate='cached')", mode="cached")
 
     def guard():
@@ -174,7 +177,18 @@ def main() -> None:
     procs = [ctx.Process(target=_worker, args=(r, args.world_size, port, args, results)) for r in range(args.world_size)]
     for proc in procs:
         proc.start()
-    per_rank = dict(results.get(timeout=3600) for _ in procs)
+    per_rank = {}
+    while len(per_rank) < len(procs):  # a worker that died (an exception) ends the run instead of a hang
+        try:
+            rank, value = results.get(timeout=5)
+            per_rank[rank] = value
+        except queue.Empty:
+            dead = [r for r, proc in enumerate(procs) if proc.exitcode not in (None, 0) and r not in per_rank]
+            if dead:
+                for proc in procs:
+                    proc.kill()
+                raise SystemExit(f"agreement_overhead: worker(s) {dead} failed (exit codes "
+                                 f"{[procs[r].exitcode for r in dead]}); see their traceback above")
     for proc in procs:
         proc.join()
     r = per_rank[0]

@@ -14,7 +14,6 @@ packed documents (cu_seqlens) through linear and delta-rule layers.
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest

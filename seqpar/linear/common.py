@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.comm import CommHandle, all_gather, all_reduce, send_recv
-from seqpar.kernels.linear import chunked_run, linear_family
+from seqpar.kernels.linear import chunked_run
 from seqpar.kernels.linear_transitions import RESET, KeyDecay, MatrixTransition, ScalarDecay, Transition
 from seqpar.kernels.softmax import resolve_backend
 from seqpar.layout import segments
@@ -112,6 +112,7 @@ class Run:
         self.owners = [r for _, _, r in found]
         self.piece_lengths = [n for _, n, _ in found]
         self.piece_starts = [s for s, _, _ in found]
+        self.start_positions = frozenset(self.document_starts())
 
     def comm_groups(self) -> tuple:
         """The groups this run communicates on (None: the default group)."""
@@ -150,17 +151,8 @@ class Run:
         """Whether a document starts in piece c (at its first token, with ``at_first_token_only``)."""
         lo, n = self.piece_starts[c], self.piece_lengths[c]
         if at_first_token_only:
-            return lo in self._start_set()
-        return any(lo <= s < lo + n for s in self.document_starts())
-
-    def _start_set(self) -> frozenset:
-        if not hasattr(self, "_starts"):
-            self._starts = frozenset(self.document_starts())
-        return self._starts
-
-    def continues(self, c: int) -> bool:
-        """Whether piece c reads the state entering it (no document starts at its first token)."""
-        return 0 <= c < self.n_pieces and not self.piece_has_start(c, at_first_token_only=True)
+            return lo in self.start_positions
+        return any(lo <= s < lo + n for s in self.start_positions)
 
     def known_transition(self, c: int, device) -> Transition | None:
         """A_c when every rank knows it without communication (a document start inside, no gate,
@@ -299,11 +291,6 @@ def make_pieces(run: Run, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
     return pieces
 
 
-def check_family(run: Run, g: torch.Tensor | None, beta: torch.Tensor | None) -> None:
-    """The run's family matches the gates (a programming error otherwise)."""
-    assert run.family == linear_family(g, beta), (run.family, linear_family(g, beta))
-
-
 # ---------------------------------------------------------------------------------------------
 # Packing (one buffer per message).
 
@@ -338,10 +325,6 @@ def read_state_message(run: Run, buf: torch.Tensor) -> tuple[torch.Tensor, Trans
     if not run.transition_numel:
         return state, None
     return state, run.transition_from_payload(buf[ns:ns + run.transition_numel])
-
-
-def message_numel(run: Run) -> int:
-    return run.B * run.H * run.Dk * run.Dv + run.transition_numel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,10 +427,6 @@ def leave(piece: Piece, grads: list, ds_end: torch.Tensor | None) -> list:
     if not piece.open_end or ds_end is None:
         return grads
     return grads[:-1] + [piece.spans[-1].kernel.with_final_grad(grads[-1], ds_end)]
-
-
-def span_dos(piece: Piece, do: torch.Tensor) -> list[torch.Tensor]:
-    return [do[:, s.start:s.stop] for s in piece.spans]
 
 
 def input_grads(run: Run, piece: Piece, dos: list, states: list, grads: list, dfinal: torch.Tensor | None,

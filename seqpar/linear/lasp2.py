@@ -83,7 +83,9 @@ class Lasp2:
         local = [local_states(run, p, h0) for p in pieces]
         run.mark("forward", "local")
         dev = local[0][0].final.device
-        mine = [piece_transition(p) if run.data_dependent else None for p in pieces]
+        # the transitions other ranks need (none on one rank; a piece with a document start has RESET)
+        mine = [piece_transition(p) if run.data_dependent and run.world_size > 1 and not p.resets else None
+                for p in pieces]
         messages = [state_message(run, st[-1].final, a) for st, a in zip(local, mine)]
         received = _gathered(run, messages, "forward") if run.world_size > 1 else None
         U: list = [None] * run.n_pieces
