@@ -146,6 +146,14 @@ def _linear_args(ctx, kind: str) -> dict:
         kw["initial_state"] = torch.full((1, 2, 8, 8), 1.0 if other else 0.0, dtype=torch.float64)
     if kind == "scale" and other:
         kw["scale"] = 0.25
+    if kind == "g_per_key":
+        kw["g"] = -torch.rand((1, T, 2, 8) if other else (1, T, 2), dtype=torch.float64)
+    if kind == "beta" and not other or kind == "l2norm":
+        kw["beta"] = torch.full((1, T, 2), 0.5, dtype=torch.float64)
+    if kind == "l2norm" and other:
+        kw["use_qk_l2norm"] = True
+    if kind == "documents":
+        kw["cu_seqlens"] = torch.tensor([0, 3, 8] if other else [0, 5, 8])
     return dict(q=q, k=k, v=v, **kw)
 
 
@@ -163,6 +171,10 @@ LINEAR_DISAGREEMENTS = {
     "dtype": r"disagree on dtype: rank 0 'torch.float64', rank 1 'torch.float32'$",
     "final_state": r"disagree on output_final_state: rank 0 True, rank 1 False$",
     "scale": r"disagree on scale: rank 0 0.35355339\d*, rank 1 0.25$",
+    "g_per_key": r"disagree on g: rank 0 \(1, 4, 2\), rank 1 \(1, 4, 2, 8\)$",
+    "beta": r"disagree on beta: rank 0 \(1, 4, 2\), rank 1 None$",
+    "l2norm": r"disagree on use_qk_l2norm: rank 0 'False', rank 1 'True'$",
+    "documents": r"disagree on documents: rank 0 '[0-9a-f]{16}', rank 1 '[0-9a-f]{16}'$",
 }
 
 
