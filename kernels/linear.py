@@ -30,6 +30,13 @@ def linear_family(g: torch.Tensor | None, beta: torch.Tensor | None) -> str:
     return "kda" if per_key else "delta"
 
 
+def check_family_backend(family: str, backend: str) -> None:
+    """Refuse a family on a backend that has no kernel for it (KDA has no Triton kernel)."""
+    if family == "kda" and backend == "triton":
+        raise ValueError("the per-channel gated delta rule (beta with g [B, T, H, Dk]) has no Triton kernel; "
+                         "use backend='torch' (or 'auto', which picks it)")
+
+
 def chunked_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, g: torch.Tensor | None = None,
                 g_gamma: torch.Tensor | None = None, beta: torch.Tensor | None = None, scale: float | None = None,
                 chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto", use_qk_l2norm: bool = False):
@@ -55,9 +62,7 @@ def chunked_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, g: torch.T
             return TritonGlaChunkedRun(q, k, v, g=g, scale=scale, chunk_size=chunk_size)
         from seqpar.kernels.gla_reference import GlaChunkedRun
         return GlaChunkedRun(q, k, v, g=g, scale=scale, chunk_size=chunk_size)
-    if family == "kda" and backend == "triton":
-        raise ValueError("the per-channel gated delta rule (beta with g [B, T, H, Dk]) has no Triton kernel; "
-                         "use backend='torch' (or 'auto', which picks it)")
+    check_family_backend(family, backend)
     if triton and family == "delta":
         from seqpar.kernels.delta_triton import TritonDeltaChunkedRun
         return TritonDeltaChunkedRun(q, k, v, beta=beta, g=g, scale=scale, chunk_size=chunk_size,
@@ -124,11 +129,9 @@ def _empty_backward(q, v, g, beta, initial_state, dht):
 
 def check_linear_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
                         g_gamma: torch.Tensor | None, initial_state: torch.Tensor | None,
-                        beta: torch.Tensor | None = None, use_qk_l2norm: bool = False,
-                        state_batch: int | None = None) -> None:
-    """Raise a ValueError naming the problem and the numbers for inconsistent inputs.
-    ``state_batch``: the leading size of ``initial_state`` (default B; the number of documents
-    with ``cu_seqlens``)."""
+                        beta: torch.Tensor | None = None, use_qk_l2norm: bool = False) -> None:
+    """Raise a ValueError naming the problem and the numbers for inconsistent inputs (an
+    ``initial_state`` of one state per batch row: see :func:`check_initial_state`)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [B, T, H, D]; got shapes {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
@@ -137,12 +140,11 @@ def check_linear_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: to
     B, T, H, Dk = q.shape
     if v.shape[:3] != (B, T, H):
         raise ValueError(f"v must be [B, T, H, Dv] = [{B}, {T}, {H}, Dv] like q; got {tuple(v.shape)}")
-    Dv = v.shape[-1]
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if not q.is_floating_point():
         raise ValueError(f"q, k, v must be floating point; got {q.dtype}")
-    named = [("k", k), ("v", v), ("g", g), ("g_gamma", g_gamma), ("beta", beta), ("initial_state", initial_state)]
+    named = [("k", k), ("v", v), ("g", g), ("g_gamma", g_gamma), ("beta", beta)]
     for name, t in named:
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
@@ -168,8 +170,24 @@ def check_linear_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: to
     if use_qk_l2norm and beta is None:
         raise ValueError("use_qk_l2norm=True applies to the delta rule (beta given); normalise q and k yourself "
                          "for the other families")
+    check_initial_state(initial_state, q, v)
+
+
+def check_initial_state(initial_state: torch.Tensor | None, q: torch.Tensor, v: torch.Tensor,
+                        state_batch: int | None = None) -> None:
+    """initial_state must be [B, H, Dk, Dv] (``state_batch`` None) or [state_batch, H, Dk, Dv] (one
+    state per document), floating point, on q's device, against q [B, T, H, Dk] and v [..., Dv]
+    (already checked)."""
+    if initial_state is None:
+        return
+    if initial_state.device != q.device:
+        raise ValueError(f"initial_state is on {initial_state.device} but q is on {q.device}")
+    if not initial_state.is_floating_point():
+        raise ValueError(f"initial_state must be floating point; got {initial_state.dtype}")
+    B, _, H, Dk = q.shape
+    Dv = v.shape[-1]
     n = B if state_batch is None else state_batch
-    if initial_state is not None and tuple(initial_state.shape) != (n, H, Dk, Dv):
+    if tuple(initial_state.shape) != (n, H, Dk, Dv):
         lead = "B" if state_batch is None else "N (documents)"
         raise ValueError(f"initial_state must be [{lead}, H, Dk, Dv] = [{n}, {H}, {Dk}, {Dv}]; "
                          f"got {tuple(initial_state.shape)}")

@@ -11,7 +11,14 @@ import torch.distributed as dist
 from seqpar.validation import check_flag, check_scale
 from seqpar.comm import check_agreement, check_validate_mode, exclusive_use
 from seqpar.comm.groups import group_rank_and_size
-from seqpar.kernels.linear import DEFAULT_CHUNK_SIZE, check_beta_values, check_linear_inputs, linear_family
+from seqpar.kernels.linear import (
+    DEFAULT_CHUNK_SIZE,
+    check_beta_values,
+    check_family_backend,
+    check_initial_state,
+    check_linear_inputs,
+    linear_family,
+)
 from seqpar.kernels.linear_reference import default_scale
 from seqpar.kernels.softmax import resolve_backend
 from seqpar.kernels.softmax_reference import compute_dtype
@@ -245,13 +252,9 @@ def _prepare(q, k, v, *, strategy, layout, group, g, g_gamma, beta, use_qk_l2nor
         if B != 1:
             raise ValueError(f"cu_seqlens (packed documents) needs batch size 1, got B={B} (q {tuple(q.shape)})")
         documents = tuple(boundary_list(cu_seqlens, global_len=T_local * world_size, device=q.device))
-    n_docs = B if documents is None else len(documents) - 1
-    check_linear_inputs(q, k, v, g, g_gamma, initial_state, beta, use_qk_l2norm,
-                        state_batch=None if documents is None else n_docs)
+    check_initial_state(initial_state, q, v, None if documents is None else len(documents) - 1)
     family = linear_family(g, beta)
-    if family == "kda" and backend == "triton":
-        raise ValueError("the per-channel gated delta rule (beta with g [B, T, H, Dk]) has no Triton kernel; "
-                         "use backend='torch' (or 'auto', which picks it)")
+    check_family_backend(family, backend)
     run = Run(group=group, rank=rank, world_size=world_size, layout=layout, scale=default_scale(q, scale),
               chunk_size=chunk_size, backend=backend, family=family,
               g_gamma=None if g_gamma is None else g_gamma.detach(), use_qk_l2norm=use_qk_l2norm,

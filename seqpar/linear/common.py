@@ -12,6 +12,7 @@ dS_end(c-1) = A_c^T(dS_end(c)) + dM_c. Nothing here knows which family the kerne
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -112,7 +113,9 @@ class Run:
         self.owners = [r for _, _, r in found]
         self.piece_lengths = [n for _, n, _ in found]
         self.piece_starts = [s for s, _, _ in found]
-        self.start_positions = frozenset(self.document_starts())
+        self.piece_index = {start: c for c, start in enumerate(self.piece_starts)}
+        self.most_pieces_per_rank = max(self.owners.count(r) for r in range(self.world_size))
+        self.start_positions = self.document_starts()  # sorted
 
     def comm_groups(self) -> tuple:
         """The groups this run communicates on (None: the default group)."""
@@ -147,12 +150,16 @@ class Run:
         d = self.documents
         return tuple(d[i] for i in range(len(d) - 1) if d[i + 1] > d[i])
 
-    def piece_has_start(self, c: int, at_first_token_only: bool = False) -> bool:
-        """Whether a document starts in piece c (at its first token, with ``at_first_token_only``)."""
+    def piece_has_start(self, c: int) -> bool:
+        """Whether a document starts in piece c."""
         lo, n = self.piece_starts[c], self.piece_lengths[c]
-        if at_first_token_only:
-            return lo in self.start_positions
-        return any(lo <= s < lo + n for s in self.start_positions)
+        i = bisect.bisect_left(self.start_positions, lo)
+        return i < len(self.start_positions) and self.start_positions[i] < lo + n
+
+    def of_document(self, per_document: torch.Tensor, n: int) -> torch.Tensor:
+        """Document n's entry of a per-document tensor ([N, ...] -> a [1, ...] view); without
+        documents the tensor itself (the one sequence)."""
+        return per_document if self.documents is None else per_document[n:n + 1]
 
     def known_transition(self, c: int, device) -> Transition | None:
         """A_c when every rank knows it without communication (a document start inside, no gate,
@@ -260,10 +267,12 @@ def _document_runs(lo: int, hi: int, documents: tuple[int, ...] | None) -> list[
     if documents is None:
         return [(lo, hi, 0)]
     runs = []
-    for n in range(len(documents) - 1):
+    n = bisect.bisect_right(documents, lo) - 1  # the document holding token lo
+    while n < len(documents) - 1 and documents[n] < hi:
         a, b = max(lo, documents[n]), min(hi, documents[n + 1])
         if a < b:
             runs.append((a, b, n))
+        n += 1
     return runs
 
 
@@ -276,7 +285,7 @@ def make_pieces(run: Run, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
     total = run.piece_starts[-1] + run.piece_lengths[-1]
     pieces = []
     for seg in segs:
-        index = run.piece_starts.index(seg.global_start)
+        index = run.piece_index[seg.global_start]
         spans = []
         for a, b, doc in _document_runs(seg.global_start, seg.global_start + seg.length, run.documents):
             s, e = seg.local_start + a - seg.global_start, seg.local_start + b - seg.global_start
@@ -334,9 +343,7 @@ def read_state_message(run: Run, buf: torch.Tensor) -> tuple[torch.Tensor, Trans
 def document_initial_state(run: Run, h0: torch.Tensor | None, document: int) -> torch.Tensor | None:
     """The state a document starts from: initial_state [B, H, Dk, Dv] (one sequence) or
     initial_state[n] of document n ([N, H, Dk, Dv]); None: zero."""
-    if h0 is None:
-        return None
-    return h0.to(run.cd) if run.documents is None else h0[document:document + 1].to(run.cd)
+    return None if h0 is None else run.of_document(h0, document).to(run.cd)
 
 
 def local_states(run: Run, piece: Piece, h0: torch.Tensor | None) -> list:
@@ -362,23 +369,29 @@ def piece_outputs(piece: Piece, states: list) -> list[torch.Tensor]:
     return [span.kernel.outputs(st) for span, st in zip(piece.spans, states)]
 
 
-def document_finals(run: Run, pieces: Sequence[Piece], states: Sequence[list], h0: torch.Tensor | None,
-                    device) -> torch.Tensor:
-    """The final state of every document that ends on this rank (zeros elsewhere): summed over the
-    ranks it gives every document's final state. Empty documents keep their initial state (on
-    rank 0, so that the sum counts it once)."""
-    finals = run.zeros_final(device)
-    for piece, st in zip(pieces, states):
-        for span, s in zip(piece.spans, st):
-            if span.closes:
-                if run.documents is None:
-                    finals = s.final.to(run.cd)
-                else:
-                    finals[span.document] = s.final[0].to(run.cd)
-    if run.rank == 0 and h0 is not None:
+def _by_document(run: Run, pieces: Sequence[Piece], per_span: Sequence[list], keep,
+                 empty: torch.Tensor | None) -> torch.Tensor:
+    """A per-document tensor ([B, H, Dk, Dv], or [N, H, Dk, Dv] with documents) holding, for each
+    document, the value in ``per_span`` of this rank's span that ``keep`` selects (zeros for the
+    documents of other ranks, so that the sum over ranks has each once); empty documents take
+    ``empty``'s entry on rank 0."""
+    out = run.zeros_final(run.device)
+    for piece, values in zip(pieces, per_span):
+        for span, value in zip(piece.spans, values):
+            if keep(span):
+                run.of_document(out, span.document).copy_(value)
+    if run.rank == 0 and empty is not None:
         for n in empty_documents(run):
-            finals[n] = h0[n].to(run.cd)
-    return finals
+            out[n] = empty[n]
+    return out
+
+
+def document_finals(run: Run, pieces: Sequence[Piece], states: Sequence[list],
+                    h0: torch.Tensor | None) -> torch.Tensor:
+    """The final state of every document that ends on this rank (zeros elsewhere): summed over the
+    ranks it gives every document's final state. Empty documents keep their initial state."""
+    return _by_document(run, pieces, [[st.final for st in per_piece] for per_piece in states],
+                        lambda span: span.closes, h0)
 
 
 def empty_documents(run: Run) -> list[int]:
@@ -392,7 +405,7 @@ def closing_grad(run: Run, dfinal: torch.Tensor | None, span: Span) -> torch.Ten
     """The final-state gradient a closing span's end receives (None without one)."""
     if dfinal is None or not span.closes:
         return None
-    return dfinal if run.documents is None else dfinal[span.document:span.document + 1]
+    return run.of_document(dfinal, span.document)
 
 
 def local_state_grads(run: Run, piece: Piece, dos: list[torch.Tensor], dfinal: torch.Tensor | None) -> list:
@@ -439,20 +452,10 @@ def input_grads(run: Run, piece: Piece, dos: list, states: list, grads: list, df
     return out
 
 
-def initial_state_grad(run: Run, pieces: Sequence[Piece], grads: Sequence[list], dfinal: torch.Tensor | None,
-                       like: torch.Tensor) -> torch.Tensor:
+def initial_state_grad(run: Run, pieces: Sequence[Piece], grads: Sequence[list],
+                       dfinal: torch.Tensor | None) -> torch.Tensor:
     """This rank's share of d(initial_state): the full gradient of every document that starts on
     this rank (its opening span's state gradient), zeros for the others; the shares of all ranks
-    sum to the full gradient. Empty documents pass their final-state gradient (rank 0)."""
-    dh0 = torch.zeros(like.shape, dtype=run.cd, device=like.device)
-    for piece, gs in zip(pieces, grads):
-        for span, sg in zip(piece.spans, gs):
-            if span.opens:
-                if run.documents is None:
-                    dh0 = sg.initial.to(run.cd)
-                else:
-                    dh0[span.document] = sg.initial[0].to(run.cd)
-    if run.rank == 0 and dfinal is not None:
-        for n in empty_documents(run):
-            dh0[n] = dfinal[n].to(run.cd)
-    return dh0
+    sum to the full gradient. Empty documents pass their final-state gradient on."""
+    return _by_document(run, pieces, [[g.initial for g in per_piece] for per_piece in grads],
+                        lambda span: span.opens, dfinal)

@@ -60,12 +60,12 @@ class Lasp1:
 
     # -- the chain ---------------------------------------------------------------------------
 
-    def _receive(self, run: Run, src_piece: int, carry: torch.Tensor | None, pass_: str, dev) -> torch.Tensor:
+    def _receive(self, run: Run, src_piece: int, carry: torch.Tensor | None, pass_: str) -> torch.Tensor:
         """The state (or state gradient) from the holder of piece ``src_piece``."""
         src = run.owners[src_piece]
         if src == run.rank:
             return carry
-        return run.recv(run.zeros_state(dev), src, pass_)
+        return run.recv(run.zeros_state(run.device), src, pass_)
 
     def _pass_on(self, run: Run, dst_piece: int, value: torch.Tensor, pass_: str, sends: list) -> torch.Tensor | None:
         """Send ``value`` to the holder of piece ``dst_piece``, or keep it if that is this rank."""
@@ -85,7 +85,7 @@ class Lasp1:
         outs, s_in_list, all_states, sends = [], [], [], []
         carry = None
         for i, p in enumerate(pieces):
-            s_in = self._receive(run, p.index - 1, carry, "forward", run.device) if p.continues else None
+            s_in = self._receive(run, p.index - 1, carry, "forward") if p.continues else None
             passes_on = p.open_end and p.index + 1 < run.n_pieces
             if self.pipelined:
                 u = local[i][-1].final
@@ -108,7 +108,7 @@ class Lasp1:
             h.wait()
         final = None
         if run.output_final_state:
-            final = run.sum_over_ranks(document_finals(run, pieces, all_states, h0, run.device), "forward")
+            final = run.sum_over_ranks(document_finals(run, pieces, all_states, h0), "forward")
         saved = dict(s_in=s_in_list)
         if self.pipelined:
             saved["transitions"] = transitions
@@ -130,7 +130,7 @@ class Lasp1:
         for i in reversed(range(len(pieces))):
             p, d = pieces[i], dos[i]
             receives = p.open_end and p.index + 1 < run.n_pieces
-            ds_end = self._receive(run, p.index + 1, carry, "backward", run.device) if receives else None
+            ds_end = self._receive(run, p.index + 1, carry, "backward") if receives else None
             if self.pipelined:
                 ds_in = piece_state_grad(p, local[i], ds_end, saved["transitions"][i])
             else:
@@ -150,6 +150,6 @@ class Lasp1:
                 run.mark("backward", "finish")
         for h in sends:
             h.wait()
-        dh0 = initial_state_grad(run, pieces, final_grads, dfinal, h0) if want_h0 else None
+        dh0 = initial_state_grad(run, pieces, final_grads, dfinal) if want_h0 else None
         return results, dh0
 

@@ -57,7 +57,7 @@ from seqpar.linear.common import (
 def _gathered(run: Run, messages: list[torch.Tensor], pass_: str) -> list[torch.Tensor]:
     """The message of every global piece: one all-gather of this rank's messages (all of one size;
     a rank with fewer pieces than another pads with zeros)."""
-    most = max(run.owners.count(r) for r in range(run.world_size))
+    most = run.most_pieces_per_rank
     if len(messages) < most:
         messages = messages + [torch.zeros_like(messages[0])] * (most - len(messages))
     gathered = run.all_gather(pack(messages), pass_).wait()
@@ -82,7 +82,6 @@ class Lasp2:
     def forward(self, run: Run, pieces: list[Piece], h0: torch.Tensor | None):
         local = [local_states(run, p, h0) for p in pieces]
         run.mark("forward", "local")
-        dev = local[0][0].final.device
         # the transitions other ranks need (none on one rank; a piece with a document start has RESET)
         mine = [piece_transition(p) if run.data_dependent and run.world_size > 1 and not p.resets else None
                 for p in pieces]
@@ -95,7 +94,7 @@ class Lasp2:
         for c in range(run.n_pieces):
             if received is not None and run.owners[c] != run.rank:
                 U[c], A[c] = read_state_message(run, received[c])
-            known = run.known_transition(c, dev)
+            known = run.known_transition(c, run.device)
             if known is not None:
                 A[c] = known
         s_in, S = [None] * run.n_pieces, None
@@ -107,7 +106,7 @@ class Lasp2:
         run.mark("forward", "finish")
         final = None
         if run.output_final_state:
-            final = S if run.documents is None else run.sum_over_ranks(document_finals(run, pieces, states, h0, dev),
+            final = S if run.documents is None else run.sum_over_ranks(document_finals(run, pieces, states, h0),
                                                                         "forward")
         return outs, final, dict(s_in=[s_in[p.index] for p in pieces], transitions=A)
 
@@ -117,11 +116,9 @@ class Lasp2:
         grads = [local_state_grads(run, p, d, dfinal) for p, d in zip(pieces, dos)]
         run.mark("backward", "local")
         dM = [piece_state_grad(p, g, None, None) for p, g in zip(pieces, grads)]
-        dev = grads[0][0].initial.device
-        zero = run.zeros_state(dev)
+        zero = run.zeros_state(run.device)
         messages = [zero if m is None else m.to(run.cd) for m in dM]
-        most = max(run.owners.count(r) for r in range(run.world_size))
-        padded = messages + [zero] * (most - len(messages))
+        padded = messages + [zero] * (run.most_pieces_per_rank - len(messages))
         handle = run.all_gather(pack(padded), "backward") if run.world_size > 1 else None
         # overlapped with the all-gather: the span states, from the entering states the forward found
         states = [enter(p, local_states(run, p, h0), s) for p, s in zip(pieces, saved["s_in"])]
@@ -143,5 +140,5 @@ class Lasp2:
         result = [input_grads(run, p, d, st, g, dfinal, ds_end[p.index])
                   for p, d, st, g in zip(pieces, dos, states, grads)]
         run.mark("backward", "finish")
-        dh0 = initial_state_grad(run, pieces, grads, dfinal, h0) if want_h0 else None
+        dh0 = initial_state_grad(run, pieces, grads, dfinal) if want_h0 else None
         return result, dh0
