@@ -25,6 +25,7 @@ if not CUDA:
 triton = pytest.importorskip("triton")
 
 from seqpar.kernels import delta_triton  # noqa: E402
+from aot_compile import check_compiles, compile_sm90  # noqa: E402
 from seqpar.kernels.delta_reference import gated_delta_recurrent_reference  # noqa: E402
 from seqpar.kernels.delta_triton import TritonDeltaChunkedRun  # noqa: E402
 
@@ -257,9 +258,6 @@ def _compile_main() -> None:
 
 
 def _compile_one(job: tuple[str, str, int, bool]) -> str:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     name, dt, D, use_g = job
     torch_dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dt]
     meta = delta_triton._meta(torch.empty(0, dtype=torch_dt), D, D, delta_triton.DEFAULT_CHUNK)
@@ -269,31 +267,11 @@ def _compile_one(job: tuple[str, str, int, bool]) -> str:
     fn = delta_triton._raw[name]
     flags = {"fwd_h": {"USE_H0": True, "STORE_HT": True, "BV": 32}, "bwd_dh": {"USE_DHT": True, "BV": 32}}
     consts = {**meta, **flags.get(name, {})}
-    sig, cst = {}, dict(consts)
-    for arg in fn.arg_names:
-        if arg in cst:
-            sig[arg] = "constexpr"
-        elif arg.startswith("stride_") and arg.endswith("d"):
-            sig[arg], cst[arg] = "constexpr", 1  # unit inner stride, as the JIT specializes it
-        elif arg.startswith("stride") or arg in ("T", "H", "NT"):
-            sig[arg] = "i32"
-        elif arg == "scale":
-            sig[arg] = "fp32"
-        else:
-            sig[arg] = "*" + ptrs.get(arg, "fp32")
     warps = 4 if name in delta_triton._STATE_KERNELS else 8
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cst), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": warps, "num_stages": 2})
+    compile_sm90(fn, {"_": "fp32", **ptrs}, consts, warps, 2)
     return f"{name} {dt} D={D} USE_G={use_g}"
 
 
 def test_kernels_compile_for_sm90():
     """Every kernel compiles for an H100 (ahead of time, in a subprocess: no GPU needed)."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("Triton's bundled ptxas is missing")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    code = (f"import runpy, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-            f"import test_delta_triton as m; m._compile_main()")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0 and "compiled all kernels" in res.stdout, res.stdout[-3000:] + res.stderr[-5000:]
+    check_compiles("test_delta_triton", "_compile_main", "compiled all kernels", timeout_s=900)

@@ -21,6 +21,7 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from seqpar.kernels import gla_reference  # noqa: E402
+from aot_compile import check_compiles, compile_sm90  # noqa: E402
 from seqpar.kernels.gla_reference import GlaChunkedRun, gla_recurrent_reference  # noqa: E402
 from seqpar.kernels.linear_transitions import KeyDecay  # noqa: E402
 
@@ -307,26 +308,11 @@ def _compile_main() -> None:
     """Compile every GLA kernel for sm_90 with Triton's bundled ptxas (in a process where the
     kernels were decorated for the JIT, not the interpreter)."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from seqpar.kernels import gla_triton as gt
 
     def build(fn, ptrs: dict, consts: dict, num_warps: int, num_stages: int) -> None:
-        sig, cst = {}, dict(consts)
-        for name in fn.arg_names:
-            if name in cst:
-                sig[name] = "constexpr"
-            elif name.startswith("stride_") and name.endswith("d"):
-                sig[name], cst[name] = "constexpr", 1  # unit inner stride, as the JIT specializes it
-            elif name.startswith("stride") or name in ("T", "H", "NT"):
-                sig[name] = "i32"
-            elif name == "scale":
-                sig[name] = "fp32"
-            else:
-                sig[name] = "*" + ptrs.get(name, ptrs["_"])
-        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cst), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": num_warps, "num_stages": num_stages})
+        compile_sm90(fn, ptrs, consts, num_warps, num_stages)
 
     # (input dtype, Dk, Dv): 16-bit inputs with tf32 dots and full tiles; fp32 (IEEE dots) with
     # head dims that are no tile multiple
@@ -348,11 +334,4 @@ def _compile_main() -> None:
 
 def test_gla_kernels_compile_for_sm90():
     """Every GLA kernel compiles for an H100 (ahead of time, in a subprocess: no GPU needed)."""
-    triton = pytest.importorskip("triton")
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("Triton's bundled ptxas is missing")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    code = f"import runpy; runpy.run_path({os.path.abspath(__file__)!r})['_compile_main']()"
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and "compiled all GLA kernels" in res.stdout, res.stdout[-3000:] + res.stderr[-5000:]
+    check_compiles("test_gla_kernels", "_compile_main", "compiled all GLA kernels")

@@ -28,6 +28,7 @@ if not CUDA:
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
+from aot_compile import check_compiles, compile_sm90  # noqa: E402
 
 from seqpar.kernels import linear_triton  # noqa: E402
 from seqpar.kernels import softmax_triton  # noqa: E402
@@ -100,25 +101,8 @@ def _close(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
 def _compile_main() -> None:
     """Compile every kernel for sm_90 with Triton's bundled ptxas (run in a process where the
     kernels were decorated for the JIT, not the interpreter)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     def build(fn, ptrs: dict, floats: tuple, consts: dict, num_warps: int, num_stages: int) -> None:
-        sig, cst = {}, dict(consts)
-        for name in fn.arg_names:
-            if name in cst:
-                sig[name] = "constexpr"
-            elif name.startswith("stride_") and name.endswith("d"):
-                sig[name], cst[name] = "constexpr", 1  # unit inner stride, as the JIT specializes it
-            elif name.startswith("stride") or name in ("Tq", "Tk", "Hq", "Hkv", "G", "diag", "win", "TQ_KEY",
-                                                       "TK_KEY", "T", "H", "NT"):
-                sig[name] = "i32"
-            elif name in floats:
-                sig[name] = "fp32"
-            else:
-                sig[name] = "*" + ptrs.get(name, ptrs["_"])
-        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cst), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": num_warps, "num_stages": num_stages})
+        compile_sm90(fn, ptrs, consts, num_warps, num_stages, floats)
 
     st, lt = softmax_triton, linear_triton
     # softmax variants: (dtype, head dim, HAS_MASK (upper/diagonal bound), HAS_WINDOW (lower bound), HAS_SOFTCAP)
@@ -156,13 +140,7 @@ def _compile_main() -> None:
 
 def test_kernels_compile_for_sm90():
     """Every kernel compiles for an H100 (ahead of time, in a subprocess: no GPU needed)."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("Triton's bundled ptxas is missing")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    code = f"import runpy; runpy.run_path({os.path.abspath(__file__)!r})['_compile_main']()"
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and "compiled all kernels" in res.stdout, res.stdout[-3000:] + res.stderr[-5000:]
+    check_compiles("test_triton_kernels", "_compile_main", "compiled all kernels")
 
 
 # --------------------------------------------------------------------------------------------
