@@ -45,7 +45,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -54,6 +53,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine.py, also under PYTHONSAFEPATH=1
+from machine import cpu_model, measured_code, usable_cores  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -415,19 +416,11 @@ def run_bytes(args: argparse.Namespace) -> list[BytesRow]:
 
 def machine_info(device: torch.device, threads: int) -> dict:
     """The machine, torch version and threads, and which code was measured."""
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = dict(cpu=platform.processor() or model or platform.machine(), cpu_model=model or None,
-                cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-                torch=torch.__version__, python=platform.python_version(), platform=platform.platform(),
-                torch_threads=torch.get_num_threads(), threads_flag=threads, device=str(device),
-                load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
+    model = cpu_model()
+    info = dict(cpu=platform.processor() or model or platform.machine(), cpu_model=model,
+                cores=usable_cores(), torch=torch.__version__, python=platform.python_version(),
+                platform=platform.platform(), torch_threads=torch.get_num_threads(), threads_flag=threads,
+                device=str(device), load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
@@ -436,12 +429,7 @@ def machine_info(device: torch.device, threads: int) -> dict:
             info[name] = __import__(name).__version__
         except Exception:  # noqa: BLE001
             info[name] = None
-    try:
-        git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout  # noqa: E731
-        info["git_commit"] = git("rev-parse", "--short", "HEAD").strip() or None
-        info["git_modified_files"] = [ln[3:] for ln in git("status", "--porcelain").splitlines() if len(ln) > 3]
-    except (OSError, subprocess.SubprocessError):
-        pass
+    info.update(measured_code())
     return info
 
 

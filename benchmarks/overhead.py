@@ -58,6 +58,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine.py, also under PYTHONSAFEPATH=1
+from machine import cpu_model, measured_code, usable_cores  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUPS = ("linear", "linear-fwd", "lasp2", "lasp1", "softmax", "softmax-sp", "trainer")
@@ -578,26 +580,12 @@ def run_gpu(s: Sizes, groups: set[str], dtype: torch.dtype, device: torch.device
 
 
 def machine_info() -> dict:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    info = dict(cpu=model or platform.processor() or platform.machine(), cores=cores, torch=torch.__version__,
-                python=platform.python_version(), platform=platform.platform(), threads_per_process=1)
+    info = dict(cpu=cpu_model() or platform.processor() or platform.machine(), cores=usable_cores(),
+                torch=torch.__version__, python=platform.python_version(), platform=platform.platform(),
+                threads_per_process=1)
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
-    try:  # which code was measured
-        git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout  # noqa: E731
-        info["git_commit"] = git("rev-parse", "--short", "HEAD").strip()
-        info["git_modified_files"] = [ln[3:] for ln in git("status", "--porcelain", "--untracked-files=no").splitlines()
-                                      if len(ln) > 3]
-    except (OSError, subprocess.SubprocessError):
-        pass
+    info.update(measured_code(untracked=False))  # which code was measured
     return info
 
 
