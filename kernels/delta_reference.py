@@ -499,30 +499,3 @@ class KdaChunkedRun(DeltaChunkedRun):
             raise ValueError(f"KDA needs g [B, T, H, Dk] = {list(q.shape)}, got "
                              f"{None if g is None else tuple(g.shape)}")
         super().__init__(q, k, v, beta=beta, g=g, scale=scale, chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm)
-
-
-def chunk_gated_delta_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *,
-                                        g: torch.Tensor | None = None, scale: float | None = None,
-                                        initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-                                        chunk_size: int = 64, use_qk_l2norm: bool = False
-                                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(o, final state or None) of the gated delta rule / KDA by :class:`DeltaChunkedRun`."""
-    run = DeltaChunkedRun(q, k, v, beta=beta, g=g, scale=scale, chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm)
-    states = run.states(initial_state)
-    return run.outputs(states), (states.final if output_final_state else None)
-
-
-def chunk_gated_delta_backward_reference(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                         beta: torch.Tensor, *, g: torch.Tensor | None = None,
-                                         scale: float | None = None, initial_state: torch.Tensor | None = None,
-                                         dht: torch.Tensor | None = None, chunk_size: int = 64,
-                                         use_qk_l2norm: bool = False) -> dict[str, torch.Tensor]:
-    """Gradients {"q", "k", "v", "beta"} (+ "g" when given, + "initial_state" when given) of the
-    chunked forward, computed explicitly (states recomputed)."""
-    run = DeltaChunkedRun(q, k, v, beta=beta, g=g, scale=scale, chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm)
-    states = run.states(initial_state)
-    grads = run.state_grads(do, dht)
-    result = run.input_grads(do, states, grads, dht)
-    if initial_state is not None:
-        result["initial_state"] = grads.initial
-    return result

@@ -12,11 +12,10 @@ import torch
 from seqpar.kernels.delta_reference import (
     DeltaChunkedRun,
     KdaChunkedRun,
-    chunk_gated_delta_backward_reference,
-    chunk_gated_delta_forward_reference,
     gated_delta_recurrent_reference,
     l2norm,
 )
+from seqpar.kernels.linear import chunk_linear_attention_backward, chunk_linear_attention_forward
 from seqpar.kernels.linear_transitions import MatrixTransition
 
 GATES = ["none", "head", "kda"]
@@ -103,17 +102,19 @@ def test_chunked_run_vs_recurrent(gate, use_qk_l2norm, T, chunk_size):
 
 
 def test_explicit_scale_no_initial_state_no_dht_and_wrappers():
-    """scale given, no initial state, no final-state gradient; the forward / backward wrappers."""
+    """scale given, no initial state, no final-state gradient; the dispatcher's forward / backward
+    (kernels.linear, backend 'torch': KdaChunkedRun's stages)."""
     q, k, v, beta, g, _ = make_inputs("kda", T=40, seed=3)
     do, _ = cotangents(q, v)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, beta, g)]
     o_ref, _ = gated_delta_recurrent_reference(*leaves[:4], g=leaves[4], scale=0.3)
     want = torch.autograd.grad((o_ref * do).sum(), leaves)
-    o, S = chunk_gated_delta_forward_reference(q, k, v, beta, g=g, scale=0.3, chunk_size=16)
+    o, S = chunk_linear_attention_forward(q, k, v, beta=beta, g=g, scale=0.3, chunk_size=16, backend="torch")
     assert S is None
     assert_rel(o, o_ref.detach(), 1e-9, "o")
-    got = chunk_gated_delta_backward_reference(do, q, k, v, beta, g=g, scale=0.3, chunk_size=16)
-    assert set(got) == {"q", "k", "v", "beta", "g"}
+    got, dh0 = chunk_linear_attention_backward(do, q, k, v, beta=beta, g=g, scale=0.3, chunk_size=16,
+                                               backend="torch")
+    assert set(got) == {"q", "k", "v", "beta", "g"} and dh0 is None
     for name, w in zip(["q", "k", "v", "beta", "g"], want):
         assert_rel(got[name], w, 1e-9, f"d{name}")
 
