@@ -40,13 +40,15 @@ from seqpar.kernels.linear_reference import (
     _flushed_exp,
     _to_chunks,
     default_scale,
+    shift_state_grads,
+    shift_states,
     state_or_zeros,
 )
 from seqpar.kernels.linear_transitions import KeyDecay
 from seqpar.kernels.softmax_reference import compute_dtype
 
 __all__ = ["GlaChunkedRun", "KeyGates", "check_gla_inputs", "gla_recurrent_reference", "key_gate_grad",
-           "key_gates", "shift_key_state_grads", "shift_key_states"]
+           "key_gates"]
 
 # chunks per batch of the [B, H, n, L, L] intra-chunk matrices (cache-sized, as ChunkedRun)
 _MAX_BLOCK_ELEMS = 1 << 15
@@ -126,36 +128,6 @@ def key_gates(g: torch.Tensor, L: int, dtype: torch.dtype) -> KeyGates:
 def _cumulate(gc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b = gc.cumsum(3)
     return b, b[:, :, :, -1].clone()
-
-
-def _exclusive_cumsum(log_chunk: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """Sum of the log decays of the chunks before (after, ``reverse``) each chunk, [B, H, NT, Dk];
-    summed directly (no difference of two long sums)."""
-    zero = torch.zeros_like(log_chunk[:, :, :1])
-    if reverse:
-        return torch.cat([log_chunk[:, :, 1:].flip(2).cumsum(2).flip(2), zero], dim=2)
-    return torch.cat([zero, log_chunk[:, :, :-1].cumsum(2)], dim=2)
-
-
-def shift_key_states(states: ChunkStates, log_chunk: torch.Tensor, initial_state: torch.Tensor) -> ChunkStates:
-    """States of a run started from ``initial_state``, given those from zero:
-    S_c += diag(exp(sum of the log decays ``log_chunk`` [B, H, NT, Dk] before chunk c)) initial_state.
-    One multiply-add per chunk; ``starts`` keeps its dtype."""
-    h0 = initial_state.to(states.final.dtype)
-    before = _flushed_exp(_exclusive_cumsum(log_chunk.to(h0.dtype), reverse=False)).unsqueeze(-1)
-    starts = (states.starts.to(h0.dtype) + before * h0.unsqueeze(2)).to(states.starts.dtype)
-    total = _flushed_exp(log_chunk.to(h0.dtype).sum(2)).unsqueeze(-1)
-    return ChunkStates(starts, states.final + total * h0)
-
-
-def shift_key_state_grads(grads: ChunkStateGrads, log_chunk: torch.Tensor, dht: torch.Tensor) -> ChunkStateGrads:
-    """State gradients of a run whose final state has gradient ``dht``, given those with none:
-    dS_end(c) += diag(exp(sum of the log decays of the chunks after c)) dht."""
-    d = dht.to(grads.initial.dtype)
-    after = _flushed_exp(_exclusive_cumsum(log_chunk.to(d.dtype), reverse=True)).unsqueeze(-1)
-    ends = (grads.ends.to(d.dtype) + after * d.unsqueeze(2)).to(grads.ends.dtype)
-    total = _flushed_exp(log_chunk.to(d.dtype).sum(2)).unsqueeze(-1)
-    return ChunkStateGrads(ends, grads.initial + total * d)
 
 
 def key_gate_grad(d: torch.Tensor, dht: torch.Tensor | None, final: torch.Tensor | None) -> torch.Tensor:
@@ -307,7 +279,7 @@ class GlaChunkedRun:
 
     def with_initial_state(self, states: ChunkStates, initial_state: torch.Tensor) -> ChunkStates:
         """The states of this run started from ``initial_state`` (``states`` were computed from zero)."""
-        return shift_key_states(states, self.gates.log_chunk, initial_state)
+        return shift_states(states, self.gates.log_chunk, initial_state)
 
     def outputs(self, states: ChunkStates) -> torch.Tensor:
         """Stage 2 of the forward: o_c = scale * [A_c V_c + (Q_c * e^b) S_c], [B, T, H, Dv], with
@@ -345,7 +317,7 @@ class GlaChunkedRun:
     def with_final_grad(self, grads: ChunkStateGrads, dht: torch.Tensor) -> ChunkStateGrads:
         """The state gradients of this run with final-state gradient ``dht`` (``grads`` were
         computed with none)."""
-        return shift_key_state_grads(grads, self.gates.log_chunk, dht)
+        return shift_state_grads(grads, self.gates.log_chunk, dht)
 
     def input_grads(self, do: torch.Tensor, states: ChunkStates, grads: ChunkStateGrads,
                     dht: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -30,10 +30,8 @@ from seqpar.kernels.gla_reference import (
     GlaChunkedRun,
     check_gla_inputs,
     key_gate_grad,
-    shift_key_state_grads,
-    shift_key_states,
 )
-from seqpar.kernels.linear_reference import ChunkStateGrads, ChunkStates, default_scale
+from seqpar.kernels.linear_reference import ChunkStateGrads, ChunkStates, default_scale, shift_state_grads, shift_states
 from seqpar.kernels.linear_transitions import KeyDecay
 from seqpar.kernels.softmax_reference import compute_dtype
 from seqpar.kernels.triton_common import check_int32_offsets, interpreting, strides4
@@ -529,7 +527,7 @@ class TritonGlaChunkedRun:
         """The states of this run started from ``initial_state`` (``states`` were computed from zero)."""
         if self._torch is not None:
             return self._torch.with_initial_state(states, initial_state)
-        return shift_key_states(states, self.log_chunk, initial_state.float())
+        return shift_states(states, self.log_chunk, initial_state.float())
 
     def outputs(self, states: ChunkStates) -> torch.Tensor:
         """Stage 2 of the forward: o [B, T, H, Dv] fp32."""
@@ -561,7 +559,7 @@ class TritonGlaChunkedRun:
         """The state gradients with final-state gradient ``dht`` (``grads`` were computed with none)."""
         if self._torch is not None:
             return self._torch.with_final_grad(grads, dht)
-        return shift_key_state_grads(grads, self.log_chunk, dht.float())
+        return shift_state_grads(grads, self.log_chunk, dht.float())
 
     def input_grads(self, do: torch.Tensor, states: ChunkStates, grads: ChunkStateGrads,
                     dht: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from seqpar.kernels.linear_transitions import ScalarDecay
+from seqpar.kernels.linear_transitions import decay_state
 from seqpar.kernels.linear_transitions import flushed_exp as _flushed_exp
 from seqpar.kernels.softmax_reference import compute_dtype
 
@@ -174,11 +175,6 @@ def _scaled(x: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
     return x if d is None else x * d
 
 
-def decay_state(state: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
-    """exp(log_decay) * state, with log_decay [B, H] and state [B, H, Dk, Dv]."""
-    return state * _flushed_exp(log_decay)[..., None, None].to(state.dtype)
-
-
 def state_or_zeros(state: torch.Tensor | None, B: int, H: int, Dk: int, Dv: int, dtype: torch.dtype,
                    device: torch.device) -> torch.Tensor:
     """``state`` [B, H, Dk, Dv] in ``dtype``, or zeros of that shape when it is None."""
@@ -203,30 +199,41 @@ class ChunkStateGrads:
     initial: torch.Tensor
 
 
+def _before_or_after(log_chunk: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """The sum of the log decays of the chunks before (after, ``reverse``) each chunk, along the
+    chunk axis 2 of ``log_chunk`` [B, H, NT] or [B, H, NT, Dk]; summed directly (no difference of
+    two long sums)."""
+    zero = torch.zeros_like(log_chunk[:, :, :1])
+    if reverse:
+        return torch.cat([log_chunk[:, :, 1:].flip(2).cumsum(2).flip(2), zero], dim=2)
+    return torch.cat([zero, log_chunk[:, :, :-1].cumsum(2)], dim=2)
+
+
 def shift_states(states: ChunkStates, log_chunk: torch.Tensor | None, initial_state: torch.Tensor) -> ChunkStates:
     """States of a run started from ``initial_state``, given those from zero: S_c += A_c initial_state,
-    A_c = exp(sum of the log decays ``log_chunk`` [B, H, NT] of the chunks before c) (None: no gate).
-    One multiply-add per chunk; ``starts`` keeps its dtype (a kernel may store states in bf16)."""
+    A_c = exp(sum of the log decays ``log_chunk`` of the chunks before c) -- per head ([B, H, NT])
+    or per key channel ([B, H, NT, Dk], GLA); None: no gate. One multiply-add per chunk; ``starts``
+    keeps its dtype (a kernel may store states in bf16)."""
     h0 = initial_state.to(states.final.dtype)
     starts = states.starts
     if log_chunk is None:
         return ChunkStates((starts + h0.unsqueeze(2).to(starts.dtype)), states.final + h0)
-    before = _flushed_exp(log_chunk.cumsum(-1) - log_chunk)[..., None, None].to(h0.dtype)
-    shifted = (starts.to(h0.dtype) + before * h0.unsqueeze(2)).to(starts.dtype)
-    return ChunkStates(shifted, states.final + decay_state(h0, log_chunk.sum(-1)))
+    log = log_chunk.to(h0.dtype)
+    shifted = decay_state(h0.unsqueeze(2), _before_or_after(log, reverse=False)) + starts.to(h0.dtype)
+    return ChunkStates(shifted.to(starts.dtype), states.final + decay_state(h0, log.sum(2)))
 
 
 def shift_state_grads(grads: ChunkStateGrads, log_chunk: torch.Tensor | None, dht: torch.Tensor) -> ChunkStateGrads:
     """State gradients of a run whose final state has gradient ``dht``, given those with none:
-    dS_end(c) += (decay from chunk c's end to the run's end) dht."""
+    dS_end(c) += (decay from chunk c's end to the run's end) dht; ``log_chunk`` as in
+    :func:`shift_states`."""
     d = dht.to(grads.initial.dtype)
     ends = grads.ends
     if log_chunk is None:
         return ChunkStateGrads(ends + d.unsqueeze(2).to(ends.dtype), grads.initial + d)
-    total = log_chunk.sum(-1)
-    after = _flushed_exp(total.unsqueeze(-1) - log_chunk.cumsum(-1))[..., None, None].to(d.dtype)
-    shifted = (ends.to(d.dtype) + after * d.unsqueeze(2)).to(ends.dtype)
-    return ChunkStateGrads(shifted, grads.initial + decay_state(d, total))
+    log = log_chunk.to(d.dtype)
+    shifted = decay_state(d.unsqueeze(2), _before_or_after(log, reverse=True)) + ends.to(d.dtype)
+    return ChunkStateGrads(shifted.to(ends.dtype), grads.initial + decay_state(d, log.sum(2)))
 
 
 class ChunkedRun:

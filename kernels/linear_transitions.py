@@ -31,7 +31,11 @@ def flushed_exp(log: torch.Tensor) -> torch.Tensor:
     return log.clamp(min=lowest).exp().masked_fill_(log < lowest, 0.0)
 
 
-_exp = flushed_exp
+def decay_state(state: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
+    """exp(log_decay) * state for a state [..., Dk, Dv], with one log decay per head
+    (``log_decay`` [...]) or per key channel ([..., Dk])."""
+    factor = flushed_exp(log_decay.to(state.dtype))
+    return state * (factor[..., None, None] if log_decay.dim() == state.dim() - 2 else factor[..., None])
 
 
 class Transition:
@@ -61,7 +65,7 @@ class ScalarDecay(Transition):
     log: torch.Tensor
 
     def apply(self, state: torch.Tensor) -> torch.Tensor:
-        return state * _exp(self.log.to(state.dtype))[..., None, None]
+        return decay_state(state, self.log)
 
     apply_transpose = apply
 
@@ -84,7 +88,7 @@ class KeyDecay(Transition):
     log: torch.Tensor
 
     def apply(self, state: torch.Tensor) -> torch.Tensor:
-        return state * _exp(self.log.to(state.dtype))[..., None]
+        return decay_state(state, self.log)
 
     apply_transpose = apply
 
