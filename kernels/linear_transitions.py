@@ -53,55 +53,53 @@ class Transition:
         """The transition as one flat tensor for the wire (see :meth:`from_payload`)."""
         raise NotImplementedError
 
+    @staticmethod
+    def payload_shape(B: int, H: int, Dk: int) -> tuple[int, ...]:
+        """The shape of the transition's tensor for B rows, H heads and key size Dk."""
+        raise NotImplementedError
+
+    @classmethod
+    def payload_numel(cls, B: int, H: int, Dk: int) -> int:
+        return math.prod(cls.payload_shape(B, H, Dk))
+
+    @classmethod
+    def from_payload(cls, flat: torch.Tensor, B: int, H: int, Dk: int) -> "Transition":
+        return cls(flat.view(cls.payload_shape(B, H, Dk)))
+
     @property
     def is_reset(self) -> bool:
         return False
 
 
 @dataclass
-class ScalarDecay(Transition):
+class _Decay(Transition):
+    """A(S) = exp(log) S with one log decay per head or per key channel (diagonal, so A^T = A)."""
+
+    log: torch.Tensor
+
+    def apply(self, state: torch.Tensor) -> torch.Tensor:
+        return decay_state(state, self.log)
+
+    apply_transpose = apply
+
+    def payload(self) -> torch.Tensor:
+        return self.log.reshape(-1)
+
+
+class ScalarDecay(_Decay):
     """A(S) = exp(log) S, ``log`` [B, H] (a log decay per head; zeros: no gate)."""
 
-    log: torch.Tensor
-
-    def apply(self, state: torch.Tensor) -> torch.Tensor:
-        return decay_state(state, self.log)
-
-    apply_transpose = apply
-
-    def payload(self) -> torch.Tensor:
-        return self.log.reshape(-1)
-
     @staticmethod
-    def payload_numel(B: int, H: int, Dk: int) -> int:
-        return B * H
-
-    @classmethod
-    def from_payload(cls, flat: torch.Tensor, B: int, H: int, Dk: int) -> "ScalarDecay":
-        return cls(flat.view(B, H))
+    def payload_shape(B: int, H: int, Dk: int) -> tuple[int, ...]:
+        return (B, H)
 
 
-@dataclass
-class KeyDecay(Transition):
+class KeyDecay(_Decay):
     """A(S) = diag(exp(log)) S, ``log`` [B, H, Dk] (one log decay per key channel: GLA)."""
 
-    log: torch.Tensor
-
-    def apply(self, state: torch.Tensor) -> torch.Tensor:
-        return decay_state(state, self.log)
-
-    apply_transpose = apply
-
-    def payload(self) -> torch.Tensor:
-        return self.log.reshape(-1)
-
     @staticmethod
-    def payload_numel(B: int, H: int, Dk: int) -> int:
-        return B * H * Dk
-
-    @classmethod
-    def from_payload(cls, flat: torch.Tensor, B: int, H: int, Dk: int) -> "KeyDecay":
-        return cls(flat.view(B, H, Dk))
+    def payload_shape(B: int, H: int, Dk: int) -> tuple[int, ...]:
+        return (B, H, Dk)
 
 
 @dataclass
@@ -120,12 +118,8 @@ class MatrixTransition(Transition):
         return self.matrix.reshape(-1)
 
     @staticmethod
-    def payload_numel(B: int, H: int, Dk: int) -> int:
-        return B * H * Dk * Dk
-
-    @classmethod
-    def from_payload(cls, flat: torch.Tensor, B: int, H: int, Dk: int) -> "MatrixTransition":
-        return cls(flat.view(B, H, Dk, Dk))
+    def payload_shape(B: int, H: int, Dk: int) -> tuple[int, ...]:
+        return (B, H, Dk, Dk)
 
 
 class _Reset(Transition):
