@@ -35,6 +35,7 @@ from seqpar.comm.groups import (
     group_rank_and_size,
     init_distributed,
     make_data_sequence_groups,
+    make_device_mesh,
 )
 
 __all__ = [
@@ -61,4 +62,5 @@ __all__ = [
     "group_rank_and_size",
     "init_distributed",
     "make_data_sequence_groups",
+    "make_device_mesh",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -88,6 +89,11 @@ class SequenceParallelGroups:
     sp_size: int
     dp_rank: int
     sp_rank: int
+    #: The ("dp", "sp") DeviceMesh of these groups (None on one process, for hand-made groups, and
+    #: for a sub-job of the world with one real axis; see :func:`make_device_mesh`).
+    mesh: Any = None
+    #: A 1-D DeviceMesh ("dp_sp",) over every rank of the job: what FSDP2 shards over.
+    shard_mesh: Any = None
 
 
 def make_data_sequence_groups(sp_size: int, timeout_s: float | None = None) -> SequenceParallelGroups:
@@ -116,6 +122,74 @@ def make_data_sequence_groups(sp_size: int, timeout_s: float | None = None) -> S
         if rank in ranks:
             dp_group = g
     return SequenceParallelGroups(dp_group, sp_group, dp_size, sp_size, rank // sp_size, rank % sp_size)
+
+
+def _backend_options(backend: str, timeout: datetime.timedelta) -> Any:
+    """Backend options carrying ``timeout`` for init_device_mesh's ``backend_override``, or None
+    when the backend has no options class here (the fake backend)."""
+    cls = {"gloo": getattr(dist, "ProcessGroupGloo", None), "nccl": getattr(dist, "ProcessGroupNCCL", None)}.get(backend)
+    if cls is None:
+        return None
+    options = cls._Options() if backend == "gloo" else cls.Options()
+    options._timeout = timeout
+    return options
+
+
+def make_device_mesh(sp_size: int, device_type: str, timeout_s: float | None = None,
+                     group: dist.ProcessGroup | None = None) -> SequenceParallelGroups:
+    """The data-parallel x sequence-parallel groups of a job as a DeviceMesh with named axes
+    ("dp", "sp"), plus the 1-D mesh ("dp_sp",) over all its ranks that FSDP2 shards over.
+
+    ``group`` (default: the whole world) holds the job's ranks; global rank order inside it is
+    dp_rank * sp_size + sp_rank, as :func:`make_data_sequence_groups`. Every group gets
+    ``timeout_s`` (default :data:`DEFAULT_TIMEOUT_S`). Collective over ``group`` (over the world
+    when ``group`` is None). Without torch.distributed: one rank, no mesh.
+    """
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+    timeout = group_timeout(timeout_s)
+    if not dist.is_initialized():
+        if sp_size != 1:
+            raise ValueError(f"sequence-parallel size {sp_size} needs torch.distributed to be initialised")
+        return SequenceParallelGroups(None, None, 1, 1, 0, 0)
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    if sp_size < 1 or len(ranks) % sp_size != 0:
+        raise ValueError(f"sequence-parallel size {sp_size} does not divide the job's {len(ranks)} ranks")
+    rank = dist.get_rank()
+    if rank not in ranks:
+        raise ValueError(f"rank {rank} is not a member of the job's group {ranks}")
+    dp_size = len(ranks) // sp_size
+    index = ranks.index(rank)
+    dp_rank, sp_rank = divmod(index, sp_size)
+    backend = dist.get_backend(group)
+    if group is None or len(ranks) == dist.get_world_size():
+        options = _backend_options(backend, timeout)
+        override = {"dp": (backend, options), "sp": (backend, options)} if options is not None else None
+        mesh = init_device_mesh(device_type, (dp_size, sp_size), mesh_dim_names=("dp", "sp"),
+                                backend_override=override)
+        job = group if group is not None else dist.group.WORLD
+    elif dp_size == 1 or sp_size == 1:
+        # a sub-job of the world (a test pool's first ranks) with one real axis: that axis is the
+        # job's group and the other has one rank and needs no group. No new group is made, so
+        # ranks outside the job never have to take part. (No 2-D mesh then: FSDP2 only needs
+        # shard_mesh.)
+        mesh = None
+        job = group
+        sp_group, dp_group = (group, None) if dp_size == 1 else (None, group)
+        return SequenceParallelGroups(dp_group, sp_group, dp_size, sp_size, dp_rank, sp_rank, None,
+                                      DeviceMesh.from_group(job, device_type, mesh_dim_names=("dp_sp",)))
+    else:  # a 2-D sub-job: only its members create its groups (named by their ranks)
+        def local_group(members: list[int]) -> dist.ProcessGroup:
+            return dist.new_group(members, timeout=timeout, use_local_synchronization=True)
+
+        sp_group = local_group(ranks[dp_rank * sp_size:(dp_rank + 1) * sp_size])
+        dp_group = local_group(ranks[sp_rank::sp_size])
+        mesh = DeviceMesh.from_group([dp_group, sp_group], device_type,
+                                     mesh=torch.tensor(ranks).view(dp_size, sp_size), mesh_dim_names=("dp", "sp"))
+        job = group
+    shard_mesh = DeviceMesh.from_group(job, device_type, mesh_dim_names=("dp_sp",))
+    return SequenceParallelGroups(mesh["dp"].get_group(), mesh["sp"].get_group(), dp_size, sp_size, dp_rank,
+                                  sp_rank, mesh, shard_mesh)
 
 
 @dataclass(frozen=True)

@@ -411,6 +411,9 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # Llama-3.2-1B shapes (dim 2048, 16 layers, 32/8 heads, SwiGLU 8192), byte vocabulary:
     # about 0.97B parameters.
     "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, pattern="LLLS"),
+    # Llama-3-8B shapes (dim 4096, 32 layers, 32/8 heads, SwiGLU 14336), byte vocabulary:
+    # about 7.0B parameters.
+    "8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, pattern="LLLS"),
     # Qwen3-Next-style: three gated delta-rule (Gated DeltaNet) layers per softmax layer.
     "qwen3next-tiny": dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, pattern="DDDS"),
     "qwen3next-small": dict(dim=256, n_layers=8, n_heads=8, n_kv_heads=4, pattern="DDDS"),
@@ -421,6 +424,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(seq_len=1024, batch_size=8, steps=500, lr=1e-3, warmup_steps=50),
     "medium": dict(seq_len=4096, batch_size=8, steps=2000, lr=6e-4, warmup_steps=100),
     "1b": dict(seq_len=32768, batch_size=8, steps=5000, lr=3e-4, warmup_steps=200, activation_checkpointing=True),
+    "8b": dict(seq_len=131072, batch_size=8, steps=5000, lr=2e-4, warmup_steps=200, activation_checkpointing=True),
     "qwen3next-tiny": dict(seq_len=128, batch_size=4, steps=40, lr=3e-3, warmup_steps=4),
     "qwen3next-small": dict(seq_len=1024, batch_size=8, steps=500, lr=1e-3, warmup_steps=50),
 }

@@ -92,16 +92,18 @@ def unparallelize_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def make_groups(config: SequenceParallelConfig, timeout_s: float | None = None) -> tuple[SequenceParallelGroups, Any]:
-    """Data-parallel x sequence-parallel groups of the world, and the group to give
-    :func:`parallelize_model` (the sp group, or its :class:`UspGroups` for ``usp``). Every group
-    gets ``timeout_s`` (default ``seqpar.comm.groups.DEFAULT_TIMEOUT_S``).
+def make_groups(config: SequenceParallelConfig, timeout_s: float | None = None,
+                device_type: str = "cpu") -> tuple[SequenceParallelGroups, Any]:
+    """Data-parallel x sequence-parallel groups of the world as a ("dp", "sp") DeviceMesh
+    (:func:`seqpar.comm.make_device_mesh`), and the group to give :func:`parallelize_model` (the
+    sp group, or its :class:`UspGroups` for ``usp``). Every group gets ``timeout_s`` (default
+    ``seqpar.comm.groups.DEFAULT_TIMEOUT_S``).
 
     Collective over the whole world: every rank calls it with the same config.
     """
-    from seqpar.comm.groups import make_data_sequence_groups
+    from seqpar.comm.groups import make_device_mesh
 
-    groups = make_data_sequence_groups(config.sp_size, timeout_s)
+    groups = make_device_mesh(config.sp_size, device_type, timeout_s)
     attn_group: Any = groups.sp
     if config.softmax_strategy == "usp" and dist.is_initialized():
         mine = None
@@ -120,6 +122,58 @@ class ShardedBatch(NamedTuple):
     tokens: torch.Tensor
     labels: torch.Tensor
     positions: torch.Tensor
+
+
+def build_mesh(dp: int, sp: int, device_type: str, timeout_s: float | None = None) -> Any:
+    """The ("dp", "sp") DeviceMesh of the whole world (dp x sp must be the world size). Collective.
+    The trainer uses :func:`seqpar.comm.make_device_mesh`, which also gives the groups and the
+    1-D mesh FSDP2 shards over."""
+    from seqpar.comm.groups import make_device_mesh
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if dp * sp != world:
+        raise ValueError(f"dp {dp} x sp {sp} = {dp * sp} ranks, but the world has {world}")
+    return make_device_mesh(sp, device_type, timeout_s).mesh
+
+
+def fsdp_mesh(mesh: Any) -> Any:
+    """The 1-D mesh FSDP2 shards over: ``mesh`` itself when 1-D, else its ("dp", "sp") axes
+    flattened into one ("dp_sp"), as torchtitan does for context parallelism."""
+    if mesh.ndim == 1:
+        return mesh
+    names = tuple(mesh.mesh_dim_names or ())
+    if names != ("dp", "sp"):
+        raise ValueError(f"expected a 1-D mesh or one with axes ('dp', 'sp'), got axes {names}")
+    return mesh["dp", "sp"]._flatten("dp_sp")
+
+
+def apply_fsdp(model: nn.Module, mesh: Any, *, mixed_precision: bool = False,
+               reshard_after_forward: bool = True) -> nn.Module:
+    """Shard ``model``'s parameters, gradients and optimiser state with FSDP2 (``fully_shard``)
+    over every rank of ``mesh`` (1-D, or ("dp", "sp") flattened: sequence-parallel ranks hold
+    different tokens of the same sequences, so they are data-parallel for the parameters).
+
+    Each decoder layer (``model.layers``) is one FSDP unit, the embedding / norm / head the root's.
+    Gradients are reduce-scattered during backward, SUMMED (divide factor 1): the trainer's loss
+    on each rank is already its share of the global mean (see the module docstring).
+    ``mixed_precision``: bf16 parameters in forward / backward, fp32 gradient reduction and fp32
+    master weights (for fp32 models on GPU). Returns the model (now an FSDPModule)."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    shard_over = fsdp_mesh(mesh)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
+        else MixedPrecisionPolicy()
+    layers = getattr(model, "layers", None)
+    for i, layer in enumerate(layers if layers is not None else ()):
+        # the last layer's parameters are needed again at once by backward: keep them gathered
+        fully_shard(layer, mesh=shard_over, mp_policy=policy,
+                    reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
+    fully_shard(model, mesh=shard_over, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+    return model
 
 
 def shard_batch(tokens: torch.Tensor, labels: torch.Tensor, layout: str, group: Any) -> ShardedBatch:

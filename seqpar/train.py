@@ -45,8 +45,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from seqpar.checkpoint import (CHECKPOINT_DIR, CheckpointError, apply_checkpoint, checkpoint_path,
-                               latest_checkpoint, newest_valid_checkpoint, prune_checkpoints, read_checkpoint,
+from seqpar.checkpoint import (CHECKPOINT_DIR, CheckpointError, checkpoint_path, latest_checkpoint,
+                               load_checkpoint, local_shard, newest_valid_checkpoint, prune_checkpoints, read_checkpoint,
                                remove_stale_temporaries, save_checkpoint, verify_checkpoint)
 from seqpar.comm.groups import SequenceParallelGroups
 from seqpar.config import (FIELD_CHOICES, FIELD_HELP, MODEL_PRESETS, SEMANTIC_FIELDS, TRAIN_PRESETS, ModelConfig,
@@ -55,8 +55,8 @@ from seqpar.data import make_dataset
 from seqpar.model import HybridLM, PhaseTimer, attach_timer
 from seqpar.run_dir import (PROFILE_DIR, RunDirectoryError, RunDirLock, agree, existing_run, exit_with_launcher,
                              overwrite_conflict, prepare_run_dir, share_from_writer)
-from seqpar.parallelize import (make_groups, parallelize_model, sequence_parallel_loss, shard_batch,
-                                sync_gradients, token_loss_sum)
+from seqpar.parallelize import (apply_fsdp, make_groups, parallelize_model, sequence_parallel_loss, shard_batch,
+                                token_loss_sum)
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -172,8 +172,31 @@ def plot_history(history: list[dict[str, Any]], path: str, title: str = "") -> s
     return path
 
 
-def _local_groups(groups: SequenceParallelGroups | None) -> SequenceParallelGroups:
-    return groups if groups is not None else SequenceParallelGroups(None, None, 1, 1, 0, 0)
+def _job_groups(groups: SequenceParallelGroups | None, device: torch.device, timeout_s: float) -> SequenceParallelGroups:
+    """``groups`` with their DeviceMesh: one process without torch.distributed gets none; groups
+    made by hand (a ProcessGroup per axis, no mesh) get one built over the same ranks."""
+    if groups is None:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError(f"torch.distributed has {dist.get_world_size()} ranks but no groups were given: "
+                             "pass seqpar.parallelize.make_groups(...)[0]")
+        groups = SequenceParallelGroups(None, None, 1, 1, 0, 0)
+    if groups.mesh is not None or not dist.is_initialized():
+        return groups
+    from seqpar.comm.groups import make_device_mesh
+
+    if groups.dp_size == 1:
+        job = groups.sp
+    elif groups.dp_size * groups.sp_size == dist.get_world_size():
+        job = None
+    else:
+        raise ValueError(f"groups of dp {groups.dp_size} x sp {groups.sp_size} ranks inside a world of "
+                         f"{dist.get_world_size()}: build them with seqpar.comm.make_device_mesh(group=...)")
+    return make_device_mesh(groups.sp_size, device.type, timeout_s, group=job)
+
+
+def job_group(groups: SequenceParallelGroups) -> Any:
+    """The process group of every rank of the job (dp x sp), or None on one process."""
+    return groups.shard_mesh.get_group() if groups.shard_mesh is not None else None
 
 
 def evaluate(model: nn.Module, dataset: Any, cfg: TrainConfig, groups: SequenceParallelGroups,
@@ -189,7 +212,7 @@ def evaluate(model: nn.Module, dataset: Any, cfg: TrainConfig, groups: SequenceP
                               dp_size=groups.dp_size, split="val")
             sb = shard_batch(b.tokens.to(device), b.labels.to(device), cfg.sp.layout, sp_group)
             with autocast():
-                logits = model(sb.tokens, sb.positions)
+                logits = model(sb.tokens, sb.positions, getattr(b, "cu_seqlens", None))
             total += float(sequence_parallel_loss(logits, sb.labels, groups)[1])
     model.train(was_training)
     return total / cfg.eval_batches
@@ -422,7 +445,7 @@ def train(cfg: TrainConfig, groups: SequenceParallelGroups | None = None, attent
     ``dry_run`` (one real rank on the fake process group): no evaluation, checkpoint, plot or
     loss (the collectives are no-ops, so they would be meaningless); steps record time and memory,
     and the result carries the memory the rank keeps between steps (``state_memory_mb``)."""
-    groups = _local_groups(groups)
+    groups = _job_groups(groups, _device(cfg), cfg.timeout_s)
     if groups.sp_size != cfg.sp.sp_size:
         raise ValueError(f"the sequence-parallel group has {groups.sp_size} ranks but the config says sp_size={cfg.sp.sp_size}")
     if cfg.batch_size % groups.dp_size != 0:
@@ -451,16 +474,20 @@ def _train_in_run_dir(cfg: TrainConfig, groups: SequenceParallelGroups, attentio
     device = _device(cfg)
     dtype = _DTYPES[cfg.dtype]
     use_amp = uses_amp(cfg, device)
+    sharded = groups.shard_mesh is not None  # FSDP2 over every rank of the job
+    autocast_on = use_amp and not sharded  # with FSDP2 its mixed-precision policy casts instead
 
     def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16) if autocast_on else nullcontext()
 
-    torch.manual_seed(cfg.seed)  # the same initial parameters on every rank
+    torch.manual_seed(cfg.seed)  # the same initial parameters on every rank, then sharded
     model = HybridLM(cfg.model).to(dtype=dtype)
     model = model.to(device)
     if cfg.sp.sp_size > 1 or device.type == "cuda":  # on GPU even sp=1 goes through seqpar's Triton kernels
         parallelize_model(model, cfg.sp, attention_group)
     model.activation_checkpointing = cfg.activation_checkpointing
+    if sharded:
+        apply_fsdp(model, groups.shard_mesh, mixed_precision=use_amp)
     model.train()
     optimizer, scheduler = build_optimizer(model, cfg)
     dataset = make_dataset(cfg.data, max_bytes=cfg.max_corpus_bytes, val_fraction=cfg.val_fraction,
@@ -497,7 +524,7 @@ def _train_in_run_dir(cfg: TrainConfig, groups: SequenceParallelGroups, attentio
     state, problem = None, ""
     if resume:
         try:
-            state = read_checkpoint(resume, checksum=False)  # the chooser verified its checksum just now
+            state = read_checkpoint(resume, checksum=False)  # the chooser verified the checksums just now
         except (CheckpointError, OSError) as e:
             problem = f"rank {dist.get_rank() if dist.is_initialized() else 0}: {e}"
     problem = agree(groups, problem)
@@ -510,7 +537,8 @@ def _train_in_run_dir(cfg: TrainConfig, groups: SequenceParallelGroups, attentio
                 f"resuming {resume} would change the model or its data: " + "; ".join(refused) + ". Use the "
                 "checkpoint's values (they are in its run dir's config.json), or name each field you change on "
                 "purpose with --allow-change FIELD (not possible for fields that give the parameters their shapes)")
-        apply_checkpoint(state, model=model, optimizer=optimizer, scheduler=scheduler)
+        load_checkpoint(resume, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
+                        group=None if alone else job_group(groups))
         apply_optimizer_settings(optimizer, scheduler, cfg)
         notes += [f"resume: {line} (applied)" for line in applied]
         start_step = int(state["step"])
@@ -563,6 +591,7 @@ def _train_loop(cfg: TrainConfig, groups: SequenceParallelGroups, model: nn.Modu
                     f"resume={resume} start_step={start_step}")
 
     sp_group = groups.sp if groups.sp_size > 1 else None
+    job = job_group(groups) if not dry_run else None
     params = [p for p in model.parameters() if p.requires_grad]
     tokens_per_step = cfg.batch_size * cfg.seq_len
     bar = Progress(cfg.steps, start_step, enabled=rank0 and cfg.progress)
@@ -592,27 +621,27 @@ def _train_loop(cfg: TrainConfig, groups: SequenceParallelGroups, model: nn.Modu
                                   dp_size=groups.dp_size)
             sb = shard_batch(batch.tokens.to(device), batch.labels.to(device), cfg.sp.layout, sp_group)
             with autocast():
-                logits = model(sb.tokens, sb.positions)
+                logits = model(sb.tokens, sb.positions, getattr(batch, "cu_seqlens", None))
             count = getattr(batch, "label_count", None)
             if count is not None:
-                # the data knows the global token count: no collective before backward, and the
-                # loss to log is summed in the gradient all-reduce (one collective per step)
+                # the data knows the global token count: no collective before backward; the loss
+                # sum to log is all-reduced while backward runs (FSDP2 reduce-scatters the
+                # gradients during backward: no gradient all-reduce of the trainer's own)
                 local_sum = token_loss_sum(logits, sb.labels)
                 share = local_sum / max(count, 1)
+                loss_sum = local_sum.detach().to(torch.float64).reshape(1)
+                pending = dist.all_reduce(loss_sum, group=job, async_op=True) if job is not None else None
                 share.backward()
                 del logits, share
-                loss_sum = sync_gradients(params, groups, extra=local_sum.detach().to(torch.float64).reshape(1),
-                                          timer=timer)
+                if pending is not None:
+                    with timer.phase("comm") if timer.enabled else nullcontext():
+                        pending.wait()
                 loss = loss_sum[0] / max(count, 1)
             else:
                 share, loss = sequence_parallel_loss(logits, sb.labels, groups, timer=timer)
                 share.backward()
                 del logits, share
-                sync_gradients(params, groups, timer=timer)
-            if cfg.grad_clip > 0:
-                norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            else:
-                norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+            norm = gradient_norm(params, cfg.grad_clip)
             lr = scheduler.get_last_lr()[0]
             # one host read of both numbers (a device sync on GPU: the guard below needs them)
             loss_value, grad_norm = torch.stack([loss.detach().reshape(()).double(), norm.double()]).tolist()
@@ -711,32 +740,47 @@ def _train_loop(cfg: TrainConfig, groups: SequenceParallelGroups, model: nn.Modu
                        n_params, model if return_model else None, state_mb)
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (a collective for partial / sharded ones), or ``t``."""
+    full_tensor = getattr(t, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else t
+
+
+def gradient_norm(params: Sequence[torch.Tensor], clip: float) -> torch.Tensor:
+    """The global norm of the gradients (FSDP2's sharded ones included), after clipping them to
+    ``clip`` when ``clip > 0``; the same number on every rank."""
+    if clip > 0:
+        return _full(nn.utils.clip_grad_norm_(params, clip))
+    return _full(nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+
+
 def _state_memory_mb(device: torch.device, before_first_step_mb: float, optimizer: torch.optim.Optimizer) -> float:
     """Memory this rank keeps between steps (parameters, optimizer state, the process itself):
     allocated CUDA memory after the first step, or on CPU the RSS before it plus the optimizer
     state the first step created (the RSS itself never shrinks)."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2 ** 20
-    state = sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
+    state = sum(local_shard(t).numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
                 if isinstance(t, torch.Tensor))
     return before_first_step_mb + state / 2 ** 20
 
 
 def _save(cfg: TrainConfig, groups: SequenceParallelGroups, rank0: bool, model: nn.Module, optimizer: Any,
           scheduler: Any, step: int, history: list[dict[str, Any]]) -> str | None:
-    """Save (writer rank) and prune; a failure (full disk, non-finite state) is raised on every rank."""
+    """Save (every rank its shards, rank 0 the trainer state and marker), then prune (rank 0);
+    a failure (full disk, non-finite state) is raised on every rank."""
     path = checkpoint_path(cfg.run_dir, step)
     if cfg.keep_checkpoints == 0:
         return None
+    save_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, step=step,
+                    data_state={"batches_consumed": step, "seed": cfg.seed, "data": cfg.data},
+                    config=cfg.to_dict(), history=history, group=job_group(groups))
     problem = ""
     if rank0:
         try:
-            save_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, step=step,
-                            data_state={"batches_consumed": step, "seed": cfg.seed, "data": cfg.data},
-                            config=cfg.to_dict(), history=history)
             prune_checkpoints(cfg.run_dir, cfg.keep_checkpoints)
-        except CheckpointError as e:
-            problem = str(e)
+        except OSError as e:
+            problem = f"cannot prune old checkpoints in {cfg.run_dir}: {e}"
     problem = agree(groups, problem)
     if problem:
         raise CheckpointError(problem)
@@ -995,7 +1039,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
 
         init_distributed(timeout_s=cfg.timeout_s)
     if dist.is_initialized():
-        groups, attn_group = make_groups(cfg.sp, cfg.timeout_s)
+        groups, attn_group = make_groups(cfg.sp, cfg.timeout_s, _device(cfg).type)
     else:
         groups, attn_group = None, None
     rank = dist.get_rank() if dist.is_initialized() else 0

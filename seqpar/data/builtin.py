@@ -1,27 +1,14 @@
-"""Training data that needs no download.
-
-- :class:`ByteCorpus`: byte-level text assembled from the Python standard library's own source
-  files (``sysconfig.get_paths()["stdlib"]``, ``*.py``, site-packages excluded), split by file
-  into train and held-out parts.
-- :class:`SyntheticCopy`: a synthetic long-sequence task (random bytes, then the same bytes
-  again), whose second half is only predictable by attending across the whole sequence, for
-  length tests.
-
-Both serve the GLOBAL batch of a step as a pure function of (seed, step): a data-parallel rank
-takes its slice, every rank of a sequence-parallel group receives the same full sequences and
-shards them (:func:`seqpar.parallelize.shard_batch`). The data position saved in a checkpoint
-is therefore just the number of batches consumed, and a run resumes on the same batches with
-any data- or sequence-parallel size. Each batch also carries the number of scored labels of the
-GLOBAL batch (``Batch.label_count``), so that the trainer normalises the loss without a collective.
-"""
+"""The built-in sources that need no download: ``stdlib`` (:class:`ByteCorpus`) and ``synthetic``
+(:class:`SyntheticCopy`)."""
 from __future__ import annotations
 
 import os
 import sysconfig
 import zlib
-from dataclasses import dataclass
 
 import torch
+
+from seqpar.data.common import Batch, batch_generator, dp_slice
 
 
 def stdlib_source_files() -> list[str]:
@@ -32,28 +19,6 @@ def stdlib_source_files() -> list[str]:
         dirnames[:] = [d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__")]
         files.extend(os.path.join(dirpath, f) for f in filenames if f.endswith(".py"))
     return sorted(files)
-
-
-def _batch_generator(seed: int, step: int, salt: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2 ** 63 - 1))
-
-
-@dataclass
-class Batch:
-    """Inputs and next-token labels [B, T] (int64) of one data-parallel rank, and the number of
-    labels that count (not ``ignore_index``) in the whole global batch, every replica's share
-    included (None when unknown: the trainer then all-reduces the count)."""
-
-    tokens: torch.Tensor
-    labels: torch.Tensor
-    label_count: int | None = None
-
-
-def _dp_slice(x: torch.Tensor, dp_rank: int, dp_size: int) -> torch.Tensor:
-    if x.shape[0] % dp_size != 0:
-        raise ValueError(f"global batch size {x.shape[0]} is not divisible by the data-parallel size {dp_size}")
-    per = x.shape[0] // dp_size
-    return x[dp_rank * per:(dp_rank + 1) * per]
 
 
 class ByteCorpus:
@@ -96,8 +61,8 @@ class ByteCorpus:
               dp_size: int = 1, split: str = "train") -> Batch:
         """This data-parallel rank's share of the global batch of ``step``."""
         data = self.train if split == "train" else self.val
-        gen = _batch_generator(seed, step, 0 if split == "train" else 1)
-        seqs = _dp_slice(self._windows(data, gen, batch_size, seq_len), dp_rank, dp_size)
+        gen = batch_generator(seed, step, 0 if split == "train" else 1)
+        seqs = dp_slice(self._windows(data, gen, batch_size, seq_len), dp_rank, dp_size)
         return Batch(seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous(), batch_size * seq_len)  # every byte counts
 
 
@@ -116,20 +81,10 @@ class SyntheticCopy:
     def batch(self, step: int, batch_size: int, seq_len: int, *, seed: int = 0, dp_rank: int = 0,
               dp_size: int = 1, split: str = "train") -> Batch:
         """This data-parallel rank's share of the global batch of ``step``."""
-        gen = _batch_generator(seed, step, 2 if split == "train" else 3)
+        gen = batch_generator(seed, step, 2 if split == "train" else 3)
         half = (seq_len + 2) // 2
         first = torch.randint(0, self.vocab_size, (batch_size, half), generator=gen)
-        seqs = _dp_slice(torch.cat([first, first], dim=1)[:, :seq_len + 1], dp_rank, dp_size)
+        seqs = dp_slice(torch.cat([first, first], dim=1)[:, :seq_len + 1], dp_rank, dp_size)
         labels = seqs[:, 1:].clone()
         labels[:, :half - 1] = self.ignore_index
         return Batch(seqs[:, :-1].contiguous(), labels, batch_size * (seq_len - min(half - 1, seq_len)))
-
-
-def make_dataset(name: str, *, max_bytes: int = 4_000_000, val_fraction: float = 0.05,
-                 vocab_size: int = 256) -> ByteCorpus | SyntheticCopy:
-    """``stdlib`` -> :class:`ByteCorpus`, ``synthetic`` -> :class:`SyntheticCopy`."""
-    if name == "stdlib":
-        return ByteCorpus(max_bytes=max_bytes, val_fraction=val_fraction)
-    if name == "synthetic":
-        return SyntheticCopy(vocab_size=min(vocab_size, 256))
-    raise ValueError(f"unknown dataset {name!r}; expected 'stdlib' or 'synthetic'")
