@@ -30,6 +30,7 @@ full model and optimiser state, for small models and other tools.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -39,7 +40,8 @@ import pickle
 import re
 import shutil
 import sys
-from typing import Any, BinaryIO, Sequence
+import warnings
+from typing import Any, BinaryIO, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -182,6 +184,15 @@ def _group_rank(group: Any) -> int:
     return dist.get_rank(group) if _is_distributed(group) else 0
 
 
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns that it assumes one process when torch.distributed is not initialised: that is
+    the intent here, so that warning (and only it) is dropped."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        yield
+
+
 def _hash_file(path: str) -> tuple[int, str]:
     sha, size = hashlib.sha256(), 0
     with open(path, "rb") as fh:
@@ -239,11 +250,14 @@ def save_checkpoint(path: str, *, model: nn.Module, optimizer: torch.optim.Optim
     problem = _first_problem(problem, group)
     if problem:
         raise CheckpointError(problem)
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
-        dcp.save(_tensor_state(model, optimizer), checkpoint_id=tmp,
-                 process_group=group if dist.is_initialized() else None)
+        with _quiet_single_process():
+            dcp.save(_tensor_state(model, optimizer), checkpoint_id=tmp,
+                     process_group=group if dist.is_initialized() else None)
         problem = ""
-    except Exception as e:  # DCP wraps each rank's failure; name the directory either way
+    except (Exception, CheckpointException) as e:  # DCP wraps each rank's failure (a BaseException)
         problem = _os_problem(path, e)
     problem = _first_problem(problem, group)
     if problem:
@@ -288,8 +302,9 @@ def _os_error(e: BaseException) -> OSError | None:
             return x
         stack += [c for c in (x.__cause__, x.__context__) if c is not None]
         failures = getattr(x, "failures", None)
-        if isinstance(failures, dict):
-            stack += [f for f in failures.values() if isinstance(f, BaseException)]
+        if isinstance(failures, dict):  # rank -> exception, or (exception, traceback) pairs
+            for f in failures.values():
+                stack += [x for x in (f if isinstance(f, tuple) else (f,)) if isinstance(x, BaseException)]
     return None
 
 
@@ -298,7 +313,8 @@ def _os_problem(path: str, e: BaseException) -> str:
     if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT):
         return (f"cannot write checkpoint {path}: no space left on the device or over quota ({cause.strerror}); "
                 f"free space or pass another --run-dir. The previous checkpoints were left as they were.")
-    return f"cannot write checkpoint {path}: {type(e).__name__}: {e}"
+    root = cause if cause is not None else e
+    return f"cannot write checkpoint {path}: {type(root).__name__}: {root}"
 
 
 def _read_marker(path: str) -> tuple[dict[str, Any] | None, str | None]:
@@ -435,14 +451,16 @@ def load_checkpoint(path: str, *, model: nn.Module, optimizer: torch.optim.Optim
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
     if state is None:
         state = read_checkpoint(path, checksum=checksum)
+    _reader(path).read_metadata()  # a .metadata that would build anything but DCP's classes stops here
     tensors = _tensor_state(model, optimizer)
     try:
-        dcp.load(tensors, storage_reader=_reader(path), process_group=group if dist.is_initialized() else None)
-    except CheckpointError:
-        raise
-    except Exception as e:
+        with _quiet_single_process():
+            dcp.load(tensors, storage_reader=_reader(path), process_group=group if dist.is_initialized() else None)
+    except (Exception, CheckpointException) as e:  # DCP's own exception is a BaseException
         raise CheckpointError(f"checkpoint {path} cannot be loaded into this model: {type(e).__name__}: {e}") from e
     set_model_state_dict(model, tensors["model"])
     if optimizer is not None:
@@ -481,6 +499,7 @@ def export_checkpoint(path: str, out: str, checksum: bool = True) -> str:
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 
     state = read_checkpoint(path, checksum=checksum)
+    _reader(path).read_metadata()
     full: dict[str, Any] = {}
     _load_state_dict(full, storage_reader=_reader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     full["trainer_state"] = state

@@ -241,7 +241,10 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     sp: SequenceParallelConfig = field(default_factory=SequenceParallelConfig)
     # data
-    data: str = "stdlib"  # "stdlib" (byte-level Python source) or "synthetic" (long-range copy task)
+    data: str = "stdlib"  # "stdlib" (byte-level Python source), "synthetic" (long-range copy task) or a token-file path
+    packing: bool = False  # token files: fill rows with whole documents, attention and RoPE restart at each
+    data_dtype: str | None = None  # token files without metadata: uint16 or uint32
+    eos_id: int | None = None  # token files without metadata: the end-of-document token id
     seq_len: int = 128
     batch_size: int = 4
     max_corpus_bytes: int = 4_000_000
@@ -281,8 +284,12 @@ class TrainConfig:
             self.model = ModelConfig(**self.model)
         if isinstance(self.sp, dict):
             self.sp = SequenceParallelConfig(**self.sp)
-        if self.data not in ("stdlib", "synthetic"):
-            raise ValueError(f"unknown data {self.data!r}; expected 'stdlib' or 'synthetic'")
+        if not isinstance(self.data, str) or not self.data:
+            raise ValueError(f"data must be 'stdlib', 'synthetic' or the path of a token file or directory, got {self.data!r}")
+        if self.data in ("stdlib", "synthetic") and (self.packing or self.data_dtype is not None or self.eos_id is not None):
+            raise ValueError(f"packing, data_dtype and eos_id apply to token files, not to data={self.data!r}")
+        if self.data_dtype not in (None, "uint16", "uint32"):
+            raise ValueError(f"data_dtype must be uint16 or uint32, got {self.data_dtype!r}")
         for name in ("seq_len", "batch_size", "steps", "eval_batches", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -354,7 +361,12 @@ FIELD_HELP: dict[str, str] = {
     "ulysses_size": "Ulysses axis of softmax_strategy=usp (the ring axis is sp / ulysses_size)",
     "backend": "block kernels: auto (Triton on CUDA, torch SDPA on CPU), torch, sdpa or triton",
     # TrainConfig
-    "data": "training data: stdlib (bytes of Python's standard library) or synthetic (long-range copy task)",
+    "data": "training data: stdlib (bytes of Python's standard library), synthetic (long-range copy task), or "
+            "the path of a token file / directory (python -m seqpar.data prepare writes one)",
+    "packing": "token files: fill each row with whole documents; attention, RoPE positions and the linear "
+               "layers' states restart at every document, and no label crosses one",
+    "data_dtype": "token files without a .json sidecar: uint16 or uint32",
+    "eos_id": "token files without a .json sidecar: the end-of-document token id",
     "seq_len": "tokens per sequence (global, before it is split over the sp ranks)",
     "batch_size": "sequences per step, global (split over the data-parallel replicas)",
     "max_corpus_bytes": "read at most this many bytes of the stdlib corpus",
@@ -394,7 +406,6 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "layout": LAYOUTS,
     "softmax_strategy": SOFTMAX_STRATEGIES,
     "linear_strategy": LINEAR_STRATEGIES,
-    "data": ("stdlib", "synthetic"),
     "dtype": DTYPES,
     "backend": BACKENDS,
     "on_nonfinite": NONFINITE_ACTIONS,
@@ -441,7 +452,8 @@ SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_d
 #: values is refused unless each one is named in ``allow_changes`` (e.g. a longer seq_len with a
 #: larger rope_theta for long-context continued training).
 SEMANTIC_FIELDS = ("norm_eps", "rope_theta", "window", "softcap", "feature_map", "linear_rope", "gate_normalizer",
-                   "data", "seq_len", "batch_size", "max_corpus_bytes", "val_fraction", "seed")
+                   "data", "packing", "data_dtype", "eos_id", "seq_len", "batch_size", "max_corpus_bytes",
+                   "val_fraction", "seed")
 #: Fields with no effect once the parameters exist, or that only say where the run lives.
 IGNORED_ON_RESUME = ("init_std", "run_dir", "resume")
 

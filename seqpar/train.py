@@ -491,7 +491,8 @@ def _train_in_run_dir(cfg: TrainConfig, groups: SequenceParallelGroups, attentio
     model.train()
     optimizer, scheduler = build_optimizer(model, cfg)
     dataset = make_dataset(cfg.data, max_bytes=cfg.max_corpus_bytes, val_fraction=cfg.val_fraction,
-                           vocab_size=cfg.model.vocab_size)
+                           vocab_size=cfg.model.vocab_size, packing=cfg.packing, data_dtype=cfg.data_dtype,
+                           eos_id=cfg.eos_id)
 
     run_dir = cfg.run_dir
     os.makedirs(run_dir, exist_ok=True)
@@ -773,7 +774,7 @@ def _save(cfg: TrainConfig, groups: SequenceParallelGroups, rank0: bool, model: 
     if cfg.keep_checkpoints == 0:
         return None
     save_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, step=step,
-                    data_state={"batches_consumed": step, "seed": cfg.seed, "data": cfg.data},
+                    data_state={"batches_consumed": step, "seed": cfg.seed, "data": cfg.data, "packing": cfg.packing},
                     config=cfg.to_dict(), history=history, group=job_group(groups))
     problem = ""
     if rank0:
@@ -869,7 +870,7 @@ def build_parser(defaults: TrainConfig | None = None, prog: str | None = None) -
             if t is bool:
                 g.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             else:
-                metavar = {int: "N", float: "X"}.get(t, "PATH" if f.name in ("run_dir", "resume") else "NAME")
+                metavar = {int: "N", float: "X"}.get(t, "PATH" if f.name in ("run_dir", "resume", "data") else "NAME")
                 g.add_argument(*flags, dest=f.name, type=t, default=None, choices=FIELD_CHOICES.get(f.name),
                                metavar=None if f.name in FIELD_CHOICES else metavar, help=help_text)
     return p
@@ -888,6 +889,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for f in dataclasses.fields(ModelConfig):
         if f.name in given:
             model[f.name] = given[f.name]
+    data = given.get("data", base.get("data", "stdlib"))
+    if "vocab_size" not in given and not args.config and data not in ("stdlib", "synthetic") and os.path.exists(data):
+        # a token file's vocabulary (its sidecar says it) sizes the model unless --vocab-size is given
+        from seqpar.data import TokenDataset
+
+        try:
+            model["vocab_size"] = TokenDataset(data, dtype=given.get("data_dtype"), eos_id=given.get("eos_id"),
+                                               vocab_size=None).vocab_size
+        except (ValueError, OSError):
+            pass  # the trainer's own make_dataset call reports what is wrong
     for f in dataclasses.fields(SequenceParallelConfig):
         if f.name in given:
             sp[f.name] = given[f.name]

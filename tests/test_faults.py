@@ -4,20 +4,23 @@ behaviour that is required instead of the silent failure seqpar 0.1 had."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
 import pytest
 import torch
 
-from seqpar.checkpoint import (CheckpointError, NonFiniteStateError, checkpoint_path, list_checkpoints,
-                               marker_path, newest_valid_checkpoint, read_checkpoint, save_checkpoint,
-                               verify_checkpoint)
+from seqpar.checkpoint import (CheckpointError, NonFiniteStateError, checkpoint_path, export_checkpoint,
+                               list_checkpoints, load_checkpoint, marker_path, newest_valid_checkpoint,
+                               save_checkpoint, verify_checkpoint)
 from seqpar.config import ModelConfig, TrainConfig, resume_changes
 from seqpar.model import HybridLM
 from seqpar.run_dir import RunDirLock
@@ -36,7 +39,8 @@ def _records(run_dir) -> list[dict]:
 
 
 def _all_finite(path: str) -> bool:
-    state = read_checkpoint(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        state = torch.load(export_checkpoint(path, os.path.join(tmp, "full.pt")), weights_only=True)
     return all(bool(torch.isfinite(t).all()) for t in state["model"].values() if t.is_floating_point())
 
 
@@ -90,20 +94,26 @@ def _three_checkpoints(tmp_path, capsys):
     assert main(_argv(run_dir, 4, "--checkpoint-interval", "1", "--keep-checkpoints", "3")) == 0
     capsys.readouterr()
     paths = [p for _, p in list_checkpoints(run_dir)]
-    assert [os.path.basename(p) for p in paths] == ["step_00000002.pt", "step_00000003.pt", "step_00000004.pt"]
+    assert [os.path.basename(p) for p in paths] == ["step_00000002", "step_00000003", "step_00000004"]
     return run_dir, paths
 
 
+def _shard(path):
+    """The tensor file of a one-rank checkpoint directory."""
+    return os.path.join(path, "__0_0.distcp")
+
+
 def _truncate(path):
-    with open(path, "r+b") as fh:
-        fh.truncate(os.path.getsize(path) // 2)
+    with open(_shard(path), "r+b") as fh:
+        fh.truncate(os.path.getsize(_shard(path)) // 2)
 
 
 def _empty(path):
-    open(path, "wb").close()
+    open(_shard(path), "wb").close()
 
 
 def _flip_bytes(path):
+    path = _shard(path)
     with open(path, "r+b") as fh:
         fh.seek(os.path.getsize(path) // 2)
         data = fh.read(64)
@@ -116,7 +126,7 @@ def _drop_marker(path):
 
 
 @pytest.mark.parametrize("damage, why", [(_truncate, "were written"), (_empty, "were written"),
-                                         (_flip_bytes, "SHA-256 differs"), (_drop_marker, "no completion marker")])
+                                         (_flip_bytes, "differs from the one recorded"), (_drop_marker, "no completion marker")])
 def test_a_damaged_newest_checkpoint_is_named_and_resume_falls_back(tmp_path, capsys, damage, why):
     """Before: torch's own error without the file's name (truncated, empty) or silent garbage
     (flipped bytes). Now: the damaged file is named with the reason and the previous one is used."""
@@ -135,7 +145,7 @@ def test_a_damaged_checkpoint_given_by_path_is_an_error_naming_it(tmp_path, caps
     _flip_bytes(paths[0])
     assert main(_argv(tmp_path / "other", 6, "--resume", paths[0])) == 4
     err = capsys.readouterr().err
-    assert paths[0] in err and "SHA-256 differs" in err
+    assert paths[0] in err and "SHA-256 of its file __0_0.distcp differs" in err
 
 
 def test_when_every_checkpoint_is_damaged_resume_auto_refuses_to_start_over(tmp_path, capsys):
@@ -148,37 +158,43 @@ def test_when_every_checkpoint_is_damaged_resume_auto_refuses_to_start_over(tmp_
 
 
 class _Payload:
+    def __init__(self, target: str) -> None:
+        self.target = target
+
     def __reduce__(self):
-        return (os.system, ("echo pwned",))
+        return (os.makedirs, (self.target,))
 
 
 def test_checkpoints_load_without_running_code(tmp_path):
-    """weights_only loading: a checkpoint with an arbitrary pickled object is refused, even with a
-    valid completion marker."""
+    """DCP's .metadata is a pickle: a checkpoint whose .metadata asks to call a function is
+    refused by name, even with a valid completion marker, and the function never runs."""
     model = HybridLM(ModelConfig())
     path = save_checkpoint(checkpoint_path(str(tmp_path), 1), model=model, step=1)
-    torch.save({"format": "seqpar-2", "model": {}, "evil": _Payload()}, path)
+    target = str(tmp_path / "pwned")
+    with open(os.path.join(path, ".metadata"), "wb") as fh:
+        pickle.dump({"evil": _Payload(target)}, fh)
     marker = json.load(open(marker_path(path)))
-    import hashlib
-    marker.update(bytes=os.path.getsize(path), sha256=hashlib.sha256(open(path, "rb").read()).hexdigest())
+    data = open(os.path.join(path, ".metadata"), "rb").read()
+    marker["files"][".metadata"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     json.dump(marker, open(marker_path(path), "w"))
     assert verify_checkpoint(path) is None
-    with pytest.raises(CheckpointError, match="cannot be loaded"):
-        read_checkpoint(path)
+    with pytest.raises(CheckpointError, match=r"posix\.makedirs|os\.makedirs"):
+        load_checkpoint(path, model=HybridLM(ModelConfig()))
+    assert not os.path.exists(target)
 
 
 def test_a_full_disk_is_reported_and_leaves_the_previous_checkpoints(tmp_path, monkeypatch):
     model = HybridLM(ModelConfig())
     good = save_checkpoint(checkpoint_path(str(tmp_path), 1), model=model, step=1)
 
-    def full_disk(obj, f, *args, **kwargs):
-        f.write(b"x" * 100)
+    def full_disk(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(os, "fsync", full_disk)  # every writer (DCP's and ours) fsyncs what it wrote
     path = checkpoint_path(str(tmp_path), 2)
     with pytest.raises(CheckpointError, match="no space left on the device"):
         save_checkpoint(path, model=model, step=2)
+    monkeypatch.undo()
     assert not os.path.exists(path) and not os.path.exists(path + ".tmp")
     assert verify_checkpoint(good) is None
 
@@ -186,7 +202,8 @@ def test_a_full_disk_is_reported_and_leaves_the_previous_checkpoints(tmp_path, m
 def test_stale_temporary_files_are_removed(tmp_path, capsys):
     run_dir, paths = _three_checkpoints(tmp_path, capsys)
     stale = paths[-1].replace("00000004", "00000005") + ".tmp"
-    open(stale, "wb").write(b"half a checkpoint")
+    os.makedirs(stale)
+    open(os.path.join(stale, "__0_0.distcp"), "wb").write(b"half a checkpoint")
     assert main(_argv(run_dir, 5, "--resume", "auto")) == 0
     assert not os.path.exists(stale)
     assert f"removed {os.path.basename(stale)}" in capsys.readouterr().out

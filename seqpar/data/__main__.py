@@ -10,8 +10,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m seqpar.data``."""
     parser = argparse.ArgumentParser(prog="python -m seqpar.data", description="Token files for seqpar training.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="tokenize .txt / .jsonl files (or directories of them) into train.bin / val.bin",
-                       description="Tokenize .txt / .jsonl files (or directories of them, searched recursively) into "
+    p = sub.add_parser("prepare", help="tokenize .txt / .md / .rst / .jsonl files (or directories of them) into train.bin / val.bin",
+                       description="Tokenize .txt / .md / .rst / .jsonl files (or directories of them, searched recursively) into "
                                    "OUT/train.bin and OUT/val.bin (flat uint16 / uint32 token ids, an end-of-document "
                                    "id after every document) with JSON sidecars train.bin.json / val.bin.json.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt or .jsonl files, or directories of them")

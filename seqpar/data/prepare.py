@@ -1,6 +1,6 @@
 """``python -m seqpar.data prepare``: tokenize text / JSONL files into token files.
 
-Inputs: ``.txt`` files (one document each, or one per blank-line-separated paragraph with
+Inputs: ``.txt`` / ``.md`` / ``.rst`` files (one document each, or one per blank-line-separated paragraph with
 ``split_on_blank_lines``), ``.jsonl`` files (one document per line, the string field
 ``text_key``), and directories of them (searched recursively, sorted by path). Each document is
 tokenized with a local Hugging Face ``tokenizer.json`` (:class:`tokenizers.Tokenizer`, no special
@@ -25,7 +25,7 @@ import numpy as np
 from seqpar.data.tokens import (BYTE_EOS_ID, BYTE_VOCAB_SIZE, DTYPES, FORMAT_NAME, FORMAT_VERSION,
                                 metadata_path)
 
-TEXT_SUFFIXES = (".txt",)
+TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl",)
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "[EOS]", "<|eos|>")
 _CHUNK_CHARS = 1 << 22  # characters tokenized at once
