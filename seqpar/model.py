@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -463,10 +464,8 @@ class GatedDeltaNet(nn.Module):
                                dt_max: float = 0.1, dt_floor: float = 1e-4) -> None:
         """Mamba2's initialisation: A_log = log(A), A ~ U(a_range); dt_bias = softplus^-1(dt),
         dt log-uniform in [dt_min, dt_max] (at least dt_floor)."""
-        self.A_log.copy_(torch.empty_like(self.A_log, dtype=torch.float64).uniform_(*a_range).log())
-        log_dt = torch.empty_like(self.dt_bias, dtype=torch.float64).uniform_(math.log(dt_min), math.log(dt_max))
-        dt = log_dt.exp().clamp(min=dt_floor)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) == dt
+        self.A_log.copy_(mamba2_a_log(self.A_log, a_range=a_range))
+        self.dt_bias.copy_(mamba2_dt_bias(self.dt_bias, dt_min=dt_min, dt_max=dt_max, dt_floor=dt_floor))
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(g, beta) [B, T, H] of the input x [B, T, dim], in the compute dtype (fp32, fp64 for fp64)."""
@@ -581,6 +580,35 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+def mamba2_a_log(like: torch.Tensor, a_range: tuple[float, float] = (1.0, 16.0),
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """log(A), A ~ U(a_range): Mamba2's decay-rate initialisation, shaped and typed as ``like``."""
+    a = torch.empty(like.shape, dtype=torch.float64, device=like.device).uniform_(*a_range, generator=generator)
+    return a.log().to(like.dtype)
+
+
+def mamba2_dt_bias(like: torch.Tensor, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """softplus^-1(dt), dt log-uniform in [dt_min, dt_max] (at least dt_floor): Mamba2's step bias."""
+    log_dt = torch.empty(like.shape, dtype=torch.float64, device=like.device).uniform_(
+        math.log(dt_min), math.log(dt_max), generator=generator)
+    dt = log_dt.exp().clamp(min=dt_floor)
+    return (dt + torch.log(-torch.expm1(-dt))).to(like.dtype)  # softplus(dt_bias) == dt
+
+
+def _fill_from_full(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy ``full`` (the whole parameter, on the CPU) into ``p``: into this rank's shard when
+    ``p`` is a DTensor (FSDP2), without communication."""
+    mesh = getattr(p, "device_mesh", None)
+    if mesh is None:
+        p.copy_(full)
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    shard = distribute_tensor(full.to(p.to_local().device), mesh, p.placements, src_data_rank=None)
+    p.to_local().copy_(shard.to_local())
+
+
 class HybridLM(nn.Module):
     """The hybrid decoder language model: tokens [B, T] -> logits [B, T, vocab].
 
@@ -605,10 +633,21 @@ class HybridLM(nn.Module):
         self.activation_checkpointing = False
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, seed: int | None = None) -> None:
         """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 n_layers);
         norm weights 1, biases 0; the delta-rule layers' A_log / dt_bias as Mamba2
-        (:meth:`GatedDeltaNet.reset_decay_parameters`)."""
+        (:meth:`GatedDeltaNet.reset_decay_parameters`).
+
+        ``seed`` None: drawn from torch's global generator in parameter order. With ``seed``: each
+        parameter from a CPU generator of its own, seeded by (seed, its name), so the values do not
+        depend on the order, the device or the sharding: a model built on the meta device, sharded
+        with FSDP2 and materialised with ``to_empty`` gets on each rank the shard of exactly the
+        values one process gets (drawn one full parameter at a time, never the whole model)."""
+        if seed is not None:
+            with torch.no_grad():
+                for name, p in self.named_parameters():
+                    _fill_from_full(p, self.initial_value(name, tuple(p.shape), p.dtype, seed))
+            return
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
@@ -626,6 +665,21 @@ class HybridLM(nn.Module):
         for module in self.modules():
             if isinstance(module, GatedDeltaNet):
                 module.reset_decay_parameters()
+
+    def initial_value(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+        """The initial value of parameter ``name`` (full ``shape``, on the CPU) under ``seed``, by
+        the rules of :meth:`reset_parameters`, from a generator seeded by (seed, name)."""
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63 - 1))
+        if name.endswith("A_log"):
+            return mamba2_a_log(torch.empty(shape, dtype=dtype), generator=gen)
+        if name.endswith("dt_bias"):
+            return mamba2_dt_bias(torch.empty(shape, dtype=dtype), generator=gen)
+        if len(shape) == 1:
+            return torch.zeros(shape, dtype=dtype) if name.endswith("bias") else torch.ones(shape, dtype=dtype)
+        std = self.config.init_std
+        if name.endswith(("wo.weight", "w2.weight")):
+            std = std / math.sqrt(2 * self.config.n_layers)
+        return torch.empty(shape, dtype=dtype).normal_(0.0, std, generator=gen)
 
     def positions(self, local_len: int, device: torch.device) -> torch.Tensor:
         """Global positions of the ``local_len`` tokens this rank holds."""

@@ -6,12 +6,15 @@
   of layer and one token layout for the whole model. It is explicit and opt-in; nothing is
   patched, and :func:`unparallelize_model` switches back.
 - :func:`shard_batch` cuts the global batch into this rank's tokens, labels and positions.
+- :func:`build_mesh` / :func:`apply_fsdp`: the ("dp", "sp") DeviceMesh and FSDP2 over its
+  flattened ranks (what the trainer uses): gradients are reduce-scattered and SUMMED during
+  backward, so each rank's loss must be its share of the global mean (below).
 - :func:`sequence_parallel_loss` divides the sum of the local token losses by the global token
-  count, and :func:`sync_gradients` sums the partial gradients, so that the update equals the
-  one of the unsharded model on the whole global batch. When the global token count is known
-  without communication (the trainer's data says it), :func:`token_loss_sum` divided by it is
-  the same share, and the loss to log rides on the gradient all-reduce (``sync_gradients(...,
-  extra=...)``): one collective per step instead of two.
+  count. :func:`token_loss_sum` divided by a count the data knows is the same share without a
+  collective. For loops that keep replicated parameters instead of FSDP2,
+  :func:`sync_gradients` sums the partial gradients in flat buckets (the loss to log can ride on
+  it: ``sync_gradients(..., extra=...)``), so that the update equals the one of the unsharded
+  model on the whole global batch.
 
 Why a SUM over the sequence-parallel group: every rank holds the same (replicated) parameters
 and computes ``loss_r = sum of its tokens' losses / N`` where N counts the tokens of the whole
@@ -20,7 +23,8 @@ L with respect to the parameter *uses* on rank r (the attention collectives carr
 cross-rank terms back), so the full gradient is the sum over every rank of the world: an
 all-reduce SUM over ``sp``, then over ``dp``. (With per-replica means instead, that last step
 is the usual AVG over ``dp``; the two agree when replicas count the same number of tokens.)
-Gradient clipping after :func:`sync_gradients` sees the true global norm on every rank.
+Gradient clipping after the reduction (FSDP2's or :func:`sync_gradients`') sees the true global
+norm on every rank.
 """
 from __future__ import annotations
 

@@ -1,14 +1,17 @@
 """Train the hybrid model with data x sequence parallelism: ``python -m seqpar.train``.
 
-The world (torchrun's ranks) is split into ``world / sp`` data-parallel replicas of ``sp``
-consecutive ranks (:func:`seqpar.comm.make_data_sequence_groups`). Every rank of a replica
-reads the same global sequences, keeps its tokens (:func:`seqpar.parallelize.shard_batch`),
-and the attention layers talk across the replica. Gradients are summed over sp and dp
-(:func:`seqpar.parallelize.sync_gradients`), clipped by their global norm, and AdamW with a
-cosine schedule updates the replicated parameters.
+The world (torchrun's ranks) is a DeviceMesh with named axes ("dp", "sp"): ``world / sp``
+data-parallel replicas of ``sp`` consecutive ranks (:func:`seqpar.comm.make_device_mesh`). Every
+rank of a replica reads the same global sequences (from the standard library's bytes, the
+synthetic task, or a token file, packed by document with ``--packing``), keeps its tokens
+(:func:`seqpar.parallelize.shard_batch`), and the attention layers talk across the "sp" axis.
+Parameters, gradients and AdamW's state are sharded with FSDP2 over all dp x sp ranks
+(:func:`seqpar.parallelize.apply_fsdp`): gradients are reduce-scattered (summed) during backward,
+clipped by their global norm, and the cosine schedule steps. Checkpoints are sharded DCP
+directories (:mod:`seqpar.checkpoint`) that resume at any dp x sp size.
 
 The loss is normalised by the global token count the data reports (``Batch.label_count``), and
-the loss sum to log travels in the gradient all-reduce: one collective of the trainer's own per
+the loss sum to log is all-reduced while backward runs: one collective of the trainer's own per
 step. Each train record says where the step time went (:data:`BREAKDOWN_FIELDS`: the softmax
 and the linear-attention layers' token mixing, the trainer's collectives, the rest), timed by a
 :class:`seqpar.model.PhaseTimer` at a cost of four clock reads and two identity autograd nodes
@@ -480,14 +483,18 @@ def _train_in_run_dir(cfg: TrainConfig, groups: SequenceParallelGroups, attentio
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if autocast_on else nullcontext()
 
-    torch.manual_seed(cfg.seed)  # the same initial parameters on every rank, then sharded
-    model = HybridLM(cfg.model).to(dtype=dtype)
-    model = model.to(device)
+    # built on the meta device, sharded, then materialised: no rank ever holds the whole model,
+    # and every parameter is drawn from a generator of its own (seed, name), so the values are
+    # those of one process whatever the dp x sp size (HybridLM.reset_parameters)
+    with torch.device("meta"):
+        model = HybridLM(cfg.model).to(dtype=dtype)
     if cfg.sp.sp_size > 1 or device.type == "cuda":  # on GPU even sp=1 goes through seqpar's Triton kernels
         parallelize_model(model, cfg.sp, attention_group)
     model.activation_checkpointing = cfg.activation_checkpointing
     if sharded:
         apply_fsdp(model, groups.shard_mesh, mixed_precision=use_amp)
+    model.to_empty(device=device)
+    model.reset_parameters(seed=cfg.seed)
     model.train()
     optimizer, scheduler = build_optimizer(model, cfg)
     dataset = make_dataset(cfg.data, max_bytes=cfg.max_corpus_bytes, val_fraction=cfg.val_fraction,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 
 import pytest
@@ -586,3 +587,26 @@ def test_presets(name):
     assert n > 0
     if name == "1b":
         assert 0.9e9 < n < 1.1e9, n
+
+
+def test_seeded_initialisation_does_not_depend_on_device_or_order():
+    """reset_parameters(seed): a model materialised from the meta device gets exactly the values
+    of one built on the CPU, each parameter by its own rules (norm weights 1, Mamba2 decays in
+    range), and another seed gives other values."""
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, pattern="LDSL")
+    cpu = HybridLM(cfg)
+    cpu.reset_parameters(seed=3)
+    with torch.device("meta"):
+        meta = HybridLM(cfg)
+    meta.to_empty(device="cpu")
+    meta.reset_parameters(seed=3)
+    for (name, a), (_, b) in zip(cpu.named_parameters(), meta.named_parameters()):
+        assert torch.equal(a, b), name
+    other = HybridLM(cfg)
+    other.reset_parameters(seed=4)
+    assert not torch.equal(other.tok_embeddings.weight, cpu.tok_embeddings.weight)
+    assert torch.equal(cpu.norm.weight, torch.ones_like(cpu.norm.weight))
+    a_log = [p for n, p in cpu.named_parameters() if n.endswith("A_log")]
+    assert a_log and all(bool(((p >= 0) & (p <= math.log(16.0) + 1e-6)).all()) for p in a_log)
+    std = cpu.layers[0].feed_forward.w1.weight.std().item()
+    assert abs(std - cfg.init_std) < 0.2 * cfg.init_std, std
