@@ -112,6 +112,40 @@ def test_one_sharded_step_equals_the_unsharded_model(pool, tmp_path, dp, sp):
             assert err < RESUME_PARAM_TOL, (dp, sp, name, err)
 
 
+def _packed_documents(tmp_path) -> str:
+    """A byte-level token directory of many short documents (this repo's docs, by paragraph)."""
+    from seqpar.data.prepare import prepare
+
+    out = str(tmp_path / "tokens")
+    prepare([os.path.join(ROOT, "docs", "masks.md"), os.path.join(ROOT, "docs", "linear.md")], out,
+            split_on_blank_lines=True, val_fraction=0.1)
+    return out
+
+
+@pytest.mark.parametrize("dp,sp,layout", [(1, 2, "zigzag"), (2, 2, "contiguous")])
+def test_packed_token_file_training_equals_one_process(pool, tmp_path, dp, sp, layout):
+    """--data TOKEN_DIR --packing: rows of whole documents with cu_seqlens (documents are cut at
+    rank boundaries and at the ends of rows); two sharded steps equal one process's (fp64),
+    whatever the layout, and a held-out evaluation runs."""
+    data = _packed_documents(tmp_path)
+    kw = dict(steps=2, keep_checkpoints=0, plot=False, eval_batches=1, batch_size=4, seq_len=64, data=data,
+              packing=True, sp=dict(sp_size=sp, layout=layout, softmax_strategy="ring", linear_strategy="lasp2"),
+              model=dict(dim=32, n_heads=4, n_kv_heads=2, linear_decay="gate", gate_rank=8, vocab_size=257))
+    torch.set_num_threads(1)
+    one = dict(kw, sp=dict(kw["sp"], sp_size=1))
+    ref = train(_cfg(str(tmp_path / "ref"), 1, **one), return_model=True)
+    ref_params = {n: p.detach() for n, p in ref.model.named_parameters()}
+    assert ref.final_val_loss is not None
+    out = pool.run(case_train, dp * sp, run_dir=str(tmp_path / "sharded"), sp_size=sp, dp=dp, **kw)
+    for rank_out in out:
+        losses, ref_losses = _train_losses(rank_out["history"]), _train_losses(ref.history)
+        assert losses.keys() == ref_losses.keys() == {1, 2}
+        for step in losses:
+            assert abs(losses[step] - ref_losses[step]) < RESUME_LOSS_TOL, (step, losses[step], ref_losses[step])
+        for name, p in rank_out["params"].items():
+            assert float((p - ref_params[name]).abs().max()) < RESUME_PARAM_TOL, name
+
+
 def test_resume_with_other_sequence_parallel_size(pool, tmp_path):
     """Trained at sp=2 with a sharded (DCP) checkpoint at step 3; resumed at sp=4, sp=1 and
     dp=2 x sp=2 (DCP reshards it), the steps 4..6 and the final parameters equal those of the
