@@ -112,6 +112,37 @@ def test_one_sharded_step_equals_the_unsharded_model(pool, tmp_path, dp, sp):
             assert err < RESUME_PARAM_TOL, (dp, sp, name, err)
 
 
+def case_mixed_precision(ctx):
+    """apply_fsdp(mixed_precision=True) on 2 ranks: dtypes seen inside a layer, and of the grads."""
+    from seqpar.model import HybridLM
+    from seqpar.parallelize import apply_fsdp, parallelize_model, shard_batch
+
+    torch.set_num_threads(1)
+    groups = make_device_mesh(ctx.world_size, "cpu", group=ctx.group)
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, pattern="LS")
+    torch.manual_seed(0)
+    model = HybridLM(cfg)
+    parallelize_model(model, SequenceParallelConfig(sp_size=ctx.world_size, backend="torch"), groups.sp)
+    apply_fsdp(model, groups.shard_mesh, mixed_precision=True)
+    seen = {}
+    model.layers[0].feed_forward.w1.register_forward_hook(
+        lambda m, args, out: seen.update(weight=m.weight.dtype, out=out.dtype))
+    tokens = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))
+    sb = shard_batch(tokens, tokens, "contiguous", groups.sp)
+    model(sb.tokens, sb.positions).float().square().mean().backward()
+    return {"weight": str(seen["weight"]), "out": str(seen["out"]),
+            "grad": {str(p.grad.dtype) for p in model.parameters()},
+            "param": {str(p.dtype) for p in model.parameters()}}
+
+
+def test_fsdp_mixed_precision_computes_in_bf16_and_keeps_fp32_masters(pool):
+    """The GPU policy, checked on CPU: layers run on bf16 parameters, while the sharded master
+    parameters and their (fp32-reduced) gradients stay fp32."""
+    for out in pool.run(case_mixed_precision, 2):
+        assert out["weight"] == "torch.bfloat16" and out["out"] == "torch.bfloat16", out
+        assert out["param"] == {"torch.float32"} and out["grad"] == {"torch.float32"}, out
+
+
 def _packed_documents(tmp_path) -> str:
     """A byte-level token directory of many short documents (this repo's docs, by paragraph)."""
     from seqpar.data.prepare import prepare
