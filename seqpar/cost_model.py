@@ -308,11 +308,11 @@ class StepBytes:
 
     attention_forward: float  # every attention layer's forward collectives
     attention_backward: float  # their backward collectives
-    gradient_all_reduce: float  # summing the replicated gradients over sp, then dp (ring all-reduce)
+    fsdp: float  # FSDP2 over dp x sp: parameter all-gathers (forward, backward) and gradient reduce-scatter
 
     @property
     def total(self) -> float:
-        return self.attention_forward + self.attention_backward + self.gradient_all_reduce
+        return self.attention_forward + self.attention_backward + self.fsdp
 
 
 def _backward_bytes(strategy: str, forward_bytes: float, world_size: int, element_bytes: int) -> float:
@@ -331,12 +331,14 @@ LINEAR_TRANSITIONS = {"gate": "scalar", "gla": "gla"}  # ModelConfig.linear_deca
 
 
 def step_bytes_per_rank(model: ModelConfig, sp: SequenceParallelConfig, seq_len: int, batch_per_replica: int, element_bytes: int,
-                        num_params: int, dp_size: int = 1) -> StepBytes:
+                        num_params: int, dp_size: int = 1, param_bytes: int = 4) -> StepBytes:
     """Estimate what one rank sends per training step of a :class:`seqpar.config.ModelConfig` run
     under a :class:`seqpar.config.SequenceParallelConfig`: every softmax layer by
-    :func:`softmax_estimate`, every linear layer by :func:`linear_estimate` (fp32 states), and the
-    gradient all-reduce of ``num_params`` fp32 gradients (ring all-reduce: 2 (n-1)/n of the bytes
-    over the sp group, then over the dp group)."""
+    :func:`softmax_estimate`, every linear layer by :func:`linear_estimate` (fp32 states), and
+    FSDP2's traffic over the N = sp x dp ranks (:func:`seqpar.parallelize.apply_fsdp`): the
+    ``num_params`` parameters all-gathered twice (forward, and again in backward after the
+    reshard) in ``param_bytes`` (2 under bf16 mixed precision) and their gradients
+    reduce-scattered in fp32, each collective sending (N-1)/N of its bytes."""
     P = sp.sp_size
     machine = Machine()
     shape = Shape(batch=batch_per_replica, seq_len=seq_len, heads=model.n_heads, kv_heads=model.n_kv_heads,
@@ -362,6 +364,6 @@ def step_bytes_per_rank(model: ModelConfig, sp: SequenceParallelConfig, seq_len:
                                       transition=transition, value_dim=dv)
             fwd += est.bytes_sent_per_rank
             bwd += _backward_bytes(strategy, est.bytes_sent_per_rank, P, element_bytes)
-    grads = 4.0 * num_params
-    all_reduce = sum(2 * (n - 1) / n * grads for n in (P, dp_size) if n > 1)
-    return StepBytes(fwd, bwd, all_reduce)
+    n = P * dp_size
+    fsdp = (n - 1) / n * num_params * (2 * param_bytes + 4)
+    return StepBytes(fwd, bwd, fsdp)

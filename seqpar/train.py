@@ -967,7 +967,7 @@ def dry_run_report(cfg: TrainConfig, result: TrainResult, world: int, rank: int,
     local_tokens = local_tokens_per_step(cfg, world)
     element_bytes = 2 if uses_amp(cfg, device) else _DTYPES[cfg.dtype].itemsize
     bytes_ = step_bytes_per_rank(cfg.model, cfg.sp, cfg.seq_len, batch_per_replica, element_bytes,
-                                 result.num_params, dp_size=dp)
+                                 result.num_params, dp_size=dp, param_bytes=element_bytes)
     if memory_gib is None:
         if device.type == "cuda":
             memory_gib = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
@@ -992,8 +992,8 @@ def dry_run_report(cfg: TrainConfig, result: TrainResult, world: int, rank: int,
         f"kept between steps: {result.state_memory_mb / 1024:.2f} GiB",
         f"  step time: {result.mean_step_time_s:.3f} s (mean after the first step; communication not included)",
         f"  bytes this rank sends per step (cost model, {element_bytes}-byte activations): attention forward "
-        f"{bytes_.attention_forward / mib:,.1f} MiB, backward {bytes_.attention_backward / mib:,.1f} MiB, gradient "
-        f"all-reduce {bytes_.gradient_all_reduce / mib:,.1f} MiB",
+        f"{bytes_.attention_forward / mib:,.1f} MiB, backward {bytes_.attention_backward / mib:,.1f} MiB, FSDP2 "
+        f"parameter gathers and gradient reduce-scatter {bytes_.fsdp / mib:,.1f} MiB",
         f"  longest sequence that fits in {where} per rank: about {fits:,} tokens "
         f"(activation memory grows linearly with the local length: {per_token_mb * 1024:.2f} KiB per local token here)",
     ]

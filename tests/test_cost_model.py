@@ -204,7 +204,8 @@ def test_balanced_layouts_and_volumes():
 def test_step_bytes_per_rank():
     """Bytes one rank sends per step: softmax K/V bytes grow with the length, linear states do
     not; the values follow the per-layer estimates (ring: K/V forward; backward K/V again plus
-    dK/dV in fp32 on one more hop) and a ring all-reduce of fp32 gradients."""
+    dK/dV in fp32 on one more hop) and FSDP2's two parameter all-gathers and one fp32 gradient
+    reduce-scatter over all dp x sp ranks."""
     from seqpar.config import ModelConfig, SequenceParallelConfig
     from seqpar.cost_model import step_bytes_per_rank
 
@@ -216,7 +217,7 @@ def test_step_bytes_per_rank():
     state = 1 * 4 * 16 * 16 * 4
     assert short.attention_forward == 3 * kv + 2 * 3 * state  # ring: P-1 hops; lasp2: 2 zigzag chunks x (P-1)
     assert short.attention_backward == 3 * kv + 2 * kv * 4 + 2 * 3 * state
-    assert short.gradient_all_reduce == pytest.approx(2 * 3 / 4 * 4000 + 2 * 1 / 2 * 4000)
+    assert short.fsdp == pytest.approx(7 / 8 * 1000 * (2 * 4 + 4))  # FSDP2 over 8 ranks: 2 gathers + 1 reduce-scatter
     assert long.attention_forward - 6 * state == 4 * (short.attention_forward - 6 * state)
     assert step_bytes_per_rank(model, SequenceParallelConfig(), 1024, 1, 2, num_params=1000).total == 0
 
