@@ -540,6 +540,8 @@ def _train_in_run_dir(cfg: TrainConfig, groups: SequenceParallelGroups, attentio
         raise CheckpointError(problem)
     if state is not None:
         refused, applied = resume_changes(state.get("config") or {}, cfg, allow_changes)
+        if "data" not in allow_changes:
+            refused += data_source_changes((state.get("data") or {}).get("source"), _data_source(dataset))
         if refused:
             raise ResumeConfigError(
                 f"resuming {resume} would change the model or its data: " + "; ".join(refused) + ". Use the "
@@ -715,7 +717,7 @@ def _train_loop(cfg: TrainConfig, groups: SequenceParallelGroups, model: nn.Modu
             record({"kind": "eval", "step": done, "val_loss": evaluate(model, dataset, cfg, groups, device, autocast)})
             timer.enabled = True
         if cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0 and done != cfg.steps:
-            last_ckpt = _save(cfg, groups, rank0, model, optimizer, scheduler, done, history)
+            last_ckpt = _save(cfg, groups, rank0, model, optimizer, scheduler, done, history, dataset)
     timer.enabled = False
     attach_timer(model, None)
     bar.close()
@@ -726,7 +728,7 @@ def _train_loop(cfg: TrainConfig, groups: SequenceParallelGroups, model: nn.Modu
         final_val = evaluate(model, dataset, cfg, groups, device, autocast)
         record({"kind": "eval", "step": cfg.steps, "val_loss": final_val})
     if start_step < cfg.steps and not dry_run:
-        last_ckpt = _save(cfg, groups, rank0, model, optimizer, scheduler, cfg.steps, history)
+        last_ckpt = _save(cfg, groups, rank0, model, optimizer, scheduler, cfg.steps, history, dataset)
     train_losses = [h["loss"] for h in history if h.get("kind") == "train" and "loss" in h]
     final_loss = train_losses[-1] if train_losses else float("nan")
     plot = None
@@ -746,6 +748,25 @@ def _train_loop(cfg: TrainConfig, groups: SequenceParallelGroups, model: nn.Modu
         logger.info(summary)
     return TrainResult(final_loss, final_val, history, run_dir, log_path, jsonl_path, plot, last_ckpt, peak, mean_dt,
                        n_params, model if return_model else None, state_mb)
+
+
+def _data_source(dataset: Any) -> dict[str, Any] | None:
+    """What identifies a token-file dataset's content (``TokenDataset.state()``), None for the
+    built-in sources (their content follows from the config)."""
+    state = getattr(dataset, "state", None)
+    return state() if callable(state) else None
+
+
+def data_source_changes(saved: dict[str, Any] | None, current: dict[str, Any] | None) -> list[str]:
+    """How the token files differ from those a checkpoint was trained on (files, token counts,
+    dtype, end-of-document id, vocabulary), as lines for :class:`ResumeConfigError`. The path
+    itself may change (a moved directory); the content may not, since the row order follows
+    from it. Empty when either side is not a token file."""
+    if not saved or not current:
+        return []
+    keys = ("train_files", "val_files", "dtype", "eos_id", "vocab_size")
+    return [f"data {key}: {saved.get(key)} -> {current.get(key)}" for key in keys
+            if saved.get(key) != current.get(key)]
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -774,14 +795,15 @@ def _state_memory_mb(device: torch.device, before_first_step_mb: float, optimize
 
 
 def _save(cfg: TrainConfig, groups: SequenceParallelGroups, rank0: bool, model: nn.Module, optimizer: Any,
-          scheduler: Any, step: int, history: list[dict[str, Any]]) -> str | None:
+          scheduler: Any, step: int, history: list[dict[str, Any]], dataset: Any = None) -> str | None:
     """Save (every rank its shards, rank 0 the trainer state and marker), then prune (rank 0);
     a failure (full disk, non-finite state) is raised on every rank."""
     path = checkpoint_path(cfg.run_dir, step)
     if cfg.keep_checkpoints == 0:
         return None
     save_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, step=step,
-                    data_state={"batches_consumed": step, "seed": cfg.seed, "data": cfg.data, "packing": cfg.packing},
+                    data_state={"batches_consumed": step, "seed": cfg.seed, "data": cfg.data, "packing": cfg.packing,
+                                "source": _data_source(dataset)},
                     config=cfg.to_dict(), history=history, group=job_group(groups))
     problem = ""
     if rank0:

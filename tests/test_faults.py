@@ -266,6 +266,27 @@ def test_resume_refuses_model_and_data_changes_and_applies_training_ones(tmp_pat
     assert json.load(open(run_dir / "config.json"))["lr"] == 1e-4
 
 
+def test_resume_refuses_token_files_whose_content_changed(tmp_path, capsys):
+    """The row order of a token file follows from its content: a resume on files whose tokens
+    changed (same path) is refused naming what changed, unless --allow-change data."""
+    from seqpar.data.prepare import prepare
+
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "a.txt").write_text("one document\n\nand another one\n\n" * 200)
+    data = str(tmp_path / "tokens")
+    prepare([str(text)], data, split_on_blank_lines=True)
+    run_dir = tmp_path / "run"
+    assert main(_argv(run_dir, 2, "--data", data, "--packing")) == 0
+    (text / "b.txt").write_text("a new file of text\n\n" * 100)
+    prepare([str(text)], data, split_on_blank_lines=True, overwrite=True)
+    capsys.readouterr()
+    assert main(_argv(run_dir, 3, "--data", data, "--packing", "--resume", "auto")) == 2
+    err = capsys.readouterr().err
+    assert "data train_files" in err and "--allow-change" in err, err
+    assert main(_argv(run_dir, 3, "--data", data, "--packing", "--resume", "auto", "--allow-change", "data")) == 0
+
+
 def test_shape_fields_can_never_change_on_resume():
     saved = TrainConfig().to_dict()
     refused, applied = resume_changes(saved, TrainConfig(model=ModelConfig(dim=128, n_heads=4)))
