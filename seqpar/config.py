@@ -262,6 +262,7 @@ class TrainConfig:
     dtype: str = "float32"  # parameter dtype; on CUDA the forward runs under bf16 autocast (see amp)
     amp: bool = True
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder layer (inductor with a C++ compiler, else aot_eager)
     # logging / evaluation / checkpoints
     run_dir: str = "runs/default"
     log_interval: int = 1
@@ -383,6 +384,8 @@ FIELD_HELP: dict[str, str] = {
     "dtype": "parameter dtype (on CUDA the forward runs under bf16 autocast when float32 and --amp)",
     "amp": "bf16 autocast on CUDA",
     "activation_checkpointing": "recompute each layer in backward to save activation memory",
+    "compile": "torch.compile each decoder layer (inductor when a C++ compiler is found, else aot_eager); the "
+               "block kernels are torch custom ops, the collectives between them graph breaks",
     "run_dir": "directory for config.json, train.log, train.jsonl, loss.png and checkpoints/",
     "log_interval": "write a train record (step time and where it went) every this many steps",
     "profile_every": "run every N-th step under torch.profiler: a profile record of its collectives and a trace in "

@@ -491,6 +491,8 @@ def _train_in_run_dir(cfg: TrainConfig, groups: SequenceParallelGroups, attentio
     if cfg.sp.sp_size > 1 or device.type == "cuda":  # on GPU even sp=1 goes through seqpar's Triton kernels
         parallelize_model(model, cfg.sp, attention_group)
     model.activation_checkpointing = cfg.activation_checkpointing
+    if cfg.compile:
+        compile_layers(model)
     if sharded:
         apply_fsdp(model, groups.shard_mesh, mixed_precision=use_amp)
     model.to_empty(device=device)
@@ -748,6 +750,22 @@ def _train_loop(cfg: TrainConfig, groups: SequenceParallelGroups, model: nn.Modu
         logger.info(summary)
     return TrainResult(final_loss, final_val, history, run_dir, log_path, jsonl_path, plot, last_ckpt, peak, mean_dt,
                        n_params, model if return_model else None, state_mb)
+
+
+def compile_backend() -> str:
+    """torch.compile's backend here: "inductor" when a C++ compiler is on PATH (inductor's CPU
+    code needs one; on GPU it emits Triton), else "aot_eager" (traced, no code generation)."""
+    if torch.cuda.is_available() or any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++", "clang++") if c):
+        return "inductor"
+    return "aot_eager"
+
+
+def compile_layers(model: nn.Module) -> None:
+    """torch.compile each decoder layer in place (torchtitan's granularity: one graph per layer,
+    reused by every layer of the same kind), before FSDP2 wraps them."""
+    backend = compile_backend()
+    for layer in model.layers:
+        layer.compile(backend=backend)
 
 
 def _data_source(dataset: Any) -> dict[str, Any] | None:
