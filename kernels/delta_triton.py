@@ -52,7 +52,8 @@ from seqpar.kernels.delta_reference import L2NORM_EPS, DeltaChunkedRun, check_de
 from seqpar.kernels.linear_reference import default_scale
 from seqpar.kernels.linear_transitions import MatrixTransition
 from seqpar.kernels.softmax_reference import compute_dtype
-from seqpar.kernels.triton_common import check_int32_offsets, interpreting, strides4
+from seqpar.kernels import custom_ops
+from seqpar.kernels.triton_common import check_int32_offsets, check_launch_device, interpreting, strides4
 
 __all__ = ["TritonDeltaChunkedRun", "DeltaTritonStates", "DeltaTritonStateGrads"]
 
@@ -560,6 +561,7 @@ def _launch(name: str, grid, *args, **meta) -> None:
     """Launch kernel ``name``; ``grid`` is a tuple, or a function of the meta-parameters for the
     state kernels, whose Dv tile BV is autotuned. Every kernel writes only fresh buffers (none
     reads what it writes), so the autotuner may run each config on the real arguments."""
+    check_launch_device(args[0])
     if interpreting():
         # Under the interpreter the autotuner would try to time configs (no driver): launch directly.
         _raw[name][grid(meta) if callable(grid) else grid](*args, **meta)
@@ -582,9 +584,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor
     for name, t in (("k", k), ("v", v), ("beta", beta), ("g", g)):
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if q.device.type != "cuda" and not interpreting():
-        raise ValueError(f"the Triton kernels need CUDA tensors (got {q.device}); on CPU use the torch backend "
-                         "or set TRITON_INTERPRET=1 before importing the kernel module")
     Dk, Dv = q.shape[-1], v.shape[-1]
     if Dk > MAX_HEAD_DIM or Dv > MAX_HEAD_DIM:
         raise ValueError(f"head dims up to {MAX_HEAD_DIM} are supported by the delta-rule kernels; "
@@ -625,6 +624,187 @@ def _padded(x: torch.Tensor, B: int, T: int, H: int, NT: int, BT: int) -> torch.
 def _l2norm_backward(y: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """Gradient through y = x * rstd, rstd = (|x|^2 + eps)^-1/2: rstd (dy - y (y . dy))."""
     return rstd * (dy - y * (y * dy).sum(-1, keepdim=True))
+
+
+def _operand_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of W, U, the new values and their gradient (only ever matmul operands): the input
+    dtype for 16-bit inputs on a GPU (``LOWP``), else fp32."""
+    lowp = dtype != torch.float32 and not (interpreting() and dtype == torch.bfloat16)  # _meta's LOWP
+    return dtype if lowp else torch.float32
+
+
+# The launches, one function per kernel call: ``<stage>_empty`` allocates what ``<stage>`` returns
+# (the fake implementation of its ``seqpar::delta_triton_<stage>`` op, seqpar.kernels.custom_ops);
+# ``<stage>`` allocates the same and launches. q, k [B, T, H, Dk] (normalised when
+# ``use_qk_l2norm``), v / do [B, T, H, Dv] with any strides; beta and gc (the chunk-local
+# cumulative log gate, or None) [B*H, NT*BT] fp32 (:func:`_padded`); A, W, U, the new values and
+# their gradients [B*H, NT*BT, .]; chunk states flat [B*H, NT, Dk, Dv] fp32; ``chunk`` the tile
+# length BT. The gates' presence (gc) also switches the gate gradients on.
+
+
+def wy_fwd_empty(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, gc: torch.Tensor | None, chunk: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A [B*H, NT*BT, BT] fp32, W [B*H, NT*BT, Dk], U [B*H, NT*BT, Dv]), unfilled."""
+    B, T, H, Dk = k.shape
+    BH, rows = B * H, triton.cdiv(T, chunk) * chunk
+    op = _operand_dtype(k.dtype)
+    return (torch.empty(BH, rows, chunk, dtype=torch.float32, device=k.device),
+            torch.empty(BH, rows, Dk, dtype=op, device=k.device),
+            torch.empty(BH, rows, v.shape[-1], dtype=op, device=k.device))
+
+
+def wy_fwd(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, gc: torch.Tensor | None, chunk: int
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_delta_wy_fwd``: the WY preparation of every chunk, (A, W, U)."""
+    A, W, U = wy_fwd_empty(k, v, beta, gc, chunk)
+    B, T, H, Dk = k.shape
+    NT = triton.cdiv(T, chunk)
+    _launch("wy_fwd", (NT, B * H), k, v, beta, gc if gc is not None else A, A, W, U,
+            *strides4(k), *strides4(v), T, H, NT, USE_G=gc is not None, **_meta(k, Dk, v.shape[-1], chunk))
+    return A, W, U
+
+
+def fwd_h_empty(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, gc: torch.Tensor | None,
+                h0: torch.Tensor | None, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chunk-start states [B*H, NT, Dk, Dv], new values like U, final state [B, H, Dk, Dv]), unfilled."""
+    B, T, H, Dk = k.shape
+    Dv = u.shape[-1]
+    return (torch.empty(B * H, triton.cdiv(T, chunk), Dk, Dv, dtype=torch.float32, device=k.device),
+            torch.empty_like(u), torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=k.device))
+
+
+def fwd_h(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, gc: torch.Tensor | None, h0: torch.Tensor | None,
+          chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_delta_fwd_h``: states, new values v_new = U - W S and the final state from ``h0``
+    (fp32 [B, H, Dk, Dv] contiguous, or None: zero)."""
+    hs, e, ht = fwd_h_empty(k, w, u, gc, h0, chunk)
+    B, T, H, Dk = k.shape
+    Dv, NT = u.shape[-1], hs.shape[1]
+    _launch("fwd_h", lambda META: (triton.cdiv(Dv, META["BV"]), B * H), k, w, u, gc if gc is not None else hs,
+            h0 if h0 is not None else hs, hs, e, ht, *strides4(k), T, H, NT,
+            USE_G=gc is not None, USE_H0=h0 is not None, STORE_HT=True, **_meta(k, Dk, Dv, chunk))
+    return hs, e, ht
+
+
+def fwd_o_empty(q: torch.Tensor, k: torch.Tensor, gc: torch.Tensor | None, hs: torch.Tensor, v_new: torch.Tensor,
+                scale: float, chunk: int) -> torch.Tensor:
+    """o [B, T, H, Dv] fp32, unfilled."""
+    B, T, H, _ = q.shape
+    return torch.empty(B, T, H, v_new.shape[-1], dtype=torch.float32, device=q.device)
+
+
+def fwd_o(q: torch.Tensor, k: torch.Tensor, gc: torch.Tensor | None, hs: torch.Tensor, v_new: torch.Tensor,
+          scale: float, chunk: int) -> torch.Tensor:
+    """``_delta_fwd_o``: o from the chunk-start states and the new values."""
+    o = fwd_o_empty(q, k, gc, hs, v_new, scale, chunk)
+    B, T, H, Dk = q.shape
+    Dv, NT = v_new.shape[-1], hs.shape[1]
+    meta = _meta(q, Dk, Dv, chunk)
+    _launch("fwd_o", (triton.cdiv(Dv, meta["BV"]), NT, B * H), q, k, gc if gc is not None else hs, hs, v_new, o,
+            *strides4(q), *strides4(k), *strides4(o), T, H, NT, float(scale), USE_G=gc is not None, **meta)
+    return o
+
+
+def bwd_dv_local_empty(q: torch.Tensor, k: torch.Tensor, do: torch.Tensor, gc: torch.Tensor | None, scale: float,
+                       chunk: int) -> torch.Tensor:
+    """The intra-chunk part of d v_new [B*H, NT*BT, Dv] fp32, unfilled."""
+    B, T, H, _ = q.shape
+    return torch.empty(B * H, triton.cdiv(T, chunk) * chunk, do.shape[-1], dtype=torch.float32, device=q.device)
+
+
+def bwd_dv_local(q: torch.Tensor, k: torch.Tensor, do: torch.Tensor, gc: torch.Tensor | None, scale: float,
+                 chunk: int) -> torch.Tensor:
+    """``_delta_bwd_dv_local``; ``do`` in q's dtype."""
+    dv_local = bwd_dv_local_empty(q, k, do, gc, scale, chunk)
+    B, T, H, Dk = q.shape
+    Dv, NT = do.shape[-1], triton.cdiv(T, chunk)
+    meta = _meta(q, Dk, Dv, chunk)
+    _launch("bwd_dv_local", (triton.cdiv(Dv, meta["BV"]), NT, B * H), q, k, do, gc if gc is not None else dv_local,
+            dv_local, *strides4(q), *strides4(k), *strides4(do), T, H, NT, float(scale), USE_G=gc is not None,
+            **meta)
+    return dv_local
+
+
+def bwd_dh_empty(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, do: torch.Tensor, gc: torch.Tensor | None,
+                 dv_local: torch.Tensor, dht: torch.Tensor | None, scale: float, chunk: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chunk-end state gradients [B*H, NT, Dk, Dv] fp32, d v_new like ``dv_local`` in W's dtype,
+    initial-state gradient [B, H, Dk, Dv] fp32), unfilled."""
+    B, T, H, Dk = q.shape
+    Dv = do.shape[-1]
+    return (torch.empty(B * H, triton.cdiv(T, chunk), Dk, Dv, dtype=torch.float32, device=q.device),
+            torch.empty(dv_local.shape, dtype=w.dtype, device=q.device),
+            torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=q.device))
+
+
+def bwd_dh(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, do: torch.Tensor, gc: torch.Tensor | None,
+           dv_local: torch.Tensor, dht: torch.Tensor | None, scale: float, chunk: int
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_delta_bwd_dh``: the reverse pass from ``dht`` (fp32 [B, H, Dk, Dv] contiguous, or None: zero)."""
+    dhs, de, dh0 = bwd_dh_empty(q, k, w, do, gc, dv_local, dht, scale, chunk)
+    B, T, H, Dk = q.shape
+    Dv, NT = do.shape[-1], dhs.shape[1]
+    _launch("bwd_dh", lambda META: (triton.cdiv(Dv, META["BV"]), B * H), q, k, w, do, gc if gc is not None else dhs,
+            dv_local, dht if dht is not None else dhs, dhs, de, dh0, *strides4(q), *strides4(k), *strides4(do),
+            T, H, NT, float(scale), USE_G=gc is not None, USE_DHT=dht is not None, **_meta(q, Dk, Dv, chunk))
+    return dhs, de, dh0
+
+
+def bwd_dqk_empty(q: torch.Tensor, k: torch.Tensor, do: torch.Tensor, gc: torch.Tensor | None, hs: torch.Tensor,
+                  dhs: torch.Tensor, v_new: torch.Tensor, dv_new: torch.Tensor, scale: float, chunk: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq [B, T, H, Dk], the output and state part of dk and dW [B*H, NT*BT, Dk], per-tile gate
+    terms [NK, B*H, NT*BT] (with gates; else empty)), fp32, unfilled."""
+    B, T, H, Dk = q.shape
+    rows = triton.cdiv(T, chunk) * chunk
+    dev = q.device
+    dk1 = torch.empty(B * H, rows, Dk, dtype=torch.float32, device=dev)
+    NK = triton.cdiv(Dk, _meta(q, Dk, do.shape[-1], chunk)["BK"])
+    dbp = (torch.empty(NK, B * H, rows, dtype=torch.float32, device=dev) if gc is not None
+           else torch.empty(0, dtype=torch.float32, device=dev))
+    return torch.empty(B, T, H, Dk, dtype=torch.float32, device=dev), dk1, torch.empty_like(dk1), dbp
+
+
+def bwd_dqk(q: torch.Tensor, k: torch.Tensor, do: torch.Tensor, gc: torch.Tensor | None, hs: torch.Tensor,
+            dhs: torch.Tensor, v_new: torch.Tensor, dv_new: torch.Tensor, scale: float, chunk: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_delta_bwd_dqk``; ``do`` in q's dtype."""
+    dq, dk1, dw, dbp = bwd_dqk_empty(q, k, do, gc, hs, dhs, v_new, dv_new, scale, chunk)
+    B, T, H, Dk = q.shape
+    NT = hs.shape[1]
+    meta = _meta(q, Dk, do.shape[-1], chunk)
+    NK = triton.cdiv(Dk, meta["BK"])
+    _launch("bwd_dqk", (NK, NT, B * H), q, k, do, gc if gc is not None else hs, hs, dhs, v_new, dv_new,
+            dq, dk1, dw, dbp if gc is not None else dk1, *strides4(q), *strides4(k), *strides4(do), *strides4(dq),
+            T, H, NT, float(scale), USE_G=gc is not None, **meta)
+    return dq, dk1, dw, dbp
+
+
+def bwd_wy_empty(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, gc: torch.Tensor | None, a: torch.Tensor,
+                 dw: torch.Tensor, dv_new: torch.Tensor, dk1: torch.Tensor, chunk: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dk [B, T, H, Dk], dv [B, T, H, Dv], dbeta and the WY gate terms [B*H, NT*BT] (with gates;
+    else empty)), fp32, unfilled."""
+    B, T, H, Dk = k.shape
+    dev = k.device
+    dbeta = torch.empty(beta.shape, dtype=torch.float32, device=dev)
+    db = torch.empty_like(dbeta) if gc is not None else torch.empty(0, dtype=torch.float32, device=dev)
+    return (torch.empty(B, T, H, Dk, dtype=torch.float32, device=dev),
+            torch.empty(B, T, H, v.shape[-1], dtype=torch.float32, device=dev), dbeta, db)
+
+
+def bwd_wy(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, gc: torch.Tensor | None, a: torch.Tensor,
+           dw: torch.Tensor, dv_new: torch.Tensor, dk1: torch.Tensor, chunk: int
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_delta_bwd_wy``: d v_new and dW through the inverse, to dk (adding ``dk1``), dv, dbeta and
+    the WY part of the gate gradient."""
+    dk, dv, dbeta, db = bwd_wy_empty(k, v, beta, gc, a, dw, dv_new, dk1, chunk)
+    B, T, H, Dk = k.shape
+    NT = triton.cdiv(T, chunk)
+    _launch("bwd_wy", (NT, B * H), k, v, beta, gc if gc is not None else a, a, dw, dv_new, dk1, dk, dv, dbeta,
+            db if gc is not None else dbeta, *strides4(k), *strides4(v), *strides4(dk), *strides4(dv), T, H, NT,
+            USE_G=gc is not None, **_meta(k, Dk, v.shape[-1], chunk))
+    return dk, dv, dbeta, db
 
 
 @dataclass
@@ -687,9 +867,6 @@ class TritonDeltaChunkedRun:
         self.q, self.k, self.v = q, k, v
         self.BT = _chunk(chunk_size)
         self.NT = triton.cdiv(self.T, self.BT)
-        self.meta = _meta(q, self.Dk, self.Dv, self.BT)
-        # W, U, the new values and their gradient are only ever matmul operands: kept in that dtype
-        self.operand_dtype = q.dtype if self.meta["LOWP"] else torch.float32
         self.beta = _padded(beta, self.B, self.T, self.H, self.NT, self.BT)
         self.gc = (None if g is None else
                    _padded(g, self.B, self.T, self.H, self.NT, self.BT).view(-1, self.NT, self.BT).cumsum(-1)
@@ -701,19 +878,8 @@ class TritonDeltaChunkedRun:
     def _wy(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A [B*H, NT*BT, BT], W [B*H, NT*BT, Dk], U [B*H, NT*BT, Dv]) of every chunk, fp32 (computed once)."""
         if self._wy_cache is None:
-            BH, rows = self.B * self.H, self.NT * self.BT
-            dev = self.q.device
-            A = torch.empty(BH, rows, self.BT, dtype=torch.float32, device=dev)
-            W = torch.empty(BH, rows, self.Dk, dtype=self.operand_dtype, device=dev)
-            U = torch.empty(BH, rows, self.Dv, dtype=self.operand_dtype, device=dev)
-            _launch("wy_fwd", (self.NT, BH), self.k, self.v, self.beta, self._gptr(A), A, W, U,
-                    *strides4(self.k), *strides4(self.v), self.T, self.H, self.NT,
-                    USE_G=self.gc is not None, **self.meta)
-            self._wy_cache = (A, W, U)
+            self._wy_cache = custom_ops.delta_triton_wy(self.k, self.v, self.beta, self.gc, self.BT)
         return self._wy_cache
-
-    def _gptr(self, fallback: torch.Tensor) -> torch.Tensor:
-        return self.gc if self.gc is not None else fallback
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(self.B * self.H, self.NT, self.Dk, self.Dv).contiguous()
@@ -739,16 +905,10 @@ class TritonDeltaChunkedRun:
         """Chunk-start states, final state and the chunks' new values from ``initial_state`` (or 0)."""
         if self._torch is not None:
             return self._torch.states(initial_state)
-        B, H, NT, Dk, Dv = self.B, self.H, self.NT, self.Dk, self.Dv
         _, W, U = self._wy()
-        h0 = self._state(initial_state, "initial_state")
-        hs = torch.empty(B * H, NT, Dk, Dv, dtype=torch.float32, device=W.device)
-        ht = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=W.device)
-        e = torch.empty_like(U)
-        _launch("fwd_h", lambda META: (triton.cdiv(Dv, META["BV"]), B * H), self.k, W, U, self._gptr(hs),
-                h0 if h0 is not None else hs, hs, e, ht, *strides4(self.k), self.T, H, NT,
-                USE_G=self.gc is not None, USE_H0=h0 is not None, STORE_HT=True, **self.meta)
-        return DeltaTritonStates(hs.view(B, H, NT, Dk, Dv), ht, e)
+        hs, e, ht = custom_ops.delta_triton_fwd_h(self.k, W, U, self.gc, self._state(initial_state, "initial_state"),
+                                                  self.BT)
+        return DeltaTritonStates(hs.view(self.B, self.H, self.NT, self.Dk, self.Dv), ht, e)
 
     def with_initial_state(self, states: DeltaTritonStates, initial_state: torch.Tensor) -> DeltaTritonStates:
         """The states of the run started from ``initial_state`` (recomputed: the delta rule has no
@@ -761,13 +921,8 @@ class TritonDeltaChunkedRun:
         """o [B, T, H, Dv] fp32 from the run's states."""
         if self._torch is not None:
             return self._torch.outputs(states)
-        q, k, T, H, NT = self.q, self.k, self.T, self.H, self.NT
-        hs = self._flat(states.starts)
-        o = torch.empty(self.B, T, H, self.Dv, dtype=torch.float32, device=q.device)
-        _launch("fwd_o", (triton.cdiv(self.Dv, self.meta["BV"]), NT, self.B * H), q, k, self._gptr(hs), hs,
-                states.v_new, o, *strides4(q), *strides4(k), *strides4(o), T, H, NT, float(self.scale),
-                USE_G=self.gc is not None, **self.meta)
-        return o
+        return custom_ops.delta_triton_fwd_o(self.q, self.k, self.gc, self._flat(states.starts), states.v_new,
+                                             float(self.scale), self.BT)
 
     def transition(self) -> MatrixTransition:
         """The run's state map S_in -> S_out - S_out(0): the product over chunks (last on the left)
@@ -802,25 +957,14 @@ class TritonDeltaChunkedRun:
         if self._torch is not None:
             return self._torch.state_grads(do, dht)
         do = self._grad_input(do)
-        _, W, U = self._wy()
-        del_ = torch.empty(U.shape, dtype=torch.float32, device=U.device)
-        _launch("bwd_dv_local", (triton.cdiv(self.Dv, self.meta["BV"]), self.NT, self.B * self.H),
-                self.q, self.k, do, self._gptr(del_), del_, *strides4(self.q), *strides4(self.k), *strides4(do),
-                self.T, self.H, self.NT, float(self.scale), USE_G=self.gc is not None, **self.meta)
+        del_ = custom_ops.delta_triton_bwd_dv_local(self.q, self.k, do, self.gc, float(self.scale), self.BT)
         return self._dh(do, del_, dht)
 
     def _dh(self, do: torch.Tensor, del_: torch.Tensor, dht: torch.Tensor | None) -> DeltaTritonStateGrads:
-        B, H, NT, Dk, Dv = self.B, self.H, self.NT, self.Dk, self.Dv
         _, W, _ = self._wy()
-        dht = self._state(dht, "dht")
-        dhs = torch.empty(B * H, NT, Dk, Dv, dtype=torch.float32, device=W.device)
-        dh0 = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=W.device)
-        de = torch.empty(del_.shape, dtype=self.operand_dtype, device=del_.device)
-        _launch("bwd_dh", lambda META: (triton.cdiv(Dv, META["BV"]), B * H), self.q, self.k, W, do,
-                self._gptr(dhs), del_, dht if dht is not None else dhs, dhs, de, dh0,
-                *strides4(self.q), *strides4(self.k), *strides4(do), self.T, H, NT, float(self.scale),
-                USE_G=self.gc is not None, USE_DHT=dht is not None, **self.meta)
-        return DeltaTritonStateGrads(dhs.view(B, H, NT, Dk, Dv), dh0, de, del_, do)
+        dhs, de, dh0 = custom_ops.delta_triton_bwd_dh(self.q, self.k, W, do, self.gc, del_, self._state(dht, "dht"),
+                                                      float(self.scale), self.BT)
+        return DeltaTritonStateGrads(dhs.view(self.B, self.H, self.NT, self.Dk, self.Dv), dh0, de, del_, do)
 
     def with_final_grad(self, grads: DeltaTritonStateGrads, dht: torch.Tensor) -> DeltaTritonStateGrads:
         """The state gradients with final-state gradient ``dht``, given ``grads`` computed with none
@@ -836,26 +980,14 @@ class TritonDeltaChunkedRun:
         gate term <dht, S_final> comes from them, so ``dht`` itself is not needed)."""
         if self._torch is not None:
             return self._torch.input_grads(do, states, grads, dht)
-        q, k, v, B, T, H, NT, BT, Dk = self.q, self.k, self.v, self.B, self.T, self.H, self.NT, self.BT, self.Dk
+        B, T, H, NT, BT = self.B, self.T, self.H, self.NT, self.BT
         do = self._grad_input(do)
         A, _, _ = self._wy()
-        hs, dhs = self._flat(states.starts), self._flat(grads.ends)
-        dev = q.device
-        dq = torch.empty(B, T, H, Dk, dtype=torch.float32, device=dev)
-        dk = torch.empty_like(dq)
-        dv = torch.empty(B, T, H, self.Dv, dtype=torch.float32, device=dev)
-        dk1 = torch.empty(B * H, NT * BT, Dk, dtype=torch.float32, device=dev)
-        dw = torch.empty_like(dk1)
-        NK = triton.cdiv(Dk, self.meta["BK"])
-        dbp = torch.empty(NK, B * H, NT * BT, dtype=torch.float32, device=dev) if self.want_dg else dk1
-        dbeta = torch.empty(B * H, NT * BT, dtype=torch.float32, device=dev)
-        db = torch.empty_like(dbeta) if self.want_dg else dbeta
-        _launch("bwd_dqk", (NK, NT, B * H), q, k, do, self._gptr(hs), hs, dhs, states.v_new, grads.dv_new,
-                dq, dk1, dw, dbp, *strides4(q), *strides4(k), *strides4(do), *strides4(dq), T, H, NT,
-                float(self.scale), USE_G=self.want_dg, **self.meta)
-        _launch("bwd_wy", (NT, B * H), k, v, self.beta, self._gptr(A), A, dw, grads.dv_new, dk1, dk, dv, dbeta, db,
-                *strides4(k), *strides4(v), *strides4(dk), *strides4(dv), T, H, NT,
-                USE_G=self.want_dg, **self.meta)
+        dq, dk1, dw, dbp = custom_ops.delta_triton_bwd_dqk(self.q, self.k, do, self.gc, self._flat(states.starts),
+                                                           self._flat(grads.ends), states.v_new, grads.dv_new,
+                                                           float(self.scale), BT)
+        dk, dv, dbeta, db = custom_ops.delta_triton_bwd_wy(self.k, self.v, self.beta, self.gc, A, dw, grads.dv_new,
+                                                           dk1, BT)
         if self.use_qk_l2norm:
             dq = _l2norm_backward(self._qn, self._q_rstd, dq)
             dk = _l2norm_backward(self._kn, self._k_rstd, dk)

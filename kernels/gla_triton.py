@@ -34,7 +34,8 @@ from seqpar.kernels.gla_reference import (
 from seqpar.kernels.linear_reference import ChunkStateGrads, ChunkStates, default_scale, shift_state_grads, shift_states
 from seqpar.kernels.linear_transitions import KeyDecay
 from seqpar.kernels.softmax_reference import compute_dtype
-from seqpar.kernels.triton_common import check_int32_offsets, interpreting, strides4
+from seqpar.kernels import custom_ops
+from seqpar.kernels.triton_common import check_int32_offsets, check_launch_device, interpreting, strides4
 
 __all__ = ["TritonGlaChunkedRun"]
 
@@ -402,6 +403,7 @@ _tuned = {
 def _launch(name: str, grid, *args, **meta) -> None:
     """Launch kernel ``name``; ``grid`` is a tuple, or a function of the meta-parameters for the
     state pass, whose (BK, BV) tiles are autotuned."""
+    check_launch_device(args[0], "GlaChunkedRun")
     if interpreting():  # no driver to time configs: launch directly
         _raw[name][grid(meta) if callable(grid) else grid](*args, **meta)
         return
@@ -425,9 +427,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -
     for name, t in (("k", k), ("v", v), ("g", g)):
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if q.device.type != "cuda" and not interpreting():
-        raise ValueError(f"the Triton kernels need CUDA tensors (got {q.device}); on CPU use GlaChunkedRun "
-                         "or set TRITON_INTERPRET=1 before importing the kernel module")
     if q.shape[1] == 0:
         raise ValueError("a run needs at least one token")
     if q.shape[-1] > 256 or v.shape[-1] > 256:
@@ -455,13 +454,100 @@ def _gate_cumsum(g: torch.Tensor, NT: int, BT: int) -> torch.Tensor:
     return gp.view(B * H, NT, BT, Dk).cumsum(2).view(B * H, NT * BT, Dk)
 
 
+def _meta(q: torch.Tensor, Dk: int, Dv: int, BT: int) -> dict:
+    return dict(DK=Dk, DV=Dv, BT=BT,
+                BK=max(16, min(32, triton.next_power_of_2(Dk))),
+                BV=max(16, min(32 if interpreting() or q.dtype == torch.float32 else 64, triton.next_power_of_2(Dv))),
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+# The launches, one function per kernel call: ``<stage>_empty`` allocates what ``<stage>`` returns
+# (the fake implementation of its ``seqpar::gla_triton_<stage>`` op, seqpar.kernels.custom_ops);
+# ``<stage>`` allocates the same and launches. q, k [B, T, H, Dk], v / do [B, T, H, Dv] with any
+# strides, gc [B*H, NT*BT, Dk] (:func:`_gate_cumsum`), chunk states flat [B*H, NT, Dk, Dv] fp32
+# contiguous, ``chunk`` the tile length BT.
+
+
+def state_pass_empty(x: torch.Tensor, y: torch.Tensor, gc: torch.Tensor, init: torch.Tensor | None, scale: float,
+                     chunk: int, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-chunk states [B*H, NT, Dk, Dv], state after the pass [B, H, Dk, Dv]) fp32, unfilled."""
+    B, T, H, Dk = x.shape
+    Dv = y.shape[-1]
+    return (torch.empty(B * H, triton.cdiv(T, chunk), Dk, Dv, dtype=torch.float32, device=x.device),
+            torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=x.device))
+
+
+def state_pass(x: torch.Tensor, y: torch.Tensor, gc: torch.Tensor, init: torch.Tensor | None, scale: float,
+               chunk: int, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_gla_state_pass``: forward (x, y = k, v) the state at every chunk start and after the run
+    from ``init``; ``reverse`` (x, y = q, do) the state gradient at every chunk end and before the
+    run from ``init`` = dht (None: zero)."""
+    hs, last = state_pass_empty(x, y, gc, init, scale, chunk, reverse)
+    B, T, H, Dk = x.shape
+    Dv, NT = y.shape[-1], hs.shape[1]
+    init_c = init.float().contiguous() if init is not None else hs
+    grid = lambda META: (triton.cdiv(Dk, META["BK"]), triton.cdiv(Dv, META["BV"]), B * H)  # noqa: E731
+    _launch("state", grid, x, y, gc, init_c, hs, last, *strides4(x), *strides4(y), T, H, NT, float(scale),
+            REVERSE=reverse, USE_INIT=init is not None, **_meta(x, Dk, Dv, chunk))
+    return hs, last
+
+
+def fwd_o_empty(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gc: torch.Tensor, hs: torch.Tensor, scale: float,
+                chunk: int) -> torch.Tensor:
+    """o [B, T, H, Dv] fp32, unfilled."""
+    B, T, H, _ = q.shape
+    return torch.empty(B, T, H, v.shape[-1], dtype=torch.float32, device=q.device)
+
+
+def fwd_o(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gc: torch.Tensor, hs: torch.Tensor, scale: float,
+          chunk: int) -> torch.Tensor:
+    """``_gla_fwd_o``: o from the chunk-start states ``hs``."""
+    o = fwd_o_empty(q, k, v, gc, hs, scale, chunk)
+    B, T, H, Dk = q.shape
+    Dv, NT = v.shape[-1], hs.shape[1]
+    meta = _meta(q, Dk, Dv, chunk)
+    BC = min(SUB_CHUNK, chunk)
+    _launch("fwd_o", (triton.cdiv(T, BC), triton.cdiv(Dv, meta["BV"]), B * H), q, k, v, gc, hs, o,
+            *strides4(q), *strides4(k), *strides4(v), *strides4(o), T, H, NT, float(scale), BC=BC, **meta)
+    return o
+
+
+def bwd_empty(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, gc: torch.Tensor,
+              hs: torch.Tensor, dhs: torch.Tensor, scale: float, chunk: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, per-channel gate terms [B, T, H, Dk]) fp32, unfilled."""
+    B, T, H, Dk = q.shape
+    dq = torch.empty(B, T, H, Dk, dtype=torch.float32, device=q.device)
+    dk, dgp = torch.empty_like(dq), torch.empty_like(dq)
+    return dq, dk, torch.empty(B, T, H, v.shape[-1], dtype=torch.float32, device=q.device), dgp
+
+
+def bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, gc: torch.Tensor, hs: torch.Tensor,
+        dhs: torch.Tensor, scale: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_gla_bwd_dv`` and ``_gla_bwd_dqk`` from the chunk-start states ``hs`` and the chunk-end
+    state gradients ``dhs`` (the gate terms are turned into dg by the caller)."""
+    dq, dk, dv, dgp = bwd_empty(q, k, v, do, gc, hs, dhs, scale, chunk)
+    B, T, H, Dk = q.shape
+    Dv, NT = v.shape[-1], hs.shape[1]
+    meta = _meta(q, Dk, Dv, chunk)
+    BC = min(SUB_CHUNK, chunk)
+    n_sub = triton.cdiv(T, BC)  # sub-chunks holding tokens: the parallel kernels' first axis
+    _launch("bwd_dv", (n_sub, triton.cdiv(Dv, meta["BV"]), B * H), q, k, do, gc, dhs, dv,
+            *strides4(q), *strides4(k), *strides4(do), *strides4(dv), T, H, NT, float(scale), BC=BC, **meta)
+    _launch("bwd_dqk", (n_sub, triton.cdiv(Dk, meta["BK"]), B * H), q, k, v, do, gc, hs, dhs, dq, dk, dgp,
+            *strides4(q), *strides4(k), *strides4(v), *strides4(do), *strides4(dq), T, H, NT, float(scale),
+            BC=BC, **meta)
+    return dq, dk, dv, dgp
+
+
 class TritonGlaChunkedRun:
     """One run of tokens of chunked GLA on the Triton kernels, in the stages of the chunked-run
     protocol (same methods and results as :class:`seqpar.kernels.gla_reference.GlaChunkedRun`, up
     to rounding): states (forward state pass) -> outputs (``_gla_fwd_o``); state gradients
     (reverse state pass) -> input gradients (``_gla_bwd_dv``, ``_gla_bwd_dqk``). Chunk states are
     fp32 [B, H, NT, Dk, Dv] views of the kernels' [B*H, NT, Dk, Dv] buffers. float64 inputs run
-    on :class:`GlaChunkedRun`."""
+    on :class:`GlaChunkedRun`. Every launch goes through its ``seqpar::gla_triton_*`` op
+    (:mod:`seqpar.kernels.custom_ops`)."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, g: torch.Tensor,
                  scale: float | None = None, chunk_size: int = DEFAULT_CHUNK):
@@ -478,13 +564,6 @@ class TritonGlaChunkedRun:
         self.q, self.k, self.v = q, k, v
         self.BT = _chunk(chunk_size)
         self.NT = triton.cdiv(self.T, self.BT)
-        self.BC = min(SUB_CHUNK, self.BT)
-        self.n_sub = triton.cdiv(self.T, self.BC)  # sub-chunks holding tokens: the parallel kernels' first axis
-        self.meta = dict(DK=self.Dk, DV=self.Dv, BT=self.BT,
-                         BK=max(16, min(32, triton.next_power_of_2(self.Dk))),
-                         BV=max(16, min(32 if interpreting() or q.dtype == torch.float32 else 64,
-                                        triton.next_power_of_2(self.Dv))),
-                         PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
         self.gc = _gate_cumsum(g, self.NT, self.BT)
         self.log_chunk = self.gc.view(self.B, self.H, self.NT, self.BT, self.Dk)[:, :, :, -1].contiguous()
 
@@ -505,17 +584,10 @@ class TritonGlaChunkedRun:
 
     def _state_pass(self, x: torch.Tensor, y: torch.Tensor, init: torch.Tensor | None, reverse: bool
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        B, H, NT, Dk, Dv = self.B, self.H, self.NT, self.Dk, self.Dv
-        hs = torch.empty(B * H, NT, Dk, Dv, dtype=torch.float32, device=x.device)
-        last = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=x.device)
         if init is not None:
             _check_state("initial_state" if not reverse else "dht", init, self._state_shape(), x.device)
-            init = init.float().contiguous()
-        grid = lambda META: (triton.cdiv(Dk, META["BK"]), triton.cdiv(Dv, META["BV"]), B * H)  # noqa: E731
-        _launch("state", grid, x, y, self.gc, init if init is not None else hs, hs, last,
-                *strides4(x), *strides4(y), self.T, H, NT, float(self.scale),
-                REVERSE=reverse, USE_INIT=init is not None, **self.meta)
-        return hs.view(B, H, NT, Dk, Dv), last
+        hs, last = custom_ops.gla_triton_state(x, y, self.gc, init, float(self.scale), self.BT, reverse)
+        return hs.view(self.B, self.H, self.NT, self.Dk, self.Dv), last
 
     def states(self, initial_state: torch.Tensor | None = None) -> ChunkStates:
         """Stage 1 of the forward: the state at every chunk start and after the run."""
@@ -533,13 +605,8 @@ class TritonGlaChunkedRun:
         """Stage 2 of the forward: o [B, T, H, Dv] fp32."""
         if self._torch is not None:
             return self._torch.outputs(states)
-        q, k, v, B, T, H = self.q, self.k, self.v, self.B, self.T, self.H
-        o = torch.empty(B, T, H, self.Dv, dtype=torch.float32, device=q.device)
-        _launch("fwd_o", (self.n_sub, triton.cdiv(self.Dv, self.meta["BV"]), B * H),
-                q, k, v, self.gc, self._flat(states.starts), o,
-                *strides4(q), *strides4(k), *strides4(v), *strides4(o), T, H, self.NT, float(self.scale),
-                BC=self.BC, **self.meta)
-        return o
+        return custom_ops.gla_triton_fwd_o(self.q, self.k, self.v, self.gc, self._flat(states.starts),
+                                           float(self.scale), self.BT)
 
     def _grad_input(self, do: torch.Tensor) -> torch.Tensor:
         if tuple(do.shape) != (self.B, self.T, self.H, self.Dv):
@@ -568,21 +635,10 @@ class TritonGlaChunkedRun:
         ``dht``, which dg's boundary term needs too)."""
         if self._torch is not None:
             return self._torch.input_grads(do, states, grads, dht)
-        q, k, v, B, T, H, NT = self.q, self.k, self.v, self.B, self.T, self.H, self.NT
-        do = self._grad_input(do)
-        hs, dhs = self._flat(states.starts), self._flat(grads.ends)
-        BC, n_sub = self.BC, self.n_sub
-        dq = torch.empty(B, T, H, self.Dk, dtype=torch.float32, device=q.device)
-        dk, dgp = torch.empty_like(dq), torch.empty_like(dq)
-        dv = torch.empty(B, T, H, self.Dv, dtype=torch.float32, device=q.device)
-        _launch("bwd_dv", (n_sub, triton.cdiv(self.Dv, self.meta["BV"]), B * H), q, k, do, self.gc, dhs, dv,
-                *strides4(q), *strides4(k), *strides4(do), *strides4(dv), T, H, NT, float(self.scale),
-                BC=BC, **self.meta)
-        _launch("bwd_dqk", (n_sub, triton.cdiv(self.Dk, self.meta["BK"]), B * H),
-                q, k, v, do, self.gc, hs, dhs, dq, dk, dgp,
-                *strides4(q), *strides4(k), *strides4(v), *strides4(do), *strides4(dq), T, H, NT, float(self.scale),
-                BC=BC, **self.meta)
+        dq, dk, dv, dgp = custom_ops.gla_triton_bwd(self.q, self.k, self.v, self._grad_input(do), self.gc,
+                                                    self._flat(states.starts), self._flat(grads.ends),
+                                                    float(self.scale), self.BT)
         if dht is not None:
-            _check_state("dht", dht, self._state_shape(), q.device)
+            _check_state("dht", dht, self._state_shape(), self.q.device)
         dg = key_gate_grad(dgp, dht, states.final if dht is not None else None)
         return {"q": dq, "k": dk, "v": dv, "g": dg}

@@ -255,8 +255,19 @@ def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     check_linear_inputs(q, k, v, g, g_gamma, initial_state, beta, use_qk_l2norm)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    resolve_backend(backend, q.device)
+    on_triton = (resolve_backend(backend, q.device) == "triton" and q.dtype != torch.float64
+                 and linear_family(g, beta) != "kda")
     kwargs = dict(g_gamma=g_gamma, scale=default_scale(q, scale), chunk_size=chunk_size, backend=backend,
                   use_qk_l2norm=use_qk_l2norm)
-    o, final = _ChunkLinearAttention.apply(q, k, v, g, beta, initial_state, kwargs, output_final_state)
+    # the Triton runs are seqpar:: ops and torch glue (torch.compile traces them whole); the torch
+    # runs read their chunks' decays on the host, so under torch.compile they run eagerly
+    apply = _ChunkLinearAttention.apply if on_triton else _apply_eagerly
+    o, final = apply(q, k, v, g, beta, initial_state, kwargs, output_final_state)
     return o, (final if output_final_state else None)
+
+
+@torch.compiler.disable(reason="the torch chunked runs read their chunks' decays on the host (exact or "
+                               "factorised form): they run eagerly")
+def _apply_eagerly(*args):
+    """``_ChunkLinearAttention.apply(*args)`` outside torch.compile's graphs (one graph break)."""
+    return _ChunkLinearAttention.apply(*args)

@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from seqpar.kernels.linear_transitions import ScalarDecay
-from seqpar.kernels.triton_common import check_int32_offsets, interpreting, strides4
+from seqpar.kernels import custom_ops
+from seqpar.kernels.triton_common import check_int32_offsets, check_launch_device, interpreting, strides4
 
 from seqpar.kernels.linear_reference import (
     ChunkStateGrads,
@@ -363,6 +364,7 @@ _tuned = {
 def _launch(name: str, grid, *args, **meta) -> None:
     """Launch kernel ``name``; ``grid`` is a tuple, or a function of the meta-parameters for the
     state kernels, whose (BK, BV) tiles are autotuned."""
+    check_launch_device(args[0])
     if interpreting():
         # Under the interpreter the autotuner would try to time configs (no driver): launch directly.
         _raw[name][grid(meta) if callable(grid) else grid](*args, **meta)
@@ -391,9 +393,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g, g_gamma, initia
     for name, t in (("k", k), ("v", v), ("g", g), ("g_gamma", g_gamma), ("initial_state", initial_state)):
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if q.device.type != "cuda" and not interpreting():
-        raise ValueError(f"the Triton kernels need CUDA tensors (got {q.device}); on CPU use the torch backend "
-                         "or set TRITON_INTERPRET=1 before importing the kernel module")
     if g is not None and tuple(g.shape) != (B, T, H):
         raise ValueError(f"g must be [B, T, H] = {(B, T, H)}; got {tuple(g.shape)}")
     if g_gamma is not None and tuple(g_gamma.shape) != (H,):
@@ -434,16 +433,123 @@ def _gate_cumsum(g, g_gamma, B: int, T: int, H: int, NT: int, BT: int, device) -
     return gp.view(B * H, NT, BT).cumsum(-1).view(B * H, NT * BT)
 
 
-def _states(k, v, gc, initial_state, B, T, H, Dk, Dv, NT, meta, store_final: bool):
-    hs_dtype = torch.bfloat16 if k.dtype == torch.bfloat16 and not interpreting() else torch.float32
-    hs = torch.empty(B * H, NT, Dk, Dv, dtype=hs_dtype, device=k.device)
-    ht = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=k.device) if store_final else hs
-    h0 = initial_state.float().contiguous() if initial_state is not None else hs
-    gptr = gc if gc is not None else hs
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the per-chunk state buffers: bf16 for bf16 inputs on a GPU (fla's choice), else fp32."""
+    return torch.bfloat16 if dtype == torch.bfloat16 and not interpreting() else torch.float32
+
+
+def _prec_h(hs: torch.Tensor, q: torch.Tensor, meta: dict) -> str:
+    """Dot precision against the chunk states: tf32 for fp32 states of 16-bit inputs."""
+    return "tf32" if hs.dtype == torch.float32 and q.dtype != torch.float32 else meta["PRECISION"]
+
+
+# The launches, one function per kernel call: ``<stage>_empty`` allocates what ``<stage>`` returns
+# (the fake implementation of its ``seqpar::linear_triton_<stage>`` op, seqpar.kernels.custom_ops);
+# ``<stage>`` allocates the same and launches. q, k [B, T, H, Dk], v / do [B, T, H, Dv] with any
+# strides; gc the chunk-local cumulative gate [B*H, NT*BT] or None; chunk states flat
+# [B*H, NT, Dk, Dv] contiguous; ``chunk`` the tile length BT (16, 32, 64 or 128).
+
+
+def fwd_h_empty(k: torch.Tensor, v: torch.Tensor, gc: torch.Tensor | None, h0: torch.Tensor | None,
+                chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chunk-start states [B*H, NT, Dk, Dv], final state [B, H, Dk, Dv] fp32), unfilled."""
+    B, T, H, Dk = k.shape
+    Dv, NT = v.shape[-1], triton.cdiv(T, chunk)
+    return (torch.empty(B * H, NT, Dk, Dv, dtype=_state_dtype(k.dtype), device=k.device),
+            torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=k.device))
+
+
+def fwd_h(k: torch.Tensor, v: torch.Tensor, gc: torch.Tensor | None, h0: torch.Tensor | None,
+          chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_lin_fwd_h``: the state at every chunk start from ``h0`` (None: zero) and the final state."""
+    hs, ht = fwd_h_empty(k, v, gc, h0, chunk)
+    B, T, H, Dk = k.shape
+    Dv, NT = v.shape[-1], hs.shape[1]
+    h0_c = h0.float().contiguous() if h0 is not None else hs
     grid = lambda META: (triton.cdiv(Dk, META["BK"]), triton.cdiv(Dv, META["BV"]), B * H)  # noqa: E731
-    _launch("fwd_h", grid, k, v, gptr, h0, hs, ht, *strides4(k), *strides4(v), T, H, NT,
-            USE_G=gc is not None, USE_H0=initial_state is not None, STORE_HT=store_final, **meta)
-    return hs, (ht if store_final else None)
+    _launch("fwd_h", grid, k, v, gc if gc is not None else hs, h0_c, hs, ht, *strides4(k), *strides4(v), T, H, NT,
+            USE_G=gc is not None, USE_H0=h0 is not None, STORE_HT=True, **_meta(k, Dk, Dv, chunk))
+    return hs, ht
+
+
+def fwd_o_empty(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gc: torch.Tensor | None, hs: torch.Tensor,
+                scale: float, chunk: int) -> torch.Tensor:
+    """o [B, T, H, Dv] fp32, unfilled."""
+    B, T, H, _ = q.shape
+    return torch.empty(B, T, H, v.shape[-1], dtype=torch.float32, device=q.device)
+
+
+def fwd_o(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gc: torch.Tensor | None, hs: torch.Tensor,
+          scale: float, chunk: int) -> torch.Tensor:
+    """``_lin_fwd_o``: o = scale [(Q K^T * D) V + (Q * exp(b)) S_c] from the chunk-start states ``hs``."""
+    o = fwd_o_empty(q, k, v, gc, hs, scale, chunk)
+    B, T, H, Dk = q.shape
+    Dv, NT = v.shape[-1], hs.shape[1]
+    meta = _meta(q, Dk, Dv, chunk)
+    _launch("fwd_o", (triton.cdiv(Dv, meta["BV"]), NT, B * H), q, k, v, gc if gc is not None else hs, hs, o,
+            *strides4(q), *strides4(k), *strides4(v), *strides4(o), T, H, NT, float(scale),
+            USE_G=gc is not None, PRECISION_H=_prec_h(hs, q, meta), **meta)
+    return o
+
+
+def bwd_dh_empty(q: torch.Tensor, do: torch.Tensor, gc: torch.Tensor | None, dht: torch.Tensor | None,
+                 scale: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chunk-end state gradients [B*H, NT, Dk, Dv], initial-state gradient [B, H, Dk, Dv] fp32), unfilled."""
+    B, T, H, Dk = q.shape
+    Dv, NT = do.shape[-1], triton.cdiv(T, chunk)
+    return (torch.empty(B * H, NT, Dk, Dv, dtype=_state_dtype(q.dtype), device=q.device),
+            torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=q.device))
+
+
+def bwd_dh(q: torch.Tensor, do: torch.Tensor, gc: torch.Tensor | None, dht: torch.Tensor | None,
+           scale: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_lin_bwd_dh``: the reverse walk from ``dht`` (None: zero); ``do`` in q's dtype."""
+    dhs, dh0 = bwd_dh_empty(q, do, gc, dht, scale, chunk)
+    B, T, H, Dk = q.shape
+    Dv, NT = do.shape[-1], dhs.shape[1]
+    dht_c = dht.float().contiguous() if dht is not None else None
+    _launch("bwd_dh", lambda META: (triton.cdiv(Dk, META["BK"]), triton.cdiv(Dv, META["BV"]), B * H),
+            q, do, gc if gc is not None else dhs, dht_c if dht_c is not None else dhs, dhs, dh0,
+            *strides4(q), *strides4(do), T, H, NT, float(scale),
+            USE_G=gc is not None, USE_DHT=dht is not None, STORE_DH0=True, **_meta(q, Dk, Dv, chunk))
+    return dhs, dh0
+
+
+def bwd_empty(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, gc: torch.Tensor | None,
+              hs: torch.Tensor, dhs: torch.Tensor, scale: float, chunk: int, want_dg: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk [B, T, H, Dk], dv [B, T, H, Dv], per-tile gate terms [NK, B*H, NT*BT] (``want_dg``:
+    per-token gates g; else empty)), fp32, zero-filled."""
+    B, T, H, Dk = q.shape
+    Dv, NT = v.shape[-1], hs.shape[1]
+    dq = torch.zeros(B, T, H, Dk, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(B, T, H, Dv, dtype=torch.float32, device=q.device)
+    NK = triton.cdiv(Dk, _meta(q, Dk, Dv, chunk)["BK"])
+    # zero-filled: the kernel writes the tokens < T only (the padding of the last chunk stays 0)
+    dgp = (torch.zeros(NK, B * H, NT * chunk, dtype=torch.float32, device=q.device) if want_dg
+           else torch.empty(0, dtype=torch.float32, device=q.device))
+    return dq, torch.zeros_like(dq), dv, dgp
+
+
+def bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, gc: torch.Tensor | None,
+        hs: torch.Tensor, dhs: torch.Tensor, scale: float, chunk: int, want_dg: bool
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_lin_bwd_dv`` and ``_lin_bwd_dqk`` from the chunk-start states ``hs`` and chunk-end state
+    gradients ``dhs``; ``do`` in q's dtype. The gate terms are summed into dg by the caller."""
+    dq, dk, dv, dgp = bwd_empty(q, k, v, do, gc, hs, dhs, scale, chunk, want_dg)
+    B, T, H, Dk = q.shape
+    Dv, NT = v.shape[-1], hs.shape[1]
+    meta = _meta(q, Dk, Dv, chunk)
+    gptr = gc if gc is not None else hs
+    prec_h = _prec_h(hs, q, meta)
+    _launch("bwd_dv", (triton.cdiv(Dv, meta["BV"]), NT, B * H), q, k, do, gptr, dhs, dv,
+            *strides4(q), *strides4(k), *strides4(do), *strides4(dv), T, H, NT, float(scale),
+            USE_G=gc is not None, PRECISION_H=prec_h, **meta)
+    NK = triton.cdiv(Dk, meta["BK"])
+    _launch("bwd_dqk", (NK, NT, B * H), q, k, v, do, gptr, hs, dhs, dq, dk, dgp if want_dg else hs,
+            *strides4(q), *strides4(k), *strides4(v), *strides4(do), *strides4(dq), T, H, NT, float(scale),
+            USE_G=gc is not None, PRECISION_H=prec_h, STORE_DG=want_dg, **meta)
+    return dq, dk, dv, dgp
 
 
 class TritonChunkedRun:
@@ -451,7 +557,8 @@ class TritonChunkedRun:
     :class:`seqpar.kernels.linear_reference.ChunkedRun` (same methods, same results up to the
     kernels' rounding): states (``_lin_fwd_h``) -> outputs (``_lin_fwd_o``); state gradients
     (``_lin_bwd_dh``) -> input gradients (``_lin_bwd_dv``, ``_lin_bwd_dqk``). Chunk states are
-    [B, H, NT, Dk, Dv] views of the kernels' [B*H, NT, Dk, Dv] buffers (bf16 for bf16 inputs)."""
+    [B, H, NT, Dk, Dv] views of the kernels' [B*H, NT, Dk, Dv] buffers (bf16 for bf16 inputs).
+    Every launch goes through its ``seqpar::linear_triton_*`` op (:mod:`seqpar.kernels.custom_ops`)."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, g: torch.Tensor | None = None,
                  g_gamma: torch.Tensor | None = None, scale: float | None = None, chunk_size: int = DEFAULT_CHUNK):
@@ -465,7 +572,6 @@ class TritonChunkedRun:
         self.want_dg = g is not None
         self.BT = _chunk(chunk_size)
         self.NT = triton.cdiv(self.T, self.BT)
-        self.meta = _meta(q, self.Dk, self.Dv, self.BT)
         self.gc = _gate_cumsum(g, g_gamma, self.B, self.T, self.H, self.NT, self.BT, q.device)
         self.log_chunk = (None if self.gc is None
                           else self.gc.view(self.B, self.H, self.NT, self.BT)[..., -1].contiguous())
@@ -480,39 +586,21 @@ class TritonChunkedRun:
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(self.B * self.H, self.NT, self.Dk, self.Dv).contiguous()
 
-    def _prec_h(self, hs: torch.Tensor) -> str:
-        return "tf32" if hs.dtype == torch.float32 and self.q.dtype != torch.float32 else self.meta["PRECISION"]
-
     def states(self, initial_state: torch.Tensor | None = None) -> ChunkStates:
-        hs, ht = _states(self.k, self.v, self.gc, initial_state, self.B, self.T, self.H, self.Dk, self.Dv,
-                         self.NT, self.meta, True)
+        hs, ht = custom_ops.linear_triton_fwd_h(self.k, self.v, self.gc, initial_state, self.BT)
         return ChunkStates(hs.view(self.B, self.H, self.NT, self.Dk, self.Dv), ht)
 
     def with_initial_state(self, states: ChunkStates, initial_state: torch.Tensor) -> ChunkStates:
         return shift_states(states, self.log_chunk, initial_state.float())
 
     def outputs(self, states: ChunkStates) -> torch.Tensor:
-        q, k, v, T, H, NT = self.q, self.k, self.v, self.T, self.H, self.NT
-        hs = self._flat(states.starts)
-        o = torch.empty(self.B, T, H, self.Dv, dtype=torch.float32, device=q.device)
-        _launch("fwd_o", (triton.cdiv(self.Dv, self.meta["BV"]), NT, self.B * H), q, k, v,
-                self.gc if self.gc is not None else hs, hs, o,
-                *strides4(q), *strides4(k), *strides4(v), *strides4(o), T, H, NT, float(self.scale),
-                USE_G=self.gc is not None, PRECISION_H=self._prec_h(hs), **self.meta)
-        return o
+        return custom_ops.linear_triton_fwd_o(self.q, self.k, self.v, self.gc, self._flat(states.starts),
+                                              float(self.scale), self.BT)
 
     def state_grads(self, do: torch.Tensor, dht: torch.Tensor | None = None) -> ChunkStateGrads:
-        B, T, H, NT, Dk, Dv = self.B, self.T, self.H, self.NT, self.Dk, self.Dv
-        do = self._grad_input(do)
-        hs_dtype = torch.bfloat16 if self.k.dtype == torch.bfloat16 and not interpreting() else torch.float32
-        dhs = torch.empty(B * H, NT, Dk, Dv, dtype=hs_dtype, device=do.device)
-        dh0 = torch.empty(B, H, Dk, Dv, dtype=torch.float32, device=do.device)
-        dht_c = dht.float().contiguous() if dht is not None else None
-        _launch("bwd_dh", lambda META: (triton.cdiv(Dk, META["BK"]), triton.cdiv(Dv, META["BV"]), B * H),
-                self.q, do, self.gc if self.gc is not None else dhs, dht_c if dht_c is not None else dhs, dhs, dh0,
-                *strides4(self.q), *strides4(do), T, H, NT, float(self.scale),
-                USE_G=self.gc is not None, USE_DHT=dht is not None, STORE_DH0=True, **self.meta)
-        return ChunkStateGrads(dhs.view(B, H, NT, Dk, Dv), dh0)
+        dhs, dh0 = custom_ops.linear_triton_bwd_dh(self.q, self._grad_input(do), self.gc, dht, float(self.scale),
+                                                   self.BT)
+        return ChunkStateGrads(dhs.view(self.B, self.H, self.NT, self.Dk, self.Dv), dh0)
 
     def with_final_grad(self, grads: ChunkStateGrads, dht: torch.Tensor) -> ChunkStateGrads:
         return shift_state_grads(grads, self.log_chunk, dht.float())
@@ -526,22 +614,10 @@ class TritonChunkedRun:
 
     def input_grads(self, do: torch.Tensor, states: ChunkStates, grads: ChunkStateGrads,
                     dht: torch.Tensor | None = None):
-        q, k, v, B, T, H, NT = self.q, self.k, self.v, self.B, self.T, self.H, self.NT
-        do = self._grad_input(do)
-        hs, dhs = self._flat(states.starts), self._flat(grads.ends)
-        gptr = self.gc if self.gc is not None else hs
-        dq = torch.zeros(B, T, H, self.Dk, dtype=torch.float32, device=q.device)
-        dk = torch.zeros_like(dq)
-        dv = torch.zeros(B, T, H, self.Dv, dtype=torch.float32, device=q.device)
-        prec_h = self._prec_h(hs)
-        _launch("bwd_dv", (triton.cdiv(self.Dv, self.meta["BV"]), NT, B * H), q, k, do, gptr, dhs, dv,
-                *strides4(q), *strides4(k), *strides4(do), *strides4(dv), T, H, NT, float(self.scale),
-                USE_G=self.gc is not None, PRECISION_H=prec_h, **self.meta)
-        NK = triton.cdiv(self.Dk, self.meta["BK"])
-        dgp = torch.empty(NK, B * H, NT * self.BT, dtype=torch.float32, device=q.device) if self.want_dg else hs
-        _launch("bwd_dqk", (NK, NT, B * H), q, k, v, do, gptr, hs, dhs, dq, dk, dgp,
-                *strides4(q), *strides4(k), *strides4(v), *strides4(do), *strides4(dq), T, H, NT, float(self.scale),
-                USE_G=self.gc is not None, PRECISION_H=prec_h, STORE_DG=self.want_dg, **self.meta)
+        B, T, H = self.B, self.T, self.H
+        dq, dk, dv, dgp = custom_ops.linear_triton_bwd(self.q, self.k, self.v, self._grad_input(do), self.gc,
+                                                       self._flat(states.starts), self._flat(grads.ends),
+                                                       float(self.scale), self.BT, self.want_dg)
         dg = None
         if self.want_dg:
             d = dgp.sum(0)[:, :T].view(B, H, T)  # sum_k (q dq - k dk) per token

@@ -13,9 +13,12 @@ c * tanh(scale * q.k / c), capped before the mask; lse is of the capped scores, 
 row-global lse handed to a backward must be too.
 
 Every function takes ``window_offset`` and ``softcap`` as keyword-only arguments (default None)
-and validates them (:func:`check_mask_args`). The ``sdpa`` backend masks windows on CPU only and
-never caps logits: such blocks run on the reference (CPU) or Triton (CUDA), see
-:func:`block_backend`.
+and validates them (:func:`check_mask_args`). The block itself runs as a torch custom op
+(``seqpar::attention_block_forward`` / ``_backward`` / ``_accumulate_triton``,
+:mod:`seqpar.kernels.custom_ops`), so that FakeTensor and torch.compile trace it; the choice of
+backend (and, for sdpa's backward, the ``out`` it needs) is made here, outside the op. The
+``sdpa`` backend masks windows on CPU only and never caps logits: such blocks run on the
+reference (CPU) or Triton (CUDA), see :func:`block_backend`.
 """
 from __future__ import annotations
 
@@ -24,11 +27,8 @@ from typing import NamedTuple
 
 import torch
 
-from seqpar.kernels.softmax_reference import (
-    attention_block_backward_reference,
-    attention_block_forward_reference,
-    compute_dtype,
-)
+from seqpar.kernels import custom_ops
+from seqpar.kernels.softmax_reference import compute_dtype
 from seqpar.masks import check_softcap
 
 BACKENDS = ("auto", "torch", "triton", "sdpa")
@@ -86,12 +86,6 @@ def _chosen_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return chosen
 
 
-def _triton():
-    from seqpar.kernels import softmax_triton
-
-    return softmax_triton
-
-
 def attention_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
                             diagonal_offset: int | None = None, backend: str = "auto",
                             window_offset: int | None = None, softcap: float | None = None
@@ -105,15 +99,9 @@ def attention_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
 def _forward(chosen: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
              diagonal_offset: int | None, window_offset: int | None, softcap: float | None
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`attention_block_forward` on the ``chosen`` backend, arguments already checked."""
-    if chosen == "triton":
-        return _triton().attention_block_forward_triton(q, k, v, scale=scale, diagonal_offset=diagonal_offset,
-                                                        window_offset=window_offset, softcap=softcap)
-    if chosen == "sdpa":
-        return _sdpa().attention_block_forward_sdpa(q, k, v, scale=scale, diagonal_offset=diagonal_offset,
-                                                    window_offset=window_offset, softcap=softcap)
-    return attention_block_forward_reference(q, k, v, scale=scale, diagonal_offset=diagonal_offset,
-                                             window_offset=window_offset, softcap=softcap)
+    """:func:`attention_block_forward` on the ``chosen`` backend, arguments already checked: the
+    ``seqpar::attention_block_forward`` op (:mod:`seqpar.kernels.custom_ops`)."""
+    return custom_ops.attention_block_forward(q, k, v, chosen, float(scale), diagonal_offset, window_offset, softcap)
 
 
 def output_delta(out: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
@@ -137,20 +125,22 @@ def attention_block_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     block that falls back (softcap, ...) computes delta from it."""
     diagonal_offset, window_offset, softcap = check_mask_args(diagonal_offset, window_offset, softcap)
     chosen = _chosen_backend(backend, q, k, v, diagonal_offset, window_offset, softcap)
-    if chosen == "sdpa":
-        return _sdpa().attention_block_backward_sdpa(do, q, k, v, lse, delta, scale=scale,
-                                                     diagonal_offset=diagonal_offset, out=out,
-                                                     window_offset=window_offset, softcap=softcap)
-    if delta is None:
-        if out is None:
-            raise ValueError("attention_block_backward needs delta or out")
-        delta = output_delta(out, do)
-    if chosen == "triton":
-        return _triton().attention_block_backward_triton(do, q, k, v, lse, delta, scale=scale,
-                                                         diagonal_offset=diagonal_offset,
-                                                         window_offset=window_offset, softcap=softcap)
-    return attention_block_backward_reference(do, q, k, v, lse, delta, scale=scale, diagonal_offset=diagonal_offset,
-                                              window_offset=window_offset, softcap=softcap)
+    if chosen == "sdpa" and out is None:
+        # the fused op needs an out with rowsum(out * do) = delta: built here (a host read: whether
+        # one exists), so that the op itself reads no tensor data; without one, the reference
+        prepared = _sdpa().backward_operands_sdpa(do, delta)
+        if prepared is None:
+            chosen = "torch"
+        else:
+            do, delta, out = prepared
+    if chosen != "sdpa":
+        if delta is None:
+            if out is None:
+                raise ValueError("attention_block_backward needs delta or out")
+            delta = output_delta(out, do)
+        out = None  # only the fused ops read it
+    return custom_ops.attention_block_backward(do, q, k, v, lse, delta, out, chosen, float(scale), diagonal_offset,
+                                               window_offset, softcap)
 
 
 class BackwardOperands(NamedTuple):
@@ -211,11 +201,8 @@ def attention_block_accumulate_(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     diagonal_offset, window_offset, softcap = check_mask_args(diagonal_offset, window_offset, softcap)
     chosen = _chosen_backend(backend, q, k, v, diagonal_offset, window_offset, softcap)
     if chosen == "triton":
-        triton_mod = _triton()
-        fused = getattr(triton_mod, "attention_block_accumulate_triton_", None)
-        if fused is not None:
-            fused(q, k, v, o_acc, lse_acc, scale=scale, diagonal_offset=diagonal_offset,
-                  window_offset=window_offset, softcap=softcap)
-            return
+        custom_ops.attention_block_accumulate_triton(q, k, v, o_acc, lse_acc, float(scale), diagonal_offset,
+                                                     window_offset, softcap)
+        return
     o_blk, lse_blk = _forward(chosen, q, k, v, scale, diagonal_offset, window_offset, softcap)
     merge_partials_(o_acc, lse_acc, o_blk, lse_blk)

@@ -311,8 +311,11 @@ _MASK_CACHE_ELEMS = 1 << 21  # larger masks are built per call (their op costs f
 def _additive_mask(tq: int, tk: int, diagonal_offset: int | None, window_offset: int, dtype: torch.dtype,
                    device: torch.device) -> torch.Tensor:
     """[1, 1, tq, tk] additive mask (0 visible, -inf hidden) of the band, in ``dtype`` (the fused
-    CPU ops want the query's dtype). Read-only: small ones are shared through a cache."""
-    if tq * tk > _MASK_CACHE_ELEMS:
+    CPU ops want the query's dtype). Read-only: small ones are shared through a cache, except
+    while a FakeTensorMode traces (FakeTensor, torch.compile): a fake mask must never be cached
+    for real calls, nor a real one handed to a fake call."""
+    faking = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+    if tq * tk > _MASK_CACHE_ELEMS or faking:
         return _cached_mask.__wrapped__(tq, tk, diagonal_offset, window_offset, dtype, device)
     return _cached_mask(tq, tk, diagonal_offset, window_offset, dtype, device)
 

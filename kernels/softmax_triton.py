@@ -45,13 +45,15 @@ from seqpar.kernels.softmax_reference import (
     attention_block_backward_reference,
     attention_block_forward_reference,
 )
-from seqpar.kernels.triton_common import check_int32_offsets, interpreting, strides4
+from seqpar.kernels.triton_common import check_int32_offsets, check_launch_device, interpreting, strides4
 from seqpar.masks import check_softcap
 
 __all__ = [
     "attention_block_forward_triton",
     "attention_block_backward_triton",
     "attention_block_accumulate_triton_",
+    "attention_block_forward_triton_empty",
+    "attention_block_backward_triton_empty",
 ]
 
 LOG2E = 1.4426950408889634
@@ -600,9 +602,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int,
         raise ValueError(f"unsupported dtype {q.dtype} for the Triton kernel")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
-    if q.device.type != "cuda" and not interpreting():
-        raise ValueError(f"the Triton kernels need CUDA tensors (got {q.device}); on CPU use the torch backend "
-                         "or set TRITON_INTERPRET=1 before importing the kernel module")
     return B, Tq, Hq, D, Tk, Hkv, Dv
 
 
@@ -653,6 +652,7 @@ _INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 16}
 
 
 def _launch(tuned, raw, grid, *args, **meta) -> None:
+    check_launch_device(args[0])
     if interpreting():
         raw[grid(_INTERPRET_BLOCKS)](*args, **meta, **_INTERPRET_BLOCKS)
     else:
@@ -689,13 +689,32 @@ def attention_block_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     if q.dtype == torch.float64:
         return attention_block_forward_reference(q, k, v, scale=scale, diagonal_offset=diagonal_offset,
                                                  window_offset=window_offset, softcap=softcap)
-    B, Tq, Hq, D, Tk, Hkv, Dv = _check(q, k, v)
-    o = torch.empty(B, Tq, Hq, Dv, dtype=torch.float32, device=q.device)
-    lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
+    o, lse = _forward_outputs(q, k, v)
     if not _fwd_launch(q, k, v, o, lse, scale, diagonal_offset, window_offset, softcap, accumulate=False):
         o.zero_()
         lse.fill_(float("-inf"))
     return o, lse
+
+
+def _forward_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's (o, lse) buffers, unfilled (inputs checked)."""
+    B, Tq, Hq, D, Tk, Hkv, Dv = _check(q, k, v)
+    return (torch.empty(B, Tq, Hq, Dv, dtype=torch.float32, device=q.device),
+            torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device))
+
+
+def attention_block_forward_triton_empty(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                                         diagonal_offset: int | None = None, window_offset: int | None = None,
+                                         softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What :func:`attention_block_forward_triton` returns, allocated but not computed (same
+    shapes, dtypes, strides and device; the same input errors): the fake implementation of the
+    ``seqpar::attention_block_forward`` op on this backend. float64 inputs run the reference, which
+    traces under FakeTensor as it is."""
+    check_softcap(softcap)
+    if q.dtype == torch.float64:
+        return attention_block_forward_reference(q, k, v, scale=scale, diagonal_offset=diagonal_offset,
+                                                 window_offset=window_offset, softcap=softcap)
+    return _forward_outputs(q, k, v)
 
 
 def attention_block_accumulate_triton_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_acc: torch.Tensor,
@@ -734,19 +753,13 @@ def attention_block_backward_triton(do: torch.Tensor, q: torch.Tensor, k: torch.
         return attention_block_backward_reference(do, q, k, v, lse, delta, scale=scale,
                                                   diagonal_offset=diagonal_offset, window_offset=window_offset,
                                                   softcap=softcap)
+    dq, dk, dv = _backward_outputs(do, q, k, v, lse, delta)
     B, Tq, Hq, D, Tk, Hkv, Dv = _check(q, k, v)
-    if tuple(do.shape) != (B, Tq, Hq, Dv):
-        raise ValueError(f"do shape {tuple(do.shape)} != o shape {(B, Tq, Hq, Dv)}")
-    if tuple(lse.shape) != (B, Hq, Tq) or tuple(delta.shape) != (B, Hq, Tq):
-        raise ValueError(f"lse {tuple(lse.shape)} / delta {tuple(delta.shape)} must be [B, Hq, Tq] = {(B, Hq, Tq)}")
     if do.dtype != q.dtype:
         do = do.to(q.dtype)
     check_int32_offsets(do=do)
     lse = lse.float()
     delta = delta.float()
-    dq = torch.zeros(B, Tq, Hq, D, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(B, Tk, Hkv, D, dtype=torch.float32, device=q.device)
-    dv = torch.zeros(B, Tk, Hkv, Dv, dtype=torch.float32, device=q.device)
     diag, win, cap_k, cap_out, empty = _band(Tq, Tk, diagonal_offset, window_offset, softcap)
     if Tq == 0 or Tk == 0 or B * Hq == 0 or empty:
         return dq, dk, dv
@@ -761,3 +774,44 @@ def attention_block_backward_triton(do: torch.Tensor, q: torch.Tensor, k: torch.
     _launch(_attn_bwd_dq_tuned, _attn_bwd_dq, grid_q, q, k, v, do, lse, delta, dq, *common, *strides4(dq),
             Tq, Tk, Hq, G, float(scale), float(scale) * LOG2E, *band, **meta)
     return dq, dk, dv
+
+
+def _backward_outputs(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
+                      delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward's zero-filled (dq, dk, dv) buffers (inputs checked)."""
+    B, Tq, Hq, D, Tk, Hkv, Dv = _check(q, k, v)
+    if tuple(do.shape) != (B, Tq, Hq, Dv):
+        raise ValueError(f"do shape {tuple(do.shape)} != o shape {(B, Tq, Hq, Dv)}")
+    if tuple(lse.shape) != (B, Hq, Tq) or tuple(delta.shape) != (B, Hq, Tq):
+        raise ValueError(f"lse {tuple(lse.shape)} / delta {tuple(delta.shape)} must be [B, Hq, Tq] = {(B, Hq, Tq)}")
+    return (torch.zeros(B, Tq, Hq, D, dtype=torch.float32, device=q.device),
+            torch.zeros(B, Tk, Hkv, D, dtype=torch.float32, device=q.device),
+            torch.zeros(B, Tk, Hkv, Dv, dtype=torch.float32, device=q.device))
+
+
+def attention_block_backward_triton_empty(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                          lse: torch.Tensor, delta: torch.Tensor, *, scale: float,
+                                          diagonal_offset: int | None = None, window_offset: int | None = None,
+                                          softcap: float | None = None
+                                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What :func:`attention_block_backward_triton` returns, allocated but not computed (the fake
+    implementation of ``seqpar::attention_block_backward`` on this backend)."""
+    check_softcap(softcap)
+    if q.dtype == torch.float64:
+        return attention_block_backward_reference(do, q, k, v, lse, delta, scale=scale,
+                                                  diagonal_offset=diagonal_offset, window_offset=window_offset,
+                                                  softcap=softcap)
+    return _backward_outputs(do, q, k, v, lse, delta)
+
+
+def check_accumulate_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_acc: torch.Tensor,
+                            lse_acc: torch.Tensor) -> None:
+    """The input errors of :func:`attention_block_accumulate_triton_` (what its fake implementation
+    checks: it writes nothing)."""
+    if q.dtype == torch.float64:
+        return
+    B, Tq, Hq, D, Tk, Hkv, Dv = _check(q, k, v)
+    if o_acc.dtype == torch.float32 and lse_acc.dtype == torch.float32 and (
+            tuple(o_acc.shape) != (B, Tq, Hq, Dv) or tuple(lse_acc.shape) != (B, Hq, Tq)):
+        raise ValueError(f"o_acc {tuple(o_acc.shape)} / lse_acc {tuple(lse_acc.shape)} do not match "
+                         f"[B, Tq, Hq, Dv] = {[B, Tq, Hq, Dv]} / [B, Hq, Tq] = {[B, Hq, Tq]}")

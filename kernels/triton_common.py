@@ -10,6 +10,17 @@ def interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
+def check_launch_device(t: torch.Tensor, cpu_hint: str = "the torch backend") -> None:
+    """Refuse a launch on a tensor Triton cannot run on: CUDA, or any device under the interpreter.
+
+    Called where a kernel is launched (the real implementation of a ``seqpar::`` op), not where
+    shapes are checked: FakeTensor tracing and the compiler run the ops' fake implementations,
+    which allocate the outputs on any device without launching."""
+    if t.device.type != "cuda" and not interpreting():
+        raise ValueError(f"the Triton kernels need CUDA tensors (got {t.device}); on CPU use {cpu_hint} "
+                         "or set TRITON_INTERPRET=1 before importing the kernel module")
+
+
 def check_int32_offsets(**tensors: torch.Tensor | None) -> None:
     """Offsets inside one batch entry are int32 in the kernels: refuse what would overflow."""
     for name, t in tensors.items():

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -46,7 +47,8 @@ from seqpar.config import ModelConfig
 from seqpar.validation import check_head_axis
 from seqpar.kernels.linear import chunk_linear_attention
 from seqpar.kernels.softmax_reference import compute_dtype
-from seqpar.layout import local_positions
+from seqpar.comm.groups import UspGroups
+from seqpar.layout import global_positions, local_positions
 from seqpar.masks import check_documents, check_softcap, check_window, document_positions
 
 
@@ -77,7 +79,9 @@ class ContextParallel:
     @property
     def sp_group(self) -> Any:
         """The plain sequence-parallel group (the ``sp`` member of USP groups)."""
-        return getattr(self.group, "sp", self.group)
+        # isinstance, not getattr(group, "sp", group): torch.compile refuses getattr of a missing
+        # attribute on a ProcessGroup (a hard error, not a graph break)
+        return self.group.sp if isinstance(self.group, UspGroups) else self.group
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,8 +347,9 @@ class SoftmaxAttention(nn.Module):
         check_head_axis(f"{type(self).__name__}.mix", "[b, s, h, d]", q, k, v, num_heads=self.n_heads,
                         num_kv_heads=self.n_kv_heads)
         group = cp.group if cp.strategy == "usp" else cp.sp_group
-        o = seqpar.attention(q, k, v, strategy=cp.strategy, layout=cp.layout, group=group, causal=True, backend=cp.backend,
-                            validate=cp.validate, cu_seqlens=cu_seqlens, window=self.window, softcap=self.softcap)
+        o = _eager(seqpar.attention, q, k, v, strategy=cp.strategy, layout=cp.layout, group=group, causal=True,
+                   backend=cp.backend, validate=cp.validate, cu_seqlens=cu_seqlens, window=self.window,
+                   softcap=self.softcap)
         return o.to(q.dtype)
 
 
@@ -523,9 +528,18 @@ def _mix_recurrent(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch
         gates["cu_seqlens"] = cu_seqlens
     check_head_axis(f"{type(module).__name__}.mix", "[b, s, h, d]", q, k, v, num_heads=n_heads,
                     num_kv_heads=n_heads)
-    o, _ = seqpar.linear_attention(q, k, v, strategy=cp.strategy, layout=cp.layout, group=cp.sp_group,
-                                   backend=cp.backend, validate=cp.validate, **gates)
+    o, _ = _eager(seqpar.linear_attention, q, k, v, strategy=cp.strategy, layout=cp.layout, group=cp.sp_group,
+                  backend=cp.backend, validate=cp.validate, **gates)
     return o.to(q.dtype)
+
+
+@torch.compiler.disable(reason="seqpar's sequence-parallel calls communicate: they run eagerly")
+def _eager(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, kept out of torch.compile's graphs (one graph break per call): the
+    sequence-parallel calls (:func:`seqpar.attention`, :func:`seqpar.linear_attention`) run
+    collectives, hold a per-group lock and plan on the host; their kernels are ``seqpar::`` ops
+    (:mod:`seqpar.kernels.custom_ops`). In eager mode a plain call."""
+    return fn(*args, **kwargs)
 
 
 class FeedForward(nn.Module):
@@ -686,6 +700,10 @@ class HybridLM(nn.Module):
         cp = self.context_parallel
         if cp is None:
             return torch.arange(local_len, device=device)
+        if torch.compiler.is_compiling():  # the same positions from calls torch.compile traces
+            group = cp.sp_group
+            return global_positions(cp.layout, dist.get_rank(group), dist.get_world_size(group), local_len,
+                                    device=device)
         return local_positions(local_len, layout=cp.layout, group=cp.sp_group, device=device)
 
     def document_bounds(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor | Sequence[int] | None
@@ -700,7 +718,9 @@ class HybridLM(nn.Module):
                              f"got shape {tuple(tokens.shape)}; pack the batch into one row")
         cp = self.context_parallel
         world = 1
-        if cp is not None:
+        if cp is not None and torch.compiler.is_compiling():
+            world = dist.get_world_size(cp.sp_group)  # traced as a constant
+        elif cp is not None:
             from seqpar.comm.groups import group_rank_and_size
 
             world = group_rank_and_size(cp.sp_group)[1]
