@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.comm.collectives import _all_gather_dim0
-from seqpar.comm.groups import UspGroups, group_rank_and_size
+from seqpar.comm.groups import UspGroups, group_rank_and_size, sp_group_of
 
 VALIDATE_MODES = ("cached", "always", "off")
 
@@ -93,7 +93,7 @@ def check_same_on_all_ranks(fields: Mapping[str, Any], group: Any, *, what: str,
     input cannot leave the others waiting in a collective. Raises a ValueError naming each field
     that differs and every rank's value. ``group`` may be a UspGroups (its ``sp`` group is used).
     """
-    group = getattr(group, "sp", group)
+    group = sp_group_of(group)
     rank, world_size = group_rank_and_size(group)
     if world_size == 1:
         if local_error is not None:
@@ -249,7 +249,7 @@ def check_agreement(fields: Mapping[str, Any], group: Any, *, what: str, mode: s
             raise local_error
         return
     if not (dist.is_available() and dist.is_initialized()):
-        group_rank_and_size(getattr(group, "sp", group))  # raises if a group was given without distributed
+        group_rank_and_size(sp_group_of(group))  # raises if a group was given without distributed
         if local_error is not None:
             raise local_error
         return

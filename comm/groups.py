@@ -11,13 +11,21 @@ import torch
 import torch.distributed as dist
 
 
+def sp_group_of(group: Any) -> Any:
+    """The flat sequence-parallel ProcessGroup of ``group``: its ``sp`` field for
+    :class:`UspGroups` / :class:`SequenceParallelGroups`, else ``group`` itself. (An isinstance
+    test, not ``getattr(group, "sp", group)``: torch.compile refuses a getattr that misses on a
+    ProcessGroup.)"""
+    return group.sp if isinstance(group, (UspGroups, SequenceParallelGroups)) else group
+
+
 def group_rank_and_size(group) -> tuple[int, int]:
     """(rank, size) of this process in ``group``; (0, 1) without torch.distributed.
 
     ``group`` may be a ProcessGroup, None (the default group), or an object with an ``sp``
     attribute (such as :class:`UspGroups`), whose ``sp`` group is used.
     """
-    group = getattr(group, "sp", group)
+    group = sp_group_of(group)
     if not dist.is_available() or not dist.is_initialized():
         if group is not None:
             raise RuntimeError("a process group was given but torch.distributed is not initialised")

@@ -47,7 +47,7 @@ from seqpar.config import ModelConfig
 from seqpar.validation import check_head_axis
 from seqpar.kernels.linear import chunk_linear_attention
 from seqpar.kernels.softmax_reference import compute_dtype
-from seqpar.comm.groups import UspGroups
+from seqpar.comm.groups import sp_group_of
 from seqpar.layout import global_positions, local_positions
 from seqpar.masks import check_documents, check_softcap, check_window, document_positions
 
@@ -79,9 +79,7 @@ class ContextParallel:
     @property
     def sp_group(self) -> Any:
         """The plain sequence-parallel group (the ``sp`` member of USP groups)."""
-        # isinstance, not getattr(group, "sp", group): torch.compile refuses getattr of a missing
-        # attribute on a ProcessGroup (a hard error, not a graph break)
-        return self.group.sp if isinstance(self.group, UspGroups) else self.group
+        return sp_group_of(self.group)
 
 
 # ---------------------------------------------------------------------------------------------

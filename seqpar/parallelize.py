@@ -35,7 +35,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from seqpar.comm.groups import SequenceParallelGroups, UspGroups, build_usp_groups, group_rank_and_size
+from seqpar.comm.groups import (SequenceParallelGroups, UspGroups, build_usp_groups, group_rank_and_size,
+                                 sp_group_of)
 from seqpar.config import SequenceParallelConfig, check_compatible
 from seqpar.layout import check_global_length, global_positions
 from seqpar.model import ContextParallel
@@ -74,7 +75,7 @@ def parallelize_model(model: nn.Module, config: SequenceParallelConfig, group: A
             raise ValueError(f"the UspGroups have ulysses_size {group.ulysses_size}, config says {config.ulysses_size}")
     if config.layout == "striped" and any(m.kind == "linear" for m in modules):
         raise ValueError("layout 'striped' cannot be used with linear-attention layers")
-    sp_group = getattr(group, "sp", group)
+    sp_group = sp_group_of(group)
     for m in modules:
         if m.kind == "softmax":
             m.context_parallel = ContextParallel(group, config.layout, config.softmax_strategy, config.backend,

@@ -11,7 +11,7 @@ from functools import lru_cache
 import torch
 import torch.distributed as dist
 
-from seqpar.comm import UspGroups, group_rank_and_size
+from seqpar.comm.groups import UspGroups, group_rank_and_size, sp_group_of
 from seqpar.kernels import resolve_backend
 from seqpar.layout import Segment, check_layout, check_local_length, concat_segments, plan_blocks, segments, sort_row
 from seqpar.masks import AttentionMask, check_documents, check_sinks, check_softcap, check_window
@@ -171,7 +171,7 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: s
                              f"+ ulysses_rank {ulysses_rank}")
         ulysses_group, ring_group = group.ulysses, group.ring
     else:
-        sp_group = getattr(group, "sp", group)  # a UspGroups works as its flat sp group
+        sp_group = sp_group_of(group)  # a UspGroups works as its flat sp group
         sp_rank, world_size = group_rank_and_size(sp_group)
         if strategy == "ulysses":
             ulysses_size, ring_size, ring_rank = world_size, 1, 0
