@@ -43,5 +43,5 @@ setup(
         "deepspeed": ["deepspeed==0.19.8"],
         "hf": ["transformers>=5.23,<6"],
     },
-    entry_points={"console_scripts": ["seqpar-train=seqpar.train:main"]},
+    entry_points={"console_scripts": ["seqpar-train=seqpar.train:main", "seqpar-plan=seqpar.plan:main"]},
 )

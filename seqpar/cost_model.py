@@ -367,3 +367,227 @@ def step_bytes_per_rank(model: ModelConfig, sp: SequenceParallelConfig, seq_len:
     n = P * dp_size
     fsdp = (n - 1) / n * num_params * (2 * param_bytes + 4)
     return StepBytes(fwd, bwd, fsdp)
+
+
+# ---------------------------------------------------------------------------------------------
+# One training step of a whole model on named GPUs (the planner, ``python -m seqpar.plan``).
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """A GPU by name: its memory and the sustained rates one training step is estimated with.
+
+    Every rate is an estimate; ``source`` says where each comes from. ``attention_tflops`` and
+    ``linear_tflops`` are forward rates of seqpar's Triton kernels counted as
+    :func:`softmax_estimate` / :func:`linear_estimate` count FLOPs; the ``*_backward_ratio``
+    fields are backward time / forward time of the same kernels."""
+
+    name: str
+    memory_gib: float  # what the CUDA driver reports as the device's total memory
+    peak_tflops: float  # dense bf16 peak from the data sheet: the MFU denominator
+    matmul_tflops: float  # sustained dense bf16 GEMM (projections, SwiGLU, output head)
+    attention_tflops: float
+    attention_backward_ratio: float
+    linear_tflops: float
+    linear_backward_ratio: float
+    intra_node_gbytes_s: float  # per-direction collective bandwidth of a rank inside one node
+    inter_node_gbytes_s: float  # per GPU between nodes
+    latency_us: float = 10.0
+    gpus_per_node: int = 8
+    source: str = ""
+
+    def machine(self, ranks: int, linear_cost: float = 1.0) -> Machine:
+        """The :class:`Machine` of collectives over ``ranks`` consecutive ranks (inside one node
+        when ``ranks <= gpus_per_node``, else at the inter-node rate); ``linear_cost`` divides the
+        linear-attention rate (a family that costs more per FLOP of the scalar one)."""
+        link = self.intra_node_gbytes_s if ranks <= self.gpus_per_node else self.inter_node_gbytes_s
+        return Machine(name=self.name, attention_tflops=self.attention_tflops,
+                       linear_tflops=self.linear_tflops / linear_cost, link_gbytes_s=link, latency_us=self.latency_us)
+
+
+_H200_KERNELS = ("softmax forward 490 TFLOP/s and backward 4.8x the forward time: seqpar's Triton kernels on one "
+                 "H200, B=1 H=16 D=128 bf16 causal, 481-502 TFLOP/s forward and 13.3 / 205 ms forward+backward "
+                 "against 2.29 / 35.1 ms forward at T = 16K / 64K (benchmarks/README.md, first GPU session, "
+                 "2026-11-30); linear forward 82 TFLOP/s (0.314 ms at T = 16K, H=16 D=128, as linear_estimate "
+                 "counts FLOPs) and backward 2.6x (1.12 ms forward+backward), same session")
+_ASSUMED = ("not measured here: GEMM {gemm} TFLOP/s (about {share:.0%} of the {peak:g} TFLOP/s dense bf16 peak), "
+            "{intra:g} GB/s per rank inside a node ({nvlink}), {inter:g} GB/s per GPU between nodes ({nic})")
+
+#: Named GPUs for the planner (``--gpu``). Only the H200's attention kernel rates were measured on
+#: this project's hardware; the rest is stated in each ``source``.
+GPUS: dict[str, GpuSpec] = {
+    "h100-80gb": GpuSpec(
+        name="H100 80GB SXM", memory_gib=79.6, peak_tflops=989.0, matmul_tflops=600.0, attention_tflops=490.0,
+        attention_backward_ratio=4.8, linear_tflops=82.0, linear_backward_ratio=2.6, intra_node_gbytes_s=200.0,
+        inter_node_gbytes_s=50.0,
+        source="kernels: the H200's measured rates (same SMs and clocks as the H100 SXM; the H100 has 0.7x its "
+               "memory bandwidth, which may slow the linear kernels: not measured): " + _H200_KERNELS + "; "
+               + _ASSUMED.format(gemm=600, share=600 / 989, peak=989, intra=200, inter=50,
+                                 nvlink="NVLink 4: the cost model's default Machine",
+                                 nic="one 400 Gb/s NIC per GPU")),
+    "h200": GpuSpec(
+        name="H200", memory_gib=140.4, peak_tflops=989.0, matmul_tflops=600.0, attention_tflops=490.0,
+        attention_backward_ratio=4.8, linear_tflops=82.0, linear_backward_ratio=2.6, intra_node_gbytes_s=200.0,
+        inter_node_gbytes_s=50.0,
+        source="kernels: " + _H200_KERNELS + "; "
+               + _ASSUMED.format(gemm=600, share=600 / 989, peak=989, intra=200, inter=50,
+                                 nvlink="NVLink 4: the cost model's default Machine",
+                                 nic="one 400 Gb/s NIC per GPU")),
+    "a100-80gb": GpuSpec(
+        name="A100 80GB SXM", memory_gib=80.0, peak_tflops=312.0, matmul_tflops=200.0, attention_tflops=155.0,
+        attention_backward_ratio=4.8, linear_tflops=26.0, linear_backward_ratio=2.6, intra_node_gbytes_s=130.0,
+        inter_node_gbytes_s=25.0,
+        source="kernels: the H200's measured rates scaled by the dense bf16 peaks, 312 / 989 (not measured on an "
+               "A100): " + _H200_KERNELS + "; "
+               + _ASSUMED.format(gemm=200, share=200 / 312, peak=312, intra=130, inter=25,
+                                 nvlink="NVLink 3, scaled from the H100 figure by 300 / 450 GB/s",
+                                 nic="one 200 Gb/s NIC per GPU")),
+}
+
+#: Time per FLOP of a linear-attention family relative to the scalar decay (the torch kernels on
+#: CPU, benchmarks/README.md "Linear-attention families", fwd+bwd at T = 8192; no GPU figure yet).
+LINEAR_FAMILY_COST = {"none": 1.0, "scalar": 1.0, "gla": 1.03, "delta": 2.73}
+
+
+def gpu_spec(name: str) -> GpuSpec:
+    """The :data:`GPUS` entry called ``name`` (ValueError naming the choices otherwise)."""
+    if name not in GPUS:
+        raise ValueError(f"unknown GPU {name!r}; expected one of {', '.join(GPUS)}")
+    return GPUS[name]
+
+
+@dataclass(frozen=True)
+class ModelCounts:
+    """Parameter counts of a :class:`seqpar.config.ModelConfig` that the step time needs."""
+
+    params: int  # every parameter (what FSDP gathers and reduces)
+    layer_matmul_params: int  # weights of the decoder layers' nn.Linear modules
+    head_matmul_params: int  # the output head (vocab x dim, tied or not)
+
+
+def model_counts(model: ModelConfig) -> ModelCounts:
+    """Count the parameters of ``HybridLM(model)`` built on the meta device (nothing allocated)."""
+    import torch
+    import torch.nn as nn
+
+    from seqpar.model import HybridLM
+
+    with torch.device("meta"):
+        lm = HybridLM(model)
+    layers = sum(m.weight.numel() for m in lm.layers.modules() if isinstance(m, nn.Linear))
+    return ModelCounts(sum(p.numel() for p in lm.parameters()), layers, model.vocab_size * model.dim)
+
+
+@dataclass(frozen=True)
+class StepTimeEstimate:
+    """Seconds of one training step on each rank (an estimate), and what it gives.
+
+    ``matmul_s``: projections, SwiGLU and head at the GEMM rate; ``softmax_s`` / ``linear_s``:
+    the token mixing of every layer of that kind, forward (twice with activation checkpointing)
+    and backward, with its sequence-parallel communication (overlapped as the cost model says);
+    ``fsdp_s``: FSDP2's all-gathers and reduce-scatters, of which ``fsdp_exposed_s`` exceeds the
+    compute they overlap. Not modelled: norms, RoPE, element-wise ops, the loss, the optimizer
+    step, launch overheads."""
+
+    matmul_s: float
+    softmax_s: float
+    linear_s: float
+    fsdp_s: float
+    fsdp_exposed_s: float
+    step_s: float
+    tokens_per_step: int  # global: dp x batch per replica x seq_len
+    model_tflop: float  # global per step: forward + backward, without recomputation
+    world_size: int
+    peak_tflops: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.step_s
+
+    @property
+    def mfu(self) -> float:
+        """Model FLOPs per second over the dense bf16 peak of all GPUs (recomputation not counted)."""
+        return self.model_tflop / (self.step_s * self.world_size * self.peak_tflops)
+
+
+#: Backward FLOPs / forward FLOPs of causal softmax attention (the FlashAttention convention).
+ATTENTION_BACKWARD_FLOPS = 2.5
+
+
+def step_time_estimate(model: ModelConfig, sp: SequenceParallelConfig, seq_len: int, batch_per_replica: int,
+                       world_size: int, gpu: GpuSpec, *, activation_checkpointing: bool,
+                       counts: ModelCounts | None = None) -> StepTimeEstimate:
+    """Estimate one training step of ``model`` on ``world_size`` GPUs ``gpu``: ``sp.sp_size``
+    ranks per sequence, ``world_size / sp_size`` data-parallel replicas of ``batch_per_replica``
+    sequences of ``seq_len`` tokens, FSDP2 over every rank (bf16 parameters, fp32 gradient
+    reduction: :func:`seqpar.parallelize.apply_fsdp`). Softmax layers by :func:`softmax_estimate`,
+    linear and delta-rule layers by :func:`linear_estimate` (forward), their backward at the
+    GPU's measured backward / forward time ratio; the busiest rank's time counts."""
+    P = sp.sp_size
+    if world_size % P != 0:
+        raise ValueError(f"sp_size {P} does not divide the {world_size} GPUs")
+    check_global_length(sp.layout if P > 1 else "contiguous", seq_len, P)
+    counts = counts if counts is not None else model_counts(model)
+    ac = 1 if activation_checkpointing else 0
+    tokens_rank = batch_per_replica * seq_len // P
+    layout = sp.layout if P > 1 else "contiguous"
+    lat = gpu.latency_us * 1e-6
+
+    layer_fwd = 2.0 * counts.layer_matmul_params * tokens_rank
+    head_fwd = 2.0 * counts.head_matmul_params * tokens_rank
+    matmul_s = ((3 + ac) * layer_fwd + 3 * head_fwd) / (gpu.matmul_tflops * 1e12)
+    model_flop = 3 * (layer_fwd + head_fwd)  # per rank
+
+    softmax_s = linear_s = 0.0
+    kinds = model.layer_kinds
+    if "softmax" in kinds:
+        machine = gpu.machine(P)
+        strategy = sp.softmax_strategy if P > 1 else "ring"
+        window = model.window if model.window is not None and model.window < seq_len else None
+        shape = Shape(batch=batch_per_replica, seq_len=seq_len, heads=model.n_heads, kv_heads=model.n_kv_heads,
+                      head_dim=model.head_dim, element_bytes=2)
+        est = softmax_estimate(strategy, layout, P, shape, machine, ulysses_size=sp.ulysses_size if strategy == "usp"
+                               else 1, mask=AttentionMask(causal=True, window=window))
+        compute = est.max_rank_tflop * 1e12 / (machine.attention_tflops * 1e12)
+        bwd_compute = compute * gpu.attention_backward_ratio
+        bwd_comm = 0.0
+        if P > 1:
+            bwd_comm = _backward_bytes(strategy, est.bytes_sent_per_rank, P, 2) / (machine.link_gbytes_s * 1e9) \
+                + est.serial_steps * lat
+        bwd = max(bwd_compute, bwd_comm) if strategy in ("ring", "allgather") else bwd_compute + bwd_comm
+        n = kinds.count("softmax")
+        softmax_s = n * ((1 + ac) * est.fwd_ms / 1e3 + bwd)
+        model_flop += n * (1 + ATTENTION_BACKWARD_FLOPS) * (est.mean_rank_tflop or est.max_rank_tflop) * 1e12
+    for kind in ("linear", "delta"):
+        n = kinds.count(kind)
+        if n == 0:
+            continue
+        if kind == "delta":
+            heads, dk, dv = model.delta_dims
+            transition = "delta"
+        else:
+            heads, dk, dv = model.n_heads, model.head_dim, None
+            transition = LINEAR_TRANSITIONS.get(model.linear_decay, "none")
+        machine = gpu.machine(P, LINEAR_FAMILY_COST["delta" if kind == "delta" else transition])
+        shape = Shape(batch=batch_per_replica, seq_len=seq_len, heads=heads, kv_heads=heads, head_dim=dk,
+                      element_bytes=2)
+        est = linear_estimate(sp.linear_strategy, P, shape, machine, chunks_per_rank=chunks_per_rank(layout) if P > 1
+                              else 1, transition=transition, value_dim=dv)
+        compute = est.max_rank_tflop * 1e12 / (machine.linear_tflops * 1e12)
+        bwd = compute * gpu.linear_backward_ratio
+        if P > 1:
+            bwd += est.bytes_sent_per_rank / (machine.link_gbytes_s * 1e9) + est.serial_steps * lat
+        linear_s += n * ((1 + ac) * est.fwd_ms / 1e3 + bwd)
+        model_flop += n * 3 * est.max_rank_tflop * 1e12
+
+    fsdp_s = 0.0
+    if world_size > 1:  # bf16 all-gathers in forward and backward, fp32 reduce-scatter (as step_bytes_per_rank)
+        link = gpu.intra_node_gbytes_s if world_size <= gpu.gpus_per_node else gpu.inter_node_gbytes_s
+        fsdp_bytes = (world_size - 1) / world_size * counts.params * (2 * 2 + 4)
+        fsdp_s = fsdp_bytes / (link * 1e9) + 3 * (model.n_layers + 1) * lat
+    compute_s = matmul_s + softmax_s + linear_s
+    exposed = max(0.0, fsdp_s - compute_s)  # FSDP2 prefetches the next layer's parameters during compute
+    dp = world_size // P
+    return StepTimeEstimate(matmul_s, softmax_s, linear_s, fsdp_s, exposed, compute_s + exposed,
+                            dp * batch_per_replica * seq_len, world_size * model_flop / 1e12, world_size,
+                            gpu.peak_tflops)
