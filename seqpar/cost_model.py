@@ -415,24 +415,20 @@ _ASSUMED = ("not measured here: GEMM {gemm} TFLOP/s (about {share:.0%} of the {p
 
 #: Named GPUs for the planner (``--gpu``). Only the H200's attention kernel rates were measured on
 #: this project's hardware; the rest is stated in each ``source``.
+_HOPPER_RATES = dict(peak_tflops=989.0, matmul_tflops=600.0, attention_tflops=490.0, attention_backward_ratio=4.8,
+                     linear_tflops=82.0, linear_backward_ratio=2.6, intra_node_gbytes_s=200.0,
+                     inter_node_gbytes_s=50.0)
+_HOPPER_ASSUMED = _ASSUMED.format(gemm=600, share=600 / 989, peak=989, intra=200, inter=50,
+                                  nvlink="NVLink 4: the cost model's default Machine", nic="one 400 Gb/s NIC per GPU")
+
 GPUS: dict[str, GpuSpec] = {
     "h100-80gb": GpuSpec(
-        name="H100 80GB SXM", memory_gib=79.6, peak_tflops=989.0, matmul_tflops=600.0, attention_tflops=490.0,
-        attention_backward_ratio=4.8, linear_tflops=82.0, linear_backward_ratio=2.6, intra_node_gbytes_s=200.0,
-        inter_node_gbytes_s=50.0,
+        name="H100 80GB SXM", memory_gib=79.6, **_HOPPER_RATES,
         source="kernels: the H200's measured rates (same SMs and clocks as the H100 SXM; the H100 has 0.7x its "
                "memory bandwidth, which may slow the linear kernels: not measured): " + _H200_KERNELS + "; "
-               + _ASSUMED.format(gemm=600, share=600 / 989, peak=989, intra=200, inter=50,
-                                 nvlink="NVLink 4: the cost model's default Machine",
-                                 nic="one 400 Gb/s NIC per GPU")),
-    "h200": GpuSpec(
-        name="H200", memory_gib=140.4, peak_tflops=989.0, matmul_tflops=600.0, attention_tflops=490.0,
-        attention_backward_ratio=4.8, linear_tflops=82.0, linear_backward_ratio=2.6, intra_node_gbytes_s=200.0,
-        inter_node_gbytes_s=50.0,
-        source="kernels: " + _H200_KERNELS + "; "
-               + _ASSUMED.format(gemm=600, share=600 / 989, peak=989, intra=200, inter=50,
-                                 nvlink="NVLink 4: the cost model's default Machine",
-                                 nic="one 400 Gb/s NIC per GPU")),
+               + _HOPPER_ASSUMED),
+    "h200": GpuSpec(name="H200", memory_gib=140.4, **_HOPPER_RATES,
+                    source="kernels: " + _H200_KERNELS + "; " + _HOPPER_ASSUMED),
     "a100-80gb": GpuSpec(
         name="A100 80GB SXM", memory_gib=80.0, peak_tflops=312.0, matmul_tflops=200.0, attention_tflops=155.0,
         attention_backward_ratio=4.8, linear_tflops=26.0, linear_backward_ratio=2.6, intra_node_gbytes_s=130.0,
