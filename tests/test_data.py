@@ -438,7 +438,7 @@ def test_bad_inputs(tmp_path):
         prepare([str(tmp_path / "in.jsonl")], str(tmp_path / "p1"))
     assert not (tmp_path / "p1" / "train.bin").exists() and not list((tmp_path / "p1").glob("*.partial"))
     (tmp_path / "in.csv").write_text("a,b\n")
-    with pytest.raises(ValueError, match=r"in.csv: unsupported file type; expected .txt or .jsonl"):
+    with pytest.raises(ValueError, match=r"in.csv: unsupported file type; expected .txt or .md or .rst or .jsonl"):
         prepare([str(tmp_path / "in.csv")], str(tmp_path / "p2"))
 
     (tmp_path / "good.jsonl").write_text('{"body": "x"}\n', encoding="utf-8")
