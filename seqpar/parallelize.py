@@ -152,13 +152,22 @@ def fsdp_mesh(mesh: Any) -> Any:
     return mesh["dp", "sp"]._flatten("dp_sp")
 
 
+#: A decoder layer with fewer parameters than this is not an FSDP2 unit of its own (its
+#: parameters travel with the root's): below ~16M parameters per-layer gathers cost more in
+#: collective latency than they save in memory (the tiny model on 2 gloo ranks: 0.10 s a step
+#: with per-layer units against 0.06 s with one unit).
+MIN_UNIT_PARAMS = 1 << 24
+
+
 def apply_fsdp(model: nn.Module, mesh: Any, *, mixed_precision: bool = False,
-               reshard_after_forward: bool = True) -> nn.Module:
+               reshard_after_forward: bool = True, min_unit_params: int = MIN_UNIT_PARAMS) -> nn.Module:
     """Shard ``model``'s parameters, gradients and optimiser state with FSDP2 (``fully_shard``)
     over every rank of ``mesh`` (1-D, or ("dp", "sp") flattened: sequence-parallel ranks hold
     different tokens of the same sequences, so they are data-parallel for the parameters).
 
-    Each decoder layer (``model.layers``) is one FSDP unit, the embedding / norm / head the root's.
+    Each decoder layer (``model.layers``) of at least ``min_unit_params`` parameters is one FSDP
+    unit (gathered just before it runs, freed after); the rest (embedding, norm, head, and small
+    layers) are the root's unit.
     Gradients are reduce-scattered during backward, SUMMED (divide factor 1): the trainer's loss
     on each rank is already its share of the global mean (see the module docstring).
     ``mixed_precision``: bf16 parameters in forward / backward, fp32 gradient reduction and fp32
@@ -168,8 +177,9 @@ def apply_fsdp(model: nn.Module, mesh: Any, *, mixed_precision: bool = False,
     shard_over = fsdp_mesh(mesh)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
         else MixedPrecisionPolicy()
-    layers = getattr(model, "layers", None)
-    for i, layer in enumerate(layers if layers is not None else ()):
+    layers = [layer for layer in getattr(model, "layers", ())
+              if sum(p.numel() for p in layer.parameters()) >= min_unit_params]
+    for i, layer in enumerate(layers):
         # the last layer's parameters are needed again at once by backward: keep them gathered
         fully_shard(layer, mesh=shard_over, mp_policy=policy,
                     reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
