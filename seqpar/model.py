@@ -608,6 +608,11 @@ def mamba2_dt_bias(like: torch.Tensor, dt_min: float = 1e-3, dt_max: float = 0.1
     return (dt + torch.log(-torch.expm1(-dt))).to(like.dtype)  # softplus(dt_bias) == dt
 
 
+def _is_decay(name: str) -> bool:
+    """Whether parameter ``name`` is a delta-rule layer's Mamba2 decay (A_log / dt_bias)."""
+    return name.endswith(("A_log", "dt_bias"))
+
+
 def _fill_from_full(p: torch.Tensor, full: torch.Tensor) -> None:
     """Copy ``full`` (the whole parameter, on the CPU) into ``p``: into this rank's shard when
     ``p`` is a DTensor (FSDP2), without communication."""
@@ -655,43 +660,34 @@ class HybridLM(nn.Module):
         depend on the order, the device or the sharding: a model built on the meta device, sharded
         with FSDP2 and materialised with ``to_empty`` gets on each rank the shard of exactly the
         values one process gets (drawn one full parameter at a time, never the whole model)."""
-        if seed is not None:
-            with torch.no_grad():
-                for name, p in self.named_parameters():
-                    _fill_from_full(p, self.initial_value(name, tuple(p.shape), p.dtype, seed))
-            return
-        std = self.config.init_std
-        out_std = std / math.sqrt(2 * self.config.n_layers)
-        for name, p in self.named_parameters():
-            if name.endswith(("A_log", "dt_bias")):
-                continue
-            if p.dim() == 1:
-                if name.endswith("bias"):
-                    nn.init.zeros_(p)
-                else:
-                    nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(p, std=out_std)
-            else:
-                nn.init.normal_(p, std=std)
-        for module in self.modules():
-            if isinstance(module, GatedDeltaNet):
-                module.reset_decay_parameters()
+        with torch.no_grad():
+            if seed is None:  # in parameter order, the Mamba2 decays last (a stable sort)
+                for name, p in sorted(self.named_parameters(), key=lambda item: _is_decay(item[0])):
+                    p.copy_(self._drawn(name, p, None))
+                return
+            for name, p in self.named_parameters():
+                _fill_from_full(p, self.initial_value(name, tuple(p.shape), p.dtype, seed))
 
     def initial_value(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
         """The initial value of parameter ``name`` (full ``shape``, on the CPU) under ``seed``, by
         the rules of :meth:`reset_parameters`, from a generator seeded by (seed, name)."""
         gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63 - 1))
+        return self._drawn(name, torch.empty(shape, dtype=dtype), gen)
+
+    def _drawn(self, name: str, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """A new tensor shaped, typed and placed as ``like`` holding parameter ``name``'s initial
+        value by the rules of :meth:`reset_parameters`, drawn from ``generator`` (None: torch's
+        global one)."""
         if name.endswith("A_log"):
-            return mamba2_a_log(torch.empty(shape, dtype=dtype), generator=gen)
+            return mamba2_a_log(like, generator=generator)
         if name.endswith("dt_bias"):
-            return mamba2_dt_bias(torch.empty(shape, dtype=dtype), generator=gen)
-        if len(shape) == 1:
-            return torch.zeros(shape, dtype=dtype) if name.endswith("bias") else torch.ones(shape, dtype=dtype)
+            return mamba2_dt_bias(like, generator=generator)
+        if like.dim() == 1:
+            return torch.zeros_like(like) if name.endswith("bias") else torch.ones_like(like)
         std = self.config.init_std
         if name.endswith(("wo.weight", "w2.weight")):
             std = std / math.sqrt(2 * self.config.n_layers)
-        return torch.empty(shape, dtype=dtype).normal_(0.0, std, generator=gen)
+        return torch.empty_like(like).normal_(0.0, std, generator=generator)
 
     def positions(self, local_len: int, device: torch.device) -> torch.Tensor:
         """Global positions of the ``local_len`` tokens this rank holds."""
