@@ -170,34 +170,28 @@ def make_device_mesh(sp_size: int, device_type: str, timeout_s: float | None = N
     index = ranks.index(rank)
     dp_rank, sp_rank = divmod(index, sp_size)
     backend = dist.get_backend(group)
-    if group is None or len(ranks) == dist.get_world_size():
+    job = group if group is not None else dist.group.WORLD
+    if len(ranks) == dist.get_world_size():
         options = _backend_options(backend, timeout)
         override = {"dp": (backend, options), "sp": (backend, options)} if options is not None else None
         mesh = init_device_mesh(device_type, (dp_size, sp_size), mesh_dim_names=("dp", "sp"),
                                 backend_override=override)
-        job = group if group is not None else dist.group.WORLD
+        dp_group, sp_group = mesh["dp"].get_group(), mesh["sp"].get_group()
     elif dp_size == 1 or sp_size == 1:
         # a sub-job of the world (a test pool's first ranks) with one real axis: that axis is the
         # job's group and the other has one rank and needs no group. No new group is made, so
         # ranks outside the job never have to take part. (No 2-D mesh then: FSDP2 only needs
         # shard_mesh.)
         mesh = None
-        job = group
         sp_group, dp_group = (group, None) if dp_size == 1 else (None, group)
-        return SequenceParallelGroups(dp_group, sp_group, dp_size, sp_size, dp_rank, sp_rank, None,
-                                      DeviceMesh.from_group(job, device_type, mesh_dim_names=("dp_sp",)))
     else:  # a 2-D sub-job: only its members create its groups (named by their ranks)
-        def local_group(members: list[int]) -> dist.ProcessGroup:
-            return dist.new_group(members, timeout=timeout, use_local_synchronization=True)
-
-        sp_group = local_group(ranks[dp_rank * sp_size:(dp_rank + 1) * sp_size])
-        dp_group = local_group(ranks[sp_rank::sp_size])
+        sp_group = dist.new_group(ranks[dp_rank * sp_size:(dp_rank + 1) * sp_size], timeout=timeout,
+                                  use_local_synchronization=True)
+        dp_group = dist.new_group(ranks[sp_rank::sp_size], timeout=timeout, use_local_synchronization=True)
         mesh = DeviceMesh.from_group([dp_group, sp_group], device_type,
                                      mesh=torch.tensor(ranks).view(dp_size, sp_size), mesh_dim_names=("dp", "sp"))
-        job = group
     shard_mesh = DeviceMesh.from_group(job, device_type, mesh_dim_names=("dp_sp",))
-    return SequenceParallelGroups(mesh["dp"].get_group(), mesh["sp"].get_group(), dp_size, sp_size, dp_rank,
-                                  sp_rank, mesh, shard_mesh)
+    return SequenceParallelGroups(dp_group, sp_group, dp_size, sp_size, dp_rank, sp_rank, mesh, shard_mesh)
 
 
 @dataclass(frozen=True)
