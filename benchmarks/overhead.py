@@ -24,6 +24,9 @@ causal softmax attention; 1 torch thread per process everywhere):
 - ``trainer``: ``python -m seqpar.train`` tokens/s (global: batch x seq-len / step time of rank 0),
   sp = 2 on 2 processes (torchrun) / sp = 1 on one process; tiny preset, seq-len 1024, zigzag,
   OMP_NUM_THREADS=1; median over the steps after the first 2 of every run, runs alternated.
+- ``trainer-long``: the same at seq-len 8192 (6 steps a run). Not a row of the issue: at seq-len
+  1024 the tiny model's step is a few thousand small ops whose fixed per-call cost does not shrink
+  with the tokens; at 8192 the kernels have work, and the row shows how the same trainer scales then.
 
 Timing: every repetition runs all the functions of a group once, in alternating order
 (interleaved), after ``--warmup`` untimed rounds; on 2 ranks a ``dist.barrier()`` precedes every
@@ -62,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine.p
 from machine import cpu_model, measured_code, usable_cores  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-GROUPS = ("linear", "linear-fwd", "lasp2", "lasp1", "softmax", "softmax-sp", "trainer")
+GROUPS = ("linear", "linear-fwd", "lasp2", "lasp1", "softmax", "softmax-sp", "trainer", "trainer-long")
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "overhead_cpu"
 
 
@@ -78,13 +81,15 @@ class Sizes:
     trainer_seq_len: int = 1024
     trainer_steps: int = 12
     trainer_rounds: int = 2
+    trainer_long_seq_len: int = 8192  # the "trainer-long" row: the same model with kernels that have work
+    trainer_long_steps: int = 6
     repeats: int = 5
     warmup: int = 1
     world: int = 2
 
 
 QUICK = dict(H=2, D=16, linear_T=512, lasp_T=1024, softmax_T=(128, 256), sp_T=256, trainer_seq_len=128,
-             trainer_steps=5, trainer_rounds=1, repeats=2, warmup=1)
+             trainer_steps=5, trainer_rounds=1, trainer_long_seq_len=256, trainer_long_steps=4, repeats=2, warmup=1)
 
 
 @dataclass
@@ -284,6 +289,9 @@ def make_rows(s: Sizes, groups: set[str], prefix: str = "") -> list[Row]:
     add("trainer", "trainer",
         f"trainer tokens/s sp={P} / sp=1 (tiny, seq-len {s.trainer_seq_len}, zigzag, 1 thread per process); ms = step",
         ">=", 1.8, f"sp={P} step time (global batch)", "sp=1 step time", "B / A (= global tokens/s of A / of B)")
+    add("trainer-long", "trainer-long",
+        f"same, seq-len {s.trainer_long_seq_len} (not the issue's row: the same model, kernels with work); ms = step",
+        ">=", 1.8, f"sp={P} step time (global batch)", "sp=1 step time", "B / A (= global tokens/s of A / of B)")
     return rows
 
 
@@ -464,10 +472,10 @@ def run_two_ranks(rows: list[Row], s: Sizes, groups: set[str]) -> None:
 # The trainer.
 
 
-def _trainer_once(sp: int, s: Sizes, run_dir: Path) -> tuple[list[float], str]:
+def _trainer_once(sp: int, seq_len: int, steps: int, run_dir: Path) -> tuple[list[float], str]:
     """Run the trainer into ``run_dir``; (tokens_per_s of every step after the first 2, threads line)."""
-    args = ["-m", "seqpar.train", "--preset", "tiny", "--seq-len", str(s.trainer_seq_len), "--layout", "zigzag",
-            "--sp", str(sp), "--steps", str(s.trainer_steps), "--run-dir", str(run_dir), "--no-progress",
+    args = ["-m", "seqpar.train", "--preset", "tiny", "--seq-len", str(seq_len), "--layout", "zigzag",
+            "--sp", str(sp), "--steps", str(steps), "--run-dir", str(run_dir), "--no-progress",
             "--no-plot", "--keep-checkpoints", "0", "--eval-batches", "1"]
     if sp == 1:
         cmd = [sys.executable, *args]
@@ -488,21 +496,27 @@ def _trainer_once(sp: int, s: Sizes, run_dir: Path) -> tuple[list[float], str]:
 
 
 def run_trainer(rows: list[Row], s: Sizes) -> None:
-    row = next((r for r in rows if r.group == "trainer"), None)
-    if row is None:
-        return
+    """The trainer rows ("trainer", "trainer-long") that were asked for."""
+    for row in rows:
+        if row.group == "trainer":
+            _run_trainer_row(row, s, s.trainer_seq_len, s.trainer_steps)
+        elif row.group == "trainer-long":
+            _run_trainer_row(row, s, s.trainer_long_seq_len, s.trainer_long_steps)
+
+
+def _run_trainer_row(row: Row, s: Sizes, seq_len: int, steps: int) -> None:
     tps: dict[int, list[float]] = {1: [], s.world: []}
     lines = {}
     try:
         with tempfile.TemporaryDirectory(prefix="seqpar_overhead_") as tmp:
             for rnd in range(s.trainer_rounds):
                 for sp in ((1, s.world) if rnd % 2 == 0 else (s.world, 1)):
-                    got, lines[sp] = _trainer_once(sp, s, Path(tmp) / f"sp{sp}_{rnd}")
+                    got, lines[sp] = _trainer_once(sp, seq_len, steps, Path(tmp) / f"sp{sp}_{rnd}")
                     tps[sp] += got
     except (RuntimeError, OSError, subprocess.TimeoutExpired, ValueError, KeyError) as e:
         row.note = f"trainer run failed: {e}"[-800:]
         return
-    tokens_per_step = 4 * s.trainer_seq_len  # tiny preset: batch 4 (global)
+    tokens_per_step = 4 * seq_len  # tiny preset: batch 4 (global)
     a_tps, b_tps = statistics.median(tps[s.world]), statistics.median(tps[1])
     row.a_ms, row.b_ms, row.ratio = tokens_per_step / a_tps * 1e3, tokens_per_step / b_tps * 1e3, a_tps / b_tps
     row.note = (f"global tokens/s: sp={s.world} {a_tps:,.0f}, sp=1 {b_tps:,.0f}; "

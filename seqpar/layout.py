@@ -541,6 +541,63 @@ def _joined(first: BlockTask, second: BlockTask) -> BlockTask | None:
     return BlockTask(task.q_start, task.q_len, task.k_start, task.k_len, offset)
 
 
+def _diagonal(task: BlockTask) -> int | None:
+    """The task's mask as one constant in block-local indices: key j visible to query i iff
+    j - i <= constant (None: unmasked). Banded tasks have no such constant."""
+    m = task.diagonal_offset
+    return None if m is None else m + task.k_start - task.q_start
+
+
+def _visible_pairs(q0: int, q1: int, k0: int, k1: int, c: int | None) -> int:
+    """How many (i, j) in [q0, q1) x [k0, k1) have j - i <= c (all of them when c is None)."""
+    rows, width = max(0, q1 - q0), max(0, k1 - k0)
+    if c is None or rows == 0 or width == 0:
+        return rows * width
+    # row i sees clamp(i + c + 1 - k0, 0, width) keys: 0 up to row lo, then one more per row, then all
+    lo = min(max(k0 - c - 1, q0), q1)        # rows [q0, lo) see nothing
+    hi = min(max(k1 - c - 1, lo), q1)        # rows [lo, hi) see i + c + 1 - k0 keys, rows [hi, q1) all
+    first, last = lo + c + 1 - k0, hi - 1 + c + 1 - k0
+    return (hi - lo) * (first + last) // 2 + (q1 - hi) * width
+
+
+def _task_pairs(task: BlockTask) -> int:
+    return _visible_pairs(task.q_start, task.q_start + task.q_len, task.k_start, task.k_start + task.k_len,
+                          _diagonal(task))
+
+
+def _box_joined(first: BlockTask, second: BlockTask) -> BlockTask | None:
+    """``first`` and ``second`` as one task over their bounding box, when one diagonal reproduces
+    exactly the pairs of both (e.g. zigzag's own block: the early half's causal task plus the late
+    half's causal diagonal, which together are the local causal block); else None. The merged
+    diagonal offset is <= 0 or None (what a fused kernel takes in one call)."""
+    if first.window_offset is not None or second.window_offset is not None:
+        return None
+    a, b = first, second
+    if not (a.q_start + a.q_len <= b.q_start or b.q_start + b.q_len <= a.q_start
+            or a.k_start + a.k_len <= b.k_start or b.k_start + b.k_len <= a.k_start):
+        return None  # overlapping boxes
+    q0, q1 = min(a.q_start, b.q_start), max(a.q_start + a.q_len, b.q_start + b.q_len)
+    k0, k1 = min(a.k_start, b.k_start), max(a.k_start + a.k_len, b.k_start + b.k_len)
+    pairs = _task_pairs(a) + _task_pairs(b)
+    for c in {_diagonal(a), _diagonal(b)}:
+        # every pair of both tasks must be visible under c, and together they must be all of them
+        if c is not None and any(_diagonal(t) is None and t.k_start + t.k_len - 1 - t.q_start > c
+                                 or _diagonal(t) is not None and _diagonal(t) > c for t in (a, b)):
+            continue
+        if _visible_pairs(q0, q1, k0, k1, c) != pairs:
+            continue
+        m = None if c is None else c - k0 + q0
+        if m is not None and m >= k1 - k0 - 1:
+            m = None
+        if m is None or m <= 0:
+            return BlockTask(q0, q1 - q0, k0, k1 - k0, m)
+    return None
+
+
+# Box merging compares every pair of tasks: done for blocks of at most this many tasks.
+_BOX_MERGE_TASKS = 32
+
+
 def merge_block_tasks(tasks: Sequence[BlockTask]) -> list[BlockTask]:
     """Fewer, larger tasks with exactly the (query, key) pairs and masks of ``tasks``
     (:func:`plan_blocks`' output for one key block).
@@ -570,7 +627,21 @@ def merge_block_tasks(tasks: Sequence[BlockTask]) -> list[BlockTask]:
                 else:
                     out.append(task)
             merged = out
+        if not changed and 1 < len(merged) <= _BOX_MERGE_TASKS:
+            changed = _merge_one_box(merged)
     return merged
+
+
+def _merge_one_box(tasks: list[BlockTask]) -> bool:
+    """Replace the first pair of ``tasks`` that :func:`_box_joined` merges by their union (in place)."""
+    for x in range(len(tasks)):
+        for y in range(x + 1, len(tasks)):
+            joined = _box_joined(tasks[x], tasks[y])
+            if joined is not None:
+                tasks[x] = joined
+                del tasks[y]
+                return True
+    return False
 
 
 # ---------------------------------------------------------------------------------------------

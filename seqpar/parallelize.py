@@ -166,8 +166,9 @@ def apply_fsdp(model: nn.Module, mesh: Any, *, mixed_precision: bool = False,
     different tokens of the same sequences, so they are data-parallel for the parameters).
 
     Each decoder layer (``model.layers``) of at least ``min_unit_params`` parameters is one FSDP
-    unit (gathered just before it runs, freed after); the rest (embedding, norm, head, and small
-    layers) are the root's unit.
+    unit (gathered just before it runs, freed after unless ``reshard_after_forward`` is False);
+    the rest (embedding, norm, head, and small layers) are the root's unit, gathered in forward
+    and kept until backward is done.
     Gradients are reduce-scattered during backward, SUMMED (divide factor 1): the trainer's loss
     on each rank is already its share of the global mean (see the module docstring).
     ``mixed_precision``: bf16 parameters in forward / backward, fp32 gradient reduction and fp32
@@ -183,7 +184,10 @@ def apply_fsdp(model: nn.Module, mesh: Any, *, mixed_precision: bool = False,
         # the last layer's parameters are needed again at once by backward: keep them gathered
         fully_shard(layer, mesh=shard_over, mp_policy=policy,
                     reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
-    fully_shard(model, mesh=shard_over, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    # the root's unit (embedding, head, norm, small layers) is needed again at once by backward: kept
+    # gathered from forward to backward (torch's own choice for a root left on auto), so that
+    # backward starts without an all-gather
+    fully_shard(model, mesh=shard_over, mp_policy=policy, reshard_after_forward=False)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

@@ -793,12 +793,48 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return full_tensor() if callable(full_tensor) else t
 
 
+def _sharded_group(grads: Sequence[torch.Tensor]) -> Any:
+    """The process group when every gradient is a DTensor sharded (``Shard`` only) over one 1-D
+    mesh, in one dtype on one device, as FSDP2 leaves them: each element then lives on exactly
+    one rank. Else None."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = None
+    for g in grads:
+        if not isinstance(g, DTensor) or g.device_mesh.ndim != 1 or \
+                not all(isinstance(p, Shard) for p in g.placements) or \
+                (g.dtype, g.device) != (grads[0].dtype, grads[0].device):
+            return None
+        if mesh is None:
+            mesh = g.device_mesh
+        elif g.device_mesh != mesh:
+            return None
+    return None if mesh is None else mesh.get_group()
+
+
 def gradient_norm(params: Sequence[torch.Tensor], clip: float) -> torch.Tensor:
     """The global norm of the gradients (FSDP2's sharded ones included), after clipping them to
-    ``clip`` when ``clip > 0``; the same number on every rank."""
+    ``clip`` when ``clip > 0`` (``clip_grad_norm_``'s rule: scale by clip / (norm + 1e-6) when
+    that is < 1); the same number on every rank.
+
+    FSDP2's sharded gradients take one fused norm of the local shards and one all-reduce of the
+    sum of squares (what DTensor does, without its per-tensor dispatch); other gradients go
+    through ``torch.nn.utils``."""
+    grads = [p.grad for p in params if p.grad is not None]
+    group = _sharded_group(grads)
+    if group is None:
+        if clip > 0:
+            return _full(nn.utils.clip_grad_norm_(params, clip))
+        return _full(nn.utils.get_total_norm(grads))
+    local = [g.to_local() for g in grads]
+    norms = torch._foreach_norm(local, 2.0)
+    squares = torch.stack([n.to(torch.float64) for n in norms]).square().sum()
+    dist.all_reduce(squares, group=group)
+    norm = squares.sqrt().to(grads[0].dtype)
     if clip > 0:
-        return _full(nn.utils.clip_grad_norm_(params, clip))
-    return _full(nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+        scale = (clip / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(local, scale.to(local[0].dtype))
+    return norm
 
 
 def _state_memory_mb(device: torch.device, before_first_step_mb: float, optimizer: torch.optim.Optimizer) -> float:

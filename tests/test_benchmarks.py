@@ -114,11 +114,11 @@ def test_agreement_overhead_benchmark_runs():
 
 OVERHEAD_ROWS = ("linear-fwdbwd", "linear-fwd", "linear-fwd-loop", "lasp2-contiguous", "lasp2-zigzag", "lasp1-contiguous",
                  "lasp1-zigzag", "softmax-128", "softmax-256", "eff-ring-zigzag", "eff-allgather-zigzag",
-                 "eff-ulysses-contiguous", "trainer")
+                 "eff-ulysses-contiguous", "trainer", "trainer-long")
 
 
 def test_overhead_benchmark_quick(tmp_path):
-    """benchmarks/overhead.py --quick (tiny sizes; 2 gloo ranks and two short trainer runs): exit 0, every
+    """benchmarks/overhead.py --quick (tiny sizes; 2 gloo ranks and four short trainer runs): exit 0, every
     row of the table printed with a finite positive ratio, and the JSON / markdown written. Only runs;
     the ratios at tiny sizes say nothing about the targets."""
     out = tmp_path / "overhead"

@@ -23,7 +23,7 @@ from distributed_pool import run_case_interpreted
 import seqpar
 from seqpar.comm import UspGroups
 from seqpar.kernels import attention_reference, merge_partials_
-from seqpar.layout import LAYOUTS, shard_tensor, unshard_tensor
+from seqpar.layout import LAYOUTS, BlockTask, shard_tensor, unshard_tensor
 from seqpar.masks import AttentionMask
 from seqpar.softmax import build_plan
 
@@ -444,7 +444,8 @@ def _task_pairs(tasks, tq: int, tk: int) -> torch.Tensor:
 def test_merged_plans_keep_every_pair_once():
     """layout.merge_block_tasks: the same (query, key) pairs as plan_blocks, each once, with no
     merged mask of offset > 0, for every layout / world size / query rank / source rank (and the
-    unsorted Ulysses rows); zigzag's causal own block is 2 kernel calls instead of 3."""
+    unsorted Ulysses rows); zigzag's causal own block is 1 kernel call (the local causal block)
+    instead of 3."""
     from seqpar.layout import concat_segments, merge_block_tasks, plan_blocks, segments
 
     rows = []
@@ -467,8 +468,45 @@ def test_merged_plans_keep_every_pair_once():
             assert len(merged) <= len(planned)
             assert all(t in planned or t.diagonal_offset is None or t.diagonal_offset <= 0 for t in merged)
     own = segments("zigzag", 0, 2, 8)
-    assert len(plan_blocks(own, own, True)) == 3 and len(merge_block_tasks(plan_blocks(own, own, True))) == 2
+    assert len(plan_blocks(own, own, True)) == 3
+    assert merge_block_tasks(plan_blocks(own, own, True)) == [BlockTask(0, 8, 0, 8, 0)]
     assert len(merge_block_tasks(plan_blocks(own, segments("zigzag", 1, 2, 8), True))) == 1
+
+
+def test_box_merge_keeps_every_pair_once():
+    """layout merges two tasks over their bounding box only when one diagonal gives exactly their
+    pairs: random task pairs (masked, unmasked, banded) against a brute-force count."""
+    from seqpar.layout import _box_joined, _visible_pairs
+
+    gen = torch.Generator().manual_seed(3)
+
+    def draw(n):
+        return int(torch.randint(0, n, (1,), generator=gen))
+
+    for _ in range(2000):
+        q0, q1 = draw(8), 0
+        q1 = q0 + 1 + draw(8)
+        k0, k1 = draw(8), 0
+        k1 = k0 + 1 + draw(8)
+        c = None if draw(4) == 0 else draw(24) - 12
+        want = sum(1 for i in range(q0, q1) for j in range(k0, k1) if c is None or j - i <= c)
+        assert _visible_pairs(q0, q1, k0, k1, c) == want
+    merges = 0
+    for _ in range(3000):
+        tasks = []
+        for _ in range(2):
+            m = None if draw(3) == 0 else draw(9) - 6
+            w = None if draw(4) else m - 1 - draw(3) if m is not None else -draw(3)
+            tasks.append(BlockTask(draw(6), 1 + draw(6), draw(6), 1 + draw(6), m, w))
+        joined = _box_joined(*tasks)
+        if joined is None:
+            continue
+        merges += 1
+        size = 16
+        assert torch.equal(_task_pairs([joined], size, size), _task_pairs(tasks, size, size)), tasks
+        assert _task_pairs(tasks, size, size).max() <= 1
+        assert joined.window_offset is None and (joined.diagonal_offset is None or joined.diagonal_offset <= 0)
+    assert merges >= 10  # random pairs rarely form one box; the zigzag case is checked above
 
 
 class _LocalBlocks:

@@ -206,10 +206,19 @@ class Run:
         self._record(pass_, "send", payload)
         return send_recv(payload, dst, None, None, self.group)
 
-    def recv(self, like: torch.Tensor, src: int, pass_: str) -> torch.Tensor:
-        out = send_recv(None, None, like, src, self.group).wait()
+    def post_recv(self, like: torch.Tensor, src: int) -> CommHandle:
+        """Post the receive of a tensor shaped like ``like`` from ``src`` now (read it with
+        :meth:`wait_recv`): posted before the compute that precedes its use, the transfer runs as
+        soon as the sender sends, not when this rank gets round to asking for it."""
+        return send_recv(None, None, like, src, self.group)
+
+    def wait_recv(self, handle: CommHandle, pass_: str) -> torch.Tensor:
+        out = handle.wait()
         self.mark(pass_, "recv")
         return out
+
+    def recv(self, like: torch.Tensor, src: int, pass_: str) -> torch.Tensor:
+        return self.wait_recv(self.post_recv(like, src), pass_)
 
     def sum_over_ranks(self, t: torch.Tensor, pass_: str) -> torch.Tensor:
         """The sum of ``t`` over the ranks (no communication on one rank)."""

@@ -60,12 +60,23 @@ class Lasp1:
 
     # -- the chain ---------------------------------------------------------------------------
 
-    def _receive(self, run: Run, src_piece: int, carry: torch.Tensor | None, pass_: str) -> torch.Tensor:
-        """The state (or state gradient) from the holder of piece ``src_piece``."""
-        src = run.owners[src_piece]
-        if src == run.rank:
-            return carry
-        return run.recv(run.zeros_state(run.device), src, pass_)
+    @staticmethod
+    def _post_receives(run: Run, sources: list[tuple[int, int]]) -> dict[int, object]:
+        """{i: posted receive} for each (i, source piece) of ``sources`` whose state (gradient) comes
+        from the holder of the source piece on another rank, posted in the order of ``sources``:
+        the chain's order (ascending pieces forward, descending backward), which is also the order
+        in which each peer sends, so that two messages from one peer meet the right receives."""
+        posted = {}
+        for i, src_piece in sources:
+            src = run.owners[src_piece]
+            if src != run.rank:
+                posted[i] = run.post_recv(run.zeros_state(run.device), src)
+        return posted
+
+    def _receive(self, run: Run, posted: dict[int, object], i: int, carry: torch.Tensor | None,
+                 pass_: str) -> torch.Tensor:
+        """The state (or state gradient) piece ``i`` reads: a posted receive, or the carry kept here."""
+        return carry if i not in posted else run.wait_recv(posted[i], pass_)
 
     def _pass_on(self, run: Run, dst_piece: int, value: torch.Tensor, pass_: str, sends: list) -> torch.Tensor | None:
         """Send ``value`` to the holder of piece ``dst_piece``, or keep it if that is this rank."""
@@ -78,6 +89,7 @@ class Lasp1:
     # -- forward -----------------------------------------------------------------------------
 
     def forward(self, run: Run, pieces: list[Piece], h0: torch.Tensor | None):
+        posted = self._post_receives(run, [(i, p.index - 1) for i, p in enumerate(pieces) if p.continues])
         if self.pipelined:  # everything that needs no neighbour, before waiting
             local = [local_states(run, p, h0) for p in pieces]
             transitions = [piece_transition(p) if p.open_end and not p.resets else None for p in pieces]
@@ -85,7 +97,7 @@ class Lasp1:
         outs, s_in_list, all_states, sends = [], [], [], []
         carry = None
         for i, p in enumerate(pieces):
-            s_in = self._receive(run, p.index - 1, carry, "forward") if p.continues else None
+            s_in = self._receive(run, posted, i, carry, "forward") if p.continues else None
             passes_on = p.open_end and p.index + 1 < run.n_pieces
             if self.pipelined:
                 u = local[i][-1].final
@@ -119,6 +131,8 @@ class Lasp1:
     def backward(self, run: Run, pieces: list[Piece], dos: list[list[torch.Tensor]], dfinal: torch.Tensor | None,
                  saved: dict, want_h0: bool):
         h0 = saved["h0"]
+        posted = self._post_receives(run, [(i, p.index + 1) for i, p in reversed(list(enumerate(pieces)))
+                                           if p.open_end and p.index + 1 < run.n_pieces])
         if self.pipelined:  # everything that needs no neighbour, before waiting
             local = [local_state_grads(run, p, d, dfinal) for p, d in zip(pieces, dos)]
             states = [enter(p, local_states(run, p, h0), s) for p, s in zip(pieces, saved["s_in"])]
@@ -130,7 +144,7 @@ class Lasp1:
         for i in reversed(range(len(pieces))):
             p, d = pieces[i], dos[i]
             receives = p.open_end and p.index + 1 < run.n_pieces
-            ds_end = self._receive(run, p.index + 1, carry, "backward") if receives else None
+            ds_end = self._receive(run, posted, i, carry, "backward") if receives else None
             if self.pipelined:
                 ds_in = piece_state_grad(p, local[i], ds_end, saved["transitions"][i])
             else:

@@ -99,9 +99,10 @@ def ring_key_ranges(rows: tuple[tuple[Segment, ...], ...], mask: AttentionMask,
                     steps: int) -> tuple[tuple[int, int], ...] | None:
     """For each ring rank s: the local key range [a, b) of its K/V that the ranks its block visits
     (s+1 .. s+steps-1) see, which is all the ring needs to carry; None when every range is the
-    whole block or the mask has neither a window nor documents."""
+    whole block (an unmasked attention). A causal mask trims too: under zigzag the late half of
+    rank 0's block is seen by no other rank, under contiguous the last rank's block by none."""
     size = len(rows)
-    if steps == 1 or (mask.window is None and mask.documents is None):
+    if steps == 1 or not (mask.causal or mask.window is not None or mask.documents is not None):
         return None
     ranges = []
     for s in range(size):
@@ -119,14 +120,17 @@ def ring_key_ranges(rows: tuple[tuple[Segment, ...], ...], mask: AttentionMask,
 def visible_key_ranges(rows: tuple[tuple[Segment, ...], ...],
                        mask: AttentionMask) -> tuple[tuple[tuple[int, int] | None, ...], ...] | None:
     """``ranges[r][s]``: the local key range [a, b) of rank s's K/V that rank r's queries see (None:
-    none; the own block is always the whole block), the same on every rank; None when the mask has
-    neither a window nor documents (a plain causal or full mask keeps the all-gather collective)."""
-    if mask.window is None and mask.documents is None:
+    none; the own block is always the whole block), the same on every rank; None when every rank
+    sees every whole block (an unmasked attention keeps the all-gather collective). A causal mask
+    makes the gathers zero-redundant too: under contiguous, rank r reads only the ranks before it;
+    under zigzag, the ranks after r read only the early half of r's block."""
+    if not (mask.causal or mask.window is not None or mask.documents is not None):
         return None
     size = len(rows)
     length = sum(seg.length for seg in rows[0])
-    return tuple(tuple((0, length) if r == s else _seen_keys(rows[r], rows[s], mask) for s in range(size))
-                 for r in range(size))
+    ranges = tuple(tuple((0, length) if r == s else _seen_keys(rows[r], rows[s], mask) for s in range(size))
+                   for r in range(size))
+    return None if all(x == (0, length) for row in ranges for x in row) else ranges
 
 
 def build_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: str, layout: str, group,
