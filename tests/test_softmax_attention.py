@@ -313,6 +313,28 @@ def test_ulysses_repeats_kv_heads_only_when_needed(pool, world_size, num_q_heads
         == [repeat] * world_size
 
 
+def case_head_groups(ctx, num_q_heads: int, num_kv_heads: int):
+    q, k, v = _qkv(Hq=num_q_heads, Hkv=num_kv_heads)
+    plan = build_plan(q, k, v, strategy="ulysses", layout="contiguous", group=ctx.group, causal=True, scale=None,
+                      backend="auto")
+    return plan.head_groups
+
+
+@pytest.mark.parametrize("world_size,num_q_heads,num_kv_heads,groups", [
+    (2, 4, 4, 2), (2, 8, 4, 2), (2, 4, 2, 1), (4, 8, 8, 2), (4, 4, 4, 1), (4, 8, 2, 1), (3, 6, 2, 1)])
+def test_ulysses_head_groups(pool, world_size, num_q_heads, num_kv_heads, groups):
+    """Ulysses exchanges the heads in 2 groups (each overlapping the other's compute) when the KV
+    heads of a rank split evenly, else all at once; the grouped GQA exchange matches the fp64
+    reference (the MHA one is in test_matches_reference_fp64)."""
+    assert pool.run(case_head_groups, world_size, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads) \
+        == [groups] * world_size
+    if (world_size, num_q_heads, num_kv_heads) == (2, 8, 4):
+        for layout in ("contiguous", "zigzag"):
+            cases = [_make_case(2, 8, 4, causal, torch.float64, 30 + i, lse_loss=lse_loss)
+                     for i, (causal, lse_loss) in enumerate([(True, True), (False, False)])]
+            _check(pool, "ulysses", layout, 2, None, cases, [FP64_TOL] * 5)
+
+
 def case_block_counts(ctx, strategy: str, layout: str, usp: tuple[int, int] | None):
     """Block tasks this rank plans against each K/V source, and whether it reorders its tokens."""
     from seqpar.layout import plan_blocks

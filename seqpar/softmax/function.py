@@ -56,6 +56,9 @@ class ParallelPlan:
     kv_key_ranges: tuple[tuple[tuple[int, int] | None, ...], ...] | None = None
     # ring: per source rank, the local key range [a, b) the ring carries (None: whole blocks)
     ring_key_ranges: tuple[tuple[int, int], ...] | None = None
+    # Ulysses: heads exchanged in this many groups, each overlapping the compute of another (1: all
+    # at once; > 1 only without a ring / all-gather axis and with kv_repeat 1)
+    head_groups: int = 1
 
     @property
     def causal(self) -> bool:
@@ -73,33 +76,81 @@ class ParallelPlan:
                       self.ring_key_ranges)
 
     # --- Ulysses head exchange (identity when ulysses_size == 1) ---------------------------------
+    #
+    # With ``head_groups`` G > 1 the heads of every rank are exchanged in G groups (group g: heads
+    # g * H/(U G) .. of each rank's H/U), so that the transfer of group g+1 runs while group g is
+    # computed, and group g's results travel back while group g+1 is: only the first group's
+    # inputs and the last group's results wait on the network. A [B, T, H, D] tensor's group g is
+    # the view x.unflatten(2, (U, G, -1))[:, :, :, g] = [B, T, U, H/(U G), D] (rank-major heads).
 
-    def _exchange(self, tensors: Sequence[torch.Tensor], scatter_dim: int, gather_dim: int) -> list[torch.Tensor]:
+    def _heads(self, x: torch.Tensor, dim: int, g: int) -> torch.Tensor:
+        """Group ``g`` of the heads on axis ``dim``, split per rank: [..., U, H/(U G), ...] (a view)."""
+        return x.unflatten(dim, (self.ulysses_size, self.head_groups, -1)).select(dim + 1, g)
+
+    def group_heads(self, g: int) -> slice:
+        """The query heads (global indices) of head group ``g`` on this rank."""
+        size = (self.q_heads.stop - self.q_heads.start) // self.head_groups
+        return slice(self.q_heads.start + g * size, self.q_heads.start + (g + 1) * size)
+
+    def send_to_head_shards(self, xs: Sequence[torch.Tensor], g: int) -> list:
+        """Issue the exchange of head group ``g`` of [B, T, H, D] token shards (see
+        :meth:`head_shards`)."""
         if self.ulysses_size == 1:
-            return list(tensors)
-        handles = [all_to_all(t, self.ulysses_group, scatter_dim=scatter_dim, gather_dim=gather_dim)
-                   for t in tensors]
-        return [h.wait() for h in handles]
+            return list(xs)
+        return [all_to_all(self._heads(x, 2, g), self.ulysses_group, scatter_dim=2, gather_dim=1) for x in xs]
+
+    def head_shards(self, sent: list) -> list[torch.Tensor]:
+        """[B, U*T, H/(U G), D] head shards of what :meth:`send_to_head_shards` sent, tokens in
+        ``q_segments`` order."""
+        if self.ulysses_size == 1:
+            return sent
+        return [self._reorder(h.wait().flatten(2, 3), self.token_order, 1) for h in sent]
+
+    def send_lse_to_head_shards(self, lse: torch.Tensor, g: int):
+        """Issue the exchange of head group ``g`` of lse [B, H, T] (see :meth:`lse_head_shard`)."""
+        if self.ulysses_size == 1:
+            return lse
+        return all_to_all(self._heads(lse, 1, g), self.ulysses_group, scatter_dim=1, gather_dim=3)
+
+    def lse_head_shard(self, sent) -> torch.Tensor:
+        """[B, H/(U G), U*T] (``q_segments`` order) of what :meth:`send_lse_to_head_shards` sent."""
+        if self.ulysses_size == 1:
+            return sent
+        return self._reorder(sent.wait().squeeze(1), self.token_order, 2)
+
+    def send_to_token_shards(self, xs: Sequence[torch.Tensor], lse: torch.Tensor | None = None) -> list:
+        """Issue the way back of one head group's [B, U*T, H/(U G), D] results (and optionally its
+        lse [B, H/(U G), U*T]); :meth:`token_shards` puts them in place."""
+        if self.ulysses_size == 1:
+            return list(xs) + ([] if lse is None else [lse])
+        sent = [all_to_all(self._reorder(x, self.token_inverse, 1).unsqueeze(2), self.ulysses_group,
+                           scatter_dim=1, gather_dim=2) for x in xs]
+        if lse is not None:
+            sent.append(all_to_all(self._reorder(lse, self.token_inverse, 2).unsqueeze(1), self.ulysses_group,
+                                   scatter_dim=3, gather_dim=1))
+        return sent
+
+    def token_shards(self, sent_per_group: Sequence[list], shapes: Sequence[torch.Size], with_lse: bool = False
+                     ) -> list[torch.Tensor]:
+        """Token shards [B, T, H, D] (and lse [B, H, T] last, with ``with_lse``) from every head
+        group's :meth:`send_to_token_shards`, in group order; ``shapes``: the full shapes."""
+        if self.ulysses_size == 1:
+            return list(sent_per_group[0])
+        head_dims = [2] * (len(shapes) - with_lse) + [1] * with_lse  # lse: [B, H, T]
+        if self.head_groups == 1:  # [B, T, U, H/U, D] / [B, U, H/U, T]: no copy where the layout allows
+            return [h.wait().flatten(dim, dim + 1) for h, dim in zip(sent_per_group[0], head_dims)]
+        outs = None
+        for g, sent in enumerate(sent_per_group):
+            parts = [h.wait() for h in sent]
+            if outs is None:
+                outs = [torch.empty(shape, dtype=p.dtype, device=p.device) for shape, p in zip(shapes, parts)]
+            for out, part, dim in zip(outs, parts, head_dims):
+                self._heads(out, dim, g).copy_(part)
+        return outs
 
     @staticmethod
     def _reorder(x: torch.Tensor, index: torch.Tensor | None, dim: int) -> torch.Tensor:
         return x if index is None else x.index_select(dim, index)
-
-    def to_head_shards(self, *xs: torch.Tensor) -> list[torch.Tensor]:
-        """[B, T, H, D] token shards -> [B, U*T, H/U, D] head shards, tokens in ``q_segments`` order."""
-        return [self._reorder(x, self.token_order, 1) for x in self._exchange(xs, scatter_dim=2, gather_dim=1)]
-
-    def to_token_shards(self, *xs: torch.Tensor) -> list[torch.Tensor]:
-        """Inverse of :meth:`to_head_shards`."""
-        return self._exchange([self._reorder(x, self.token_inverse, 1) for x in xs], scatter_dim=1, gather_dim=2)
-
-    def lse_to_token_shards(self, lse: torch.Tensor) -> torch.Tensor:
-        """[B, H/U, U*T] (``q_segments`` order) -> [B, H, T]."""
-        return self._exchange([self._reorder(lse, self.token_inverse, 2)], scatter_dim=2, gather_dim=1)[0]
-
-    def lse_to_head_shards(self, lse: torch.Tensor) -> torch.Tensor:
-        """[B, H, T] -> [B, H/U, U*T] (``q_segments`` order)."""
-        return self._reorder(self._exchange([lse], scatter_dim=1, gather_dim=2)[0], self.token_order, 2)
 
     def expand_kv(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.kv_repeat == 1 else x.repeat_interleave(self.kv_repeat, dim=2)
@@ -133,19 +184,29 @@ class SoftmaxContextParallel(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.lse_returned = lse_returned
         # seqpar.attention holds the group (exclusive_use) over the agreement check and this forward
-        q_h, k_h, v_h = plan.to_head_shards(q, plan.expand_kv(k), plan.expand_kv(v))
-        o_h, lse_h = attention_forward(q_h, plan.kv_source(k_h, v_h), plan.q_segments, mask=plan.mask,
-                                       scale=plan.scale, backend=plan.backend, softcap=plan.softcap)
-        sinks_h = None
-        if sinks is not None:
-            sinks_h = sinks.detach()[plan.q_heads].to(lse_h.dtype)
-            o_h, lse_h = _apply_sinks(o_h, lse_h, sinks_h)
-        o_h = o_h.to(q.dtype)
-        ctx.save_for_backward(q_h, k_h, v_h, o_h, lse_h, sinks_h)
+        k, v = plan.expand_kv(k), plan.expand_kv(v)
+        o_shape, lse_shape = q.shape[:3] + v.shape[3:], (q.shape[0], q.shape[2], q.shape[1])
+        sent = plan.send_to_head_shards((q, k, v), 0)
+        saved, back = [], []
+        for g in range(plan.head_groups):  # one group without Ulysses head groups
+            q_h, k_h, v_h = plan.head_shards(sent)
+            if g + 1 < plan.head_groups:
+                sent = plan.send_to_head_shards((q, k, v), g + 1)  # overlaps this group's compute
+            o_h, lse_h = attention_forward(q_h, plan.kv_source(k_h, v_h), plan.q_segments, mask=plan.mask,
+                                           scale=plan.scale, backend=plan.backend, softcap=plan.softcap)
+            sinks_h = None
+            if sinks is not None:
+                sinks_h = sinks.detach()[plan.group_heads(g)].to(lse_h.dtype)
+                o_h, lse_h = _apply_sinks(o_h, lse_h, sinks_h)
+            o_h = o_h.to(q.dtype)
+            saved += [q_h, k_h, v_h, o_h, lse_h, sinks_h]
+            back.append(plan.send_to_token_shards([o_h], lse_h))
+        ctx.save_for_backward(*saved)
         ctx.plan = plan
+        ctx.shapes = (q.shape, k.shape, v.shape, lse_shape)
         ctx.sinks_meta = None if sinks is None else (sinks.shape, sinks.dtype)
-        (o,) = plan.to_token_shards(o_h)
-        return o, plan.lse_to_token_shards(lse_h)
+        o, lse = plan.token_shards(back, [o_shape, lse_shape], with_lse=True)
+        return o, lse
 
     @staticmethod
     @once_differentiable
@@ -156,40 +217,55 @@ class SoftmaxContextParallel(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, do: torch.Tensor | None, dlse: torch.Tensor | None):
         plan: ParallelPlan = ctx.plan
-        q_h, k_h, v_h, o_h, lse_h, sinks_h = ctx.saved_tensors
-        dtype = compute_dtype(q_h.dtype)
+        saved = ctx.saved_tensors
+        per_group = [saved[6 * g:6 * g + 6] for g in range(plan.head_groups)]
+        q_shape, k_shape, v_shape, lse_shape = ctx.shapes
+        in_dtype = saved[0].dtype
+        dtype = compute_dtype(in_dtype)
+        device = saved[0].device
         # no early return when both grads are None: every rank must join the collectives below
-        do_h = torch.zeros_like(o_h) if do is None else plan.to_head_shards(do.to(o_h.dtype))[0]
         if dlse is None and ctx.lse_returned and plan.ulysses_size > 1:
             # the lse gradient crosses ranks under Ulysses: a rank whose loss ignores lse joins
             # that exchange with zeros, or the ranks' collectives would pair up wrongly
-            dlse = torch.zeros(do_h.shape[0], do_h.shape[2] * plan.ulysses_size, do_h.shape[1] // plan.ulysses_size,
-                               dtype=dtype, device=do_h.device)
-        if dlse is None and sinks_h is None:
-            # delta = rowsum(o * do): the driver takes o itself (the fused backward computes delta
-            # from it; other kernels get it computed once)
-            delta, out = None, o_h
-        else:
-            # d lse / d s = p, which folds into dS = P * (dP - delta) as delta - dlse
-            delta = output_delta(o_h, do_h)
-            if dlse is not None:
-                delta = delta - plan.lse_to_head_shards(dlse.to(dtype))
-            delta = delta.contiguous()
-            out = o_h if dlse is None else None  # o still has rowsum(o * do) = delta
+            dlse = torch.zeros(lse_shape, dtype=dtype, device=device)
+        do = None if do is None else do.to(saved[3].dtype)
+        dlse = None if dlse is None else dlse.to(dtype)
+
+        def send(g: int) -> tuple:
+            return (None if do is None else plan.send_to_head_shards([do], g),
+                    None if dlse is None else plan.send_lse_to_head_shards(dlse, g))
+
         dsinks = None
-        if sinks_h is not None:
-            # the sink is a key with value 0: d sink_h = -sum over rows of p_sink * delta
-            dsinks_h = -(torch.exp(sinks_h.view(1, -1, 1) - lse_h) * delta).sum(dim=(0, 2))
-            shape, sinks_dtype = ctx.sinks_meta
-            dsinks = torch.zeros(shape, dtype=dtype, device=dsinks_h.device)
-            dsinks[plan.q_heads] = dsinks_h
-            dsinks = dsinks.to(sinks_dtype)
-        dq_h, dk_h, dv_h = attention_backward(do_h, q_h, lse_h, delta, plan.kv_source(k_h, v_h),
-                                              plan.q_segments, mask=plan.mask, scale=plan.scale,
-                                              backend=plan.backend, out=out, softcap=plan.softcap)
-        out_dtype = q_h.dtype
-        if plan.kv_repeat == 1:  # communicate the final grads in the input dtype
-            dq_h, dk_h, dv_h = dq_h.to(out_dtype), dk_h.to(out_dtype), dv_h.to(out_dtype)
-        dq, dk, dv = plan.to_token_shards(dq_h, dk_h, dv_h)
+        if ctx.sinks_meta is not None:
+            dsinks = torch.zeros(ctx.sinks_meta[0], dtype=dtype, device=device)
+        sent, back = send(0), []
+        for g, (q_h, k_h, v_h, o_h, lse_h, sinks_h) in enumerate(per_group):
+            do_h = torch.zeros_like(o_h) if sent[0] is None else plan.head_shards(sent[0])[0]
+            dlse_h = None if sent[1] is None else plan.lse_head_shard(sent[1])
+            if g + 1 < plan.head_groups:
+                sent = send(g + 1)  # overlaps this group's compute
+            if dlse_h is None and sinks_h is None:
+                # delta = rowsum(o * do): the driver takes o itself (the fused backward computes delta
+                # from it; other kernels get it computed once)
+                delta, out = None, o_h
+            else:
+                # d lse / d s = p, which folds into dS = P * (dP - delta) as delta - dlse
+                delta = output_delta(o_h, do_h)
+                if dlse_h is not None:
+                    delta = delta - dlse_h
+                delta = delta.contiguous()
+                out = o_h if dlse_h is None else None  # o still has rowsum(o * do) = delta
+            if sinks_h is not None:
+                # the sink is a key with value 0: d sink_h = -sum over rows of p_sink * delta
+                dsinks[plan.group_heads(g)] = -(torch.exp(sinks_h.view(1, -1, 1) - lse_h) * delta).sum(dim=(0, 2))
+            dq_h, dk_h, dv_h = attention_backward(do_h, q_h, lse_h, delta, plan.kv_source(k_h, v_h),
+                                                  plan.q_segments, mask=plan.mask, scale=plan.scale,
+                                                  backend=plan.backend, out=out, softcap=plan.softcap)
+            if plan.kv_repeat == 1:  # communicate the final grads in the input dtype
+                dq_h, dk_h, dv_h = dq_h.to(in_dtype), dk_h.to(in_dtype), dv_h.to(in_dtype)
+            back.append(plan.send_to_token_shards([dq_h, dk_h, dv_h]))
+        dq, dk, dv = plan.token_shards(back, [q_shape, k_shape, v_shape])
         dk, dv = plan.reduce_kv_grad(dk), plan.reduce_kv_grad(dv)
-        return dq.to(out_dtype), dk.to(out_dtype), dv.to(out_dtype), dsinks, None, None
+        if dsinks is not None:
+            dsinks = dsinks.to(ctx.sinks_meta[1])
+        return dq.to(in_dtype), dk.to(in_dtype), dv.to(in_dtype), dsinks, None, None

@@ -23,6 +23,9 @@ STRATEGIES = ("ring", "allgather", "ulysses", "usp")
 # The all-gather strategy gathers K/V in up to this many groups of KV heads, so that the gather
 # of group i+1 overlaps the compute of group i.
 ALLGATHER_KV_HEAD_GROUPS = 4
+# Ulysses exchanges the heads in this many groups (when the KV heads of a rank divide), so that the
+# transfer of one group overlaps the compute of another (ParallelPlan.head_groups)
+ULYSSES_HEAD_GROUPS = 2
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -215,6 +218,10 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: s
     heads_per_rank = num_q_heads // ulysses_size
     gathered = strategy == "allgather"
     steps = None if gathered else ring_steps(row_segments, mask)
+    head_groups = 1
+    if ulysses_size > 1 and ring_size == 1 and kv_repeat == 1 and \
+            (num_kv_heads // ulysses_size) % ULYSSES_HEAD_GROUPS == 0:
+        head_groups = ULYSSES_HEAD_GROUPS
     return ParallelPlan(
         mask=mask, scale=scale, backend=backend, softcap=softcap,
         ring_steps=steps,
@@ -226,5 +233,5 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: s
         kv_group=ring_group, kv_rank=ring_rank, kv_size=ring_size,
         q_segments=rows[ring_rank][1], segments_of_source=[segs for _, segs in rows],
         token_order=order, token_inverse=inverse,
-        kv_head_groups=ALLGATHER_KV_HEAD_GROUPS,
+        kv_head_groups=ALLGATHER_KV_HEAD_GROUPS, head_groups=head_groups,
     )
