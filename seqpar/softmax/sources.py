@@ -7,7 +7,8 @@ the source does the communication, issuing the transfer of the next block before
 current one and waiting for it afterwards, so that communication overlaps compute.
 
 - :class:`RingKV`: K/V travel a ring (Ring Attention and its zigzag / striped variants, and the
-  ring axis of USP). P-1 exchanges forward; in backward dK/dV travel with K/V and arrive home.
+  ring axis of USP). P-1 exchanges forward; in backward dK/dV travel with K/V and arrive home
+  (the last block's in two halves of its KV heads, the first sent while the second is computed).
   With one rank it is plain local attention (no communication).
 - :class:`GatheredKV`: K/V are all-gathered (LASP-2H / Llama 3), split into KV-head groups so
   that the gather of group i+1 overlaps the compute of group i (and the gather of group i the
@@ -117,12 +118,13 @@ class RingKV(KVSource):
         shape = (like.shape[0], b - a) + tuple(like.shape[2:])
         return [torch.Size(shape)] * 2
 
-    def _block(self, k: torch.Tensor, v: torch.Tensor, step: int) -> KVBlock:
+    def _block(self, k: torch.Tensor, v: torch.Tensor, step: int, kv_heads: slice | None = None) -> KVBlock:
+        """The block held at ``step`` (``k``, ``v``: its KV heads ``kv_heads``, default all)."""
         source = self._source(step)
         segs = self.segments_of_source[source]
         if step > 0:
             segs = slice_segments(segs, *self.key_ranges[source])
-        return KVBlock(k, v, segs, slice(0, self.k.shape[2]))
+        return KVBlock(k, v, segs, slice(0, self.k.shape[2]) if kv_heads is None else kv_heads)
 
     def _pass_on(self, k: torch.Tensor, v: torch.Tensor, step: int):
         """Send the K/V held at ``step`` (the own block: its carried slice) to the next rank and
@@ -141,32 +143,49 @@ class RingKV(KVSource):
                 k, v = incoming.wait()
 
     def backward_blocks(self) -> Generator[KVBlock, KVGrads, KVGrads]:
+        """The blocks of the ring, as in forward. The last block is handed over in two halves of its
+        KV heads (when it has two or more): the first half's dK/dV start home while the second half
+        is computed, so that only half of the last transfer waits on the network."""
         k, v = self.k, self.v
         grads_in_flight = None  # dK/dV accumulators of the block held now, from the rank before
+        going_home: list[tuple[slice, object]] = []  # (KV heads, exchange) of the last block's parts
         own = None
+        heads = k.shape[2]
         for step in range(self.steps):
             last = step == self.steps - 1
             incoming = self._pass_on(k, v, step)
-            dk, dv = yield self._block(k, v, step)
             if step == 0:
-                own = dk, dv
-            else:
+                own = yield self._block(k, v, step)
+            elif not last:
+                dk, dv = yield self._block(k, v, step)
                 if grads_in_flight is not None:
                     dk_acc, dv_acc = grads_in_flight.wait()
                     dk, dv = dk_acc.add_(dk), dv_acc.add_(dv)
-                # on to the next holder of this block; after the last step straight home to rank
-                # r - step (its owner), receiving this rank's own block's accumulators
-                receive_for = self._source(step + 1) if not last else self.rank
-                grads_in_flight = ring_exchange([dk, dv], self.group, shift=1 if not last else -step,
-                                                recv_shapes=self._shapes(receive_for, dk))
+                # on to the next holder of this block
+                grads_in_flight = ring_exchange([dk, dv], self.group, shift=1,
+                                                recv_shapes=self._shapes(self._source(step + 1), dk))
+            else:
+                parts = [slice(0, heads // 2), slice(heads // 2, heads)] if heads > 1 else [slice(0, heads)]
+                accumulated = None
+                for part in parts:
+                    dk, dv = yield self._block(k[:, :, part], v[:, :, part], step, part)
+                    if grads_in_flight is not None:
+                        accumulated = grads_in_flight.wait()
+                        grads_in_flight = None
+                    if accumulated is not None:
+                        dk, dv = accumulated[0][:, :, part].add_(dk), accumulated[1][:, :, part].add_(dv)
+                    # straight home to rank r - step (the block's owner), receiving the same part
+                    # of this rank's own block's accumulators
+                    going_home.append((part, ring_exchange([dk, dv], self.group, shift=-step,
+                                                           recv_shapes=self._shapes(self.rank, dk))))
             if incoming is not None:
                 k, v = incoming.wait()
         dk, dv = own
-        if grads_in_flight is not None:
-            dk_home, dv_home = grads_in_flight.wait()
-            a, b = self.key_ranges[self.rank]
-            dk[:, a:b] += dk_home
-            dv[:, a:b] += dv_home
+        a, b = self.key_ranges[self.rank]
+        for part, handle in going_home:
+            dk_home, dv_home = handle.wait()
+            dk[:, a:b, part] += dk_home
+            dv[:, a:b, part] += dv_home
         return dk, dv
 
 
