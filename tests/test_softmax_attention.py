@@ -298,26 +298,20 @@ def test_bad_group_inputs(pool):
     _check(pool, "ring", "contiguous", 4, None, cases, [FP64_TOL] * 5)
 
 
-def case_kv_repeat(ctx, num_q_heads: int, num_kv_heads: int):
+def case_ulysses_plan(ctx, num_q_heads: int, num_kv_heads: int, field: str):
+    """``field`` of this rank's Ulysses plan (kv_repeat, head_groups)."""
     q, k, v = _qkv(Hq=num_q_heads, Hkv=num_kv_heads)
     plan = build_plan(q, k, v, strategy="ulysses", layout="contiguous", group=ctx.group, causal=True, scale=None,
                       backend="auto")
-    return plan.kv_repeat
+    return getattr(plan, field)
 
 
 @pytest.mark.parametrize("world_size,num_q_heads,num_kv_heads,repeat", [
     (4, 4, 4, 1), (4, 8, 4, 1), (2, 4, 2, 1), (4, 4, 2, 2), (4, 8, 1, 4), (3, 6, 2, 3)])
 def test_ulysses_repeats_kv_heads_only_when_needed(pool, world_size, num_q_heads, num_kv_heads, repeat):
     assert repeat == math.lcm(num_kv_heads, world_size) // num_kv_heads
-    assert pool.run(case_kv_repeat, world_size, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads) \
-        == [repeat] * world_size
-
-
-def case_head_groups(ctx, num_q_heads: int, num_kv_heads: int):
-    q, k, v = _qkv(Hq=num_q_heads, Hkv=num_kv_heads)
-    plan = build_plan(q, k, v, strategy="ulysses", layout="contiguous", group=ctx.group, causal=True, scale=None,
-                      backend="auto")
-    return plan.head_groups
+    assert pool.run(case_ulysses_plan, world_size, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                    field="kv_repeat") == [repeat] * world_size
 
 
 @pytest.mark.parametrize("world_size,num_q_heads,num_kv_heads,groups", [
@@ -326,8 +320,8 @@ def test_ulysses_head_groups(pool, world_size, num_q_heads, num_kv_heads, groups
     """Ulysses exchanges the heads in 2 groups (each overlapping the other's compute) when the KV
     heads of a rank split evenly, else all at once; the grouped GQA exchange matches the fp64
     reference (the MHA one is in test_matches_reference_fp64)."""
-    assert pool.run(case_head_groups, world_size, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads) \
-        == [groups] * world_size
+    assert pool.run(case_ulysses_plan, world_size, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                    field="head_groups") == [groups] * world_size
     if (world_size, num_q_heads, num_kv_heads) == (2, 8, 4):
         for layout in ("contiguous", "zigzag"):
             cases = [_make_case(2, 8, 4, causal, torch.float64, 30 + i, lse_loss=lse_loss)
