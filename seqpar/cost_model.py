@@ -260,14 +260,11 @@ def softmax_estimate(strategy: str, layout: str, world_size: int, shape: Shape, 
     # after the all-to-all a ring block is u * local_len tokens of Hkv / u heads: the same bytes
     hops = _ring_hop_fractions(rows, mask, steps) if steps > 1 else []
     ring_comm = sum(lat + max(hop) * kv_bytes_local / bw for hop in hops)
-    from seqpar.softmax.plan import ULYSSES_HEAD_GROUPS  # lazy, as _ring_steps
+    from seqpar.softmax.plan import ulysses_head_groups  # lazy, as _ring_steps
 
-    groups = 1
-    if size == 1 and (shape.kv_heads // u) % ULYSSES_HEAD_GROUPS == 0 and shape.kv_heads % u == 0:
-        groups = ULYSSES_HEAD_GROUPS  # pure Ulysses in head groups (ParallelPlan.head_groups)
-    # only the first group's inputs and the last group's results wait on the network; the other
-    # groups' transfers overlap the compute
-    exposed = a2a / groups
+    # in head groups only the first group's inputs and the last group's results wait on the
+    # network; the other groups' transfers overlap the compute
+    exposed = a2a / ulysses_head_groups(shape.kv_heads, u, size)
     time = 2 * (lat + exposed / bw) + max(compute, 2 * (a2a - exposed) / bw, ring_comm)
     sent = a2a + (max(sum(hop[r] for hop in hops) for r in range(size)) * kv_bytes_local if hops else 0.0)
     return Estimate(strategy, layout, world_size, busiest / 1e12, imbalance, sent, 2 + (steps - 1), time * 1e3,

@@ -28,6 +28,16 @@ ALLGATHER_KV_HEAD_GROUPS = 4
 ULYSSES_HEAD_GROUPS = 2
 
 
+def ulysses_head_groups(num_kv_heads: int, ulysses_size: int, ring_size: int) -> int:
+    """How many groups a Ulysses exchange of ``num_kv_heads`` KV heads over ``ulysses_size`` ranks
+    runs in (``ParallelPlan.head_groups``): :data:`ULYSSES_HEAD_GROUPS` for pure Ulysses when
+    every rank's KV heads split evenly into them (no KV-head repeat), else 1."""
+    if ulysses_size > 1 and ring_size == 1 and num_kv_heads % ulysses_size == 0 and \
+            (num_kv_heads // ulysses_size) % ULYSSES_HEAD_GROUPS == 0:
+        return ULYSSES_HEAD_GROUPS
+    return 1
+
+
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Raise a ValueError naming the numbers if q [B, T, Hq, D], k / v [B, T, Hkv, D] don't fit
     (a TypeError if one is not a tensor)."""
@@ -218,10 +228,6 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: s
     heads_per_rank = num_q_heads // ulysses_size
     gathered = strategy == "allgather"
     steps = None if gathered else ring_steps(row_segments, mask)
-    head_groups = 1
-    if ulysses_size > 1 and ring_size == 1 and kv_repeat == 1 and \
-            (num_kv_heads // ulysses_size) % ULYSSES_HEAD_GROUPS == 0:
-        head_groups = ULYSSES_HEAD_GROUPS
     return ParallelPlan(
         mask=mask, scale=scale, backend=backend, softcap=softcap,
         ring_steps=steps,
@@ -233,5 +239,5 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: s
         kv_group=ring_group, kv_rank=ring_rank, kv_size=ring_size,
         q_segments=rows[ring_rank][1], segments_of_source=[segs for _, segs in rows],
         token_order=order, token_inverse=inverse,
-        kv_head_groups=ALLGATHER_KV_HEAD_GROUPS, head_groups=head_groups,
+        kv_head_groups=ALLGATHER_KV_HEAD_GROUPS, head_groups=ulysses_head_groups(num_kv_heads, ulysses_size, ring_size),
     )
