@@ -565,6 +565,13 @@ def _task_pairs(task: BlockTask) -> int:
                           _diagonal(task))
 
 
+def _reach(task: BlockTask) -> int:
+    """An upper bound of j - i over the task's visible pairs (block-local indices)."""
+    widest = task.k_start + task.k_len - 1 - task.q_start
+    d = _diagonal(task)
+    return widest if d is None else min(d, widest)
+
+
 def _box_joined(first: BlockTask, second: BlockTask) -> BlockTask | None:
     """``first`` and ``second`` as one task over their bounding box, when one diagonal reproduces
     exactly the pairs of both (e.g. zigzag's own block: the early half's causal task plus the late
@@ -579,10 +586,9 @@ def _box_joined(first: BlockTask, second: BlockTask) -> BlockTask | None:
     q0, q1 = min(a.q_start, b.q_start), max(a.q_start + a.q_len, b.q_start + b.q_len)
     k0, k1 = min(a.k_start, b.k_start), max(a.k_start + a.k_len, b.k_start + b.k_len)
     pairs = _task_pairs(a) + _task_pairs(b)
-    for c in {_diagonal(a), _diagonal(b)}:
+    for c in dict.fromkeys((_diagonal(a), _diagonal(b))):  # the candidates, in a fixed order
         # every pair of both tasks must be visible under c, and together they must be all of them
-        if c is not None and any(_diagonal(t) is None and t.k_start + t.k_len - 1 - t.q_start > c
-                                 or _diagonal(t) is not None and _diagonal(t) > c for t in (a, b)):
+        if c is not None and max(_reach(a), _reach(b)) > c:
             continue
         if _visible_pairs(q0, q1, k0, k1, c) != pairs:
             continue
