@@ -280,10 +280,9 @@ def _optimizer(model: Any) -> Any:
     implementation; the trainer takes the fused CPU kernel only for CPU parameters)."""
     import torch
 
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=1e-4, betas=(0.9, 0.95), foreach=True)
+    from seqpar.train import parameter_groups
+
+    return torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), foreach=True)
 
 
 def _host_scalars() -> Any:
