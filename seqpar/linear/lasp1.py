@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from seqpar.comm import CommHandle
 from seqpar.linear.common import (
     Piece,
     Run,
@@ -61,7 +62,7 @@ class Lasp1:
     # -- the chain ---------------------------------------------------------------------------
 
     @staticmethod
-    def _post_receives(run: Run, sources: list[tuple[int, int]]) -> dict[int, object]:
+    def _post_receives(run: Run, sources: list[tuple[int, int]]) -> dict[int, CommHandle]:
         """{i: posted receive} for each (i, source piece) of ``sources`` whose state (gradient) comes
         from the holder of the source piece on another rank, posted in the order of ``sources``:
         the chain's order (ascending pieces forward, descending backward), which is also the order
@@ -73,7 +74,7 @@ class Lasp1:
                 posted[i] = run.post_recv(run.zeros_state(run.device), src)
         return posted
 
-    def _receive(self, run: Run, posted: dict[int, object], i: int, carry: torch.Tensor | None,
+    def _receive(self, run: Run, posted: dict[int, CommHandle], i: int, carry: torch.Tensor | None,
                  pass_: str) -> torch.Tensor:
         """The state (or state gradient) piece ``i`` reads: a posted receive, or the carry kept here."""
         return carry if i not in posted else run.wait_recv(posted[i], pass_)
