@@ -209,6 +209,15 @@ def _before_or_after(log_chunk: torch.Tensor, reverse: bool) -> torch.Tensor:
     return torch.cat([zero, log_chunk[:, :, :-1].cumsum(2)], dim=2)
 
 
+def _add_decayed(per_chunk: torch.Tensor, log_decay: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """per_chunk [B, H, NT, Dk, Dv] + exp(log_decay) * state for every chunk (``log_decay`` [B, H, NT]
+    or [B, H, NT, Dk], ``state`` [B, H, Dk, Dv]) in one pass and one new tensor: a broadcast
+    product and a sum would write two chunk-sized temporaries (on CPU, fresh pages for each)."""
+    factor = _flushed_exp(log_decay)
+    factor = factor[..., None, None] if log_decay.dim() == per_chunk.dim() - 2 else factor[..., None]
+    return torch.addcmul(per_chunk, factor, state.unsqueeze(2))
+
+
 def shift_states(states: ChunkStates, log_chunk: torch.Tensor | None, initial_state: torch.Tensor) -> ChunkStates:
     """States of a run started from ``initial_state``, given those from zero: S_c += A_c initial_state,
     A_c = exp(sum of the log decays ``log_chunk`` of the chunks before c) -- per head ([B, H, NT])
@@ -219,7 +228,7 @@ def shift_states(states: ChunkStates, log_chunk: torch.Tensor | None, initial_st
     if log_chunk is None:
         return ChunkStates((starts + h0.unsqueeze(2).to(starts.dtype)), states.final + h0)
     log = log_chunk.to(h0.dtype)
-    shifted = decay_state(h0.unsqueeze(2), _before_or_after(log, reverse=False)) + starts.to(h0.dtype)
+    shifted = _add_decayed(starts.to(h0.dtype), _before_or_after(log, reverse=False), h0)
     return ChunkStates(shifted.to(starts.dtype), states.final + decay_state(h0, log.sum(2)))
 
 
@@ -232,7 +241,7 @@ def shift_state_grads(grads: ChunkStateGrads, log_chunk: torch.Tensor | None, dh
     if log_chunk is None:
         return ChunkStateGrads(ends + d.unsqueeze(2).to(ends.dtype), grads.initial + d)
     log = log_chunk.to(d.dtype)
-    shifted = decay_state(d.unsqueeze(2), _before_or_after(log, reverse=True)) + ends.to(d.dtype)
+    shifted = _add_decayed(ends.to(d.dtype), _before_or_after(log, reverse=True), d)
     return ChunkStateGrads(shifted.to(ends.dtype), grads.initial + decay_state(d, log.sum(2)))
 
 
