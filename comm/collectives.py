@@ -365,6 +365,59 @@ def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> CommHan
     return CommHandle([work], lambda: buf.to(tensor.device) if stage else buf)
 
 
+def all_to_all_many(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | None, *,
+                    scatter_dims: Sequence[int], gather_dims: Sequence[int]) -> CommHandle:
+    """:func:`all_to_all` of several tensors in one collective per dtype: tensor i is split into P
+    chunks along ``scatter_dims[i]``, chunk p goes to rank p, and what arrives is concatenated
+    along ``gather_dims[i]``. ``wait()`` returns the list, the same tensors as one
+    :func:`all_to_all` of each (views of one received buffer). Each chunk is copied once into
+    the packed buffer (a single ``all_to_all`` copies it too, to lay chunk p out first)."""
+    if not (len(tensors) == len(scatter_dims) == len(gather_dims)):
+        raise ValueError(f"all_to_all_many: {len(tensors)} tensors but {len(scatter_dims)} scatter dims and "
+                         f"{len(gather_dims)} gather dims")
+    _, world_size = group_rank_and_size(group)
+    for i, (t, dim) in enumerate(zip(tensors, scatter_dims)):
+        if t.shape[dim] % world_size != 0:
+            raise ValueError(f"all_to_all_many: dim {dim} of tensor {i}'s shape {tuple(t.shape)} is not "
+                             f"divisible by the group size {world_size}")
+    if world_size == 1:
+        return CommHandle(finish=lambda: list(tensors))
+    if len({t.device for t in tensors}) > 1:
+        raise ValueError(f"all_to_all_many: tensors on several devices {[str(t.device) for t in tensors]}")
+    _check_free(group)
+    # [P, ...] chunk views (chunk p first), packed side by side per dtype: [P, sum of chunk sizes]
+    chunks = [t.unflatten(dim, (world_size, -1)).movedim(dim, 0) for t, dim in zip(tensors, scatter_dims)]
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    works, received_views = [], [None] * len(tensors)
+    pending = []
+    for dtype, members in by_dtype.items():
+        sizes = [chunks[i][0].numel() for i in members]
+        packed = torch.empty(world_size, sum(sizes), dtype=dtype, device=tensors[members[0]].device)
+        offset = 0
+        for i, n in zip(members, sizes):
+            packed[:, offset:offset + n].view(chunks[i].shape).copy_(chunks[i])
+            offset += n
+        stage = _needs_host_staging(group, packed)
+        send = _staged(packed, stage)
+        out = torch.empty_like(send)
+        works.append(dist.all_to_all_single(out, send, group=group, async_op=True))
+        pending.append((members, sizes, out, stage, packed.device))
+
+    def finish():
+        for members, sizes, out, stage, device in pending:
+            received = out.to(device) if stage else out
+            offset = 0
+            for i, n in zip(members, sizes):
+                part = received[:, offset:offset + n].view(chunks[i].shape)
+                received_views[i] = part.movedim(0, gather_dims[i]).flatten(gather_dims[i], gather_dims[i] + 1)
+                offset += n
+        return received_views
+
+    return CommHandle(works, finish)
+
+
 def all_to_all(tensor: torch.Tensor, group: dist.ProcessGroup | None, *, scatter_dim: int,
                gather_dim: int) -> CommHandle:
     """Split ``tensor`` into P chunks along ``scatter_dim``, send chunk p to rank p, and

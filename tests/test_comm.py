@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqpar.comm import all_gather, all_to_all, exchange, reduce_scatter, ring_exchange, send_recv
+from seqpar.comm import all_gather, all_to_all, all_to_all_many, exchange, reduce_scatter, ring_exchange, send_recv
 
 
 def _rank_tensor(rank: int, shape=(3, 5)) -> torch.Tensor:
@@ -50,6 +50,35 @@ def case_collectives(ctx):
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_collectives(pool, world_size):
     assert all(pool.run(case_collectives, world_size))
+
+
+def case_all_to_all_many(ctx):
+    """Several tensors (two dtypes, different scatter / gather axes, a strided view) in one
+    all_to_all_many give exactly what one all_to_all of each gives."""
+    r, P, g = ctx.rank, ctx.world_size, ctx.group
+    gen = torch.Generator().manual_seed(7 + r)
+    q = torch.randn(2, 3, 2 * P, 4, generator=gen)                                   # heads scattered
+    lse = torch.randn(2, 2 * P, 3, generator=gen, dtype=torch.float64)               # heads of [B, H, T]
+    o = torch.randn(2, 4, 5 * P, generator=gen).transpose(1, 2)                      # strided, tokens scattered
+    k = torch.randn(2, 3, 2 * P, 4, generator=gen)
+    tensors, scatter, gather = [q, lse, o, k], [2, 1, 1, 2], [1, 2, 2, 1]
+    handle = all_to_all_many(tensors, g, scatter_dims=scatter, gather_dims=gather)
+    expect = [all_to_all(t, g, scatter_dim=s_, gather_dim=d).wait() for t, s_, d in zip(tensors, scatter, gather)]
+    got = handle.wait()
+    assert len(got) == len(expect)
+    for a, b in zip(got, expect):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if P > 1:
+        with pytest.raises(ValueError, match="not divisible by the group size"):
+            all_to_all_many([q, torch.zeros(2, P + 1)], g, scatter_dims=[2, 1], gather_dims=[1, 0])
+    with pytest.raises(ValueError, match="2 tensors but 1 scatter dims"):
+        all_to_all_many([q, k], g, scatter_dims=[2], gather_dims=[1, 1])
+    return True
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_all_to_all_many(pool, world_size):
+    assert all(pool.run(case_all_to_all_many, world_size))
 
 
 def case_bad_reduce_scatter(ctx):

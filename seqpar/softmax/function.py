@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from seqpar.comm import all_to_all, exclusive_use
+from seqpar.comm import all_to_all_many, exclusive_use
 from seqpar.kernels import compute_dtype
 from seqpar.kernels.softmax import output_delta
 from seqpar.layout import Segment
@@ -92,45 +92,48 @@ class ParallelPlan:
         size = (self.q_heads.stop - self.q_heads.start) // self.head_groups
         return slice(self.q_heads.start + g * size, self.q_heads.start + (g + 1) * size)
 
-    def send_to_head_shards(self, xs: Sequence[torch.Tensor], g: int) -> list:
-        """Issue the exchange of head group ``g`` of [B, T, H, D] token shards (see
-        :meth:`head_shards`)."""
-        if self.ulysses_size == 1:
-            return list(xs)
-        return [all_to_all(self._heads(x, 2, g), self.ulysses_group, scatter_dim=2, gather_dim=1) for x in xs]
+    # Each exchange below is one all-to-all per dtype (``all_to_all_many``): q, k, v travel
+    # together, o with its lse, dO with its lse gradient, and dq, dk, dv together.
 
-    def head_shards(self, sent: list) -> list[torch.Tensor]:
-        """[B, U*T, H/(U G), D] head shards of what :meth:`send_to_head_shards` sent, tokens in
-        ``q_segments`` order."""
+    def send_to_head_shards(self, xs: Sequence[torch.Tensor], g: int, lse: torch.Tensor | None = None):
+        """Issue the exchange of head group ``g`` of [B, T, H, D] token shards, and optionally of an
+        lse (or its gradient) [B, H, T] with them (see :meth:`head_shards`)."""
         if self.ulysses_size == 1:
-            return sent
-        return [self._reorder(h.wait().flatten(2, 3), self.token_order, 1) for h in sent]
+            return list(xs) + ([] if lse is None else [lse])
+        tensors = [self._heads(x, 2, g) for x in xs]
+        scatter, gather = [2] * len(xs), [1] * len(xs)
+        if lse is not None:
+            tensors.append(self._heads(lse, 1, g))
+            scatter.append(1)
+            gather.append(3)
+        return all_to_all_many(tensors, self.ulysses_group, scatter_dims=scatter, gather_dims=gather)
 
-    def send_lse_to_head_shards(self, lse: torch.Tensor, g: int):
-        """Issue the exchange of head group ``g`` of lse [B, H, T] (see :meth:`lse_head_shard`)."""
-        if self.ulysses_size == 1:
-            return lse
-        return all_to_all(self._heads(lse, 1, g), self.ulysses_group, scatter_dim=1, gather_dim=3)
-
-    def lse_head_shard(self, sent) -> torch.Tensor:
-        """[B, H/(U G), U*T] (``q_segments`` order) of what :meth:`send_lse_to_head_shards` sent."""
+    def head_shards(self, sent, with_lse: bool = False) -> list[torch.Tensor]:
+        """[B, U*T, H/(U G), D] head shards of what :meth:`send_to_head_shards` sent (and, with
+        ``with_lse``, the lse [B, H/(U G), U*T] last), tokens in ``q_segments`` order."""
         if self.ulysses_size == 1:
             return sent
-        return self._reorder(sent.wait().squeeze(1), self.token_order, 2)
+        parts = sent.wait()
+        tokens = parts[:-1] if with_lse else parts
+        out = [self._reorder(x.flatten(2, 3), self.token_order, 1) for x in tokens]
+        if with_lse:
+            out.append(self._reorder(parts[-1].squeeze(1), self.token_order, 2))
+        return out
 
-    def send_to_token_shards(self, xs: Sequence[torch.Tensor], lse: torch.Tensor | None = None) -> list:
+    def send_to_token_shards(self, xs: Sequence[torch.Tensor], lse: torch.Tensor | None = None):
         """Issue the way back of one head group's [B, U*T, H/(U G), D] results (and optionally its
         lse [B, H/(U G), U*T]); :meth:`token_shards` puts them in place."""
         if self.ulysses_size == 1:
             return list(xs) + ([] if lse is None else [lse])
-        sent = [all_to_all(self._reorder(x, self.token_inverse, 1).unsqueeze(2), self.ulysses_group,
-                           scatter_dim=1, gather_dim=2) for x in xs]
+        tensors = [self._reorder(x, self.token_inverse, 1).unsqueeze(2) for x in xs]
+        scatter, gather = [1] * len(xs), [2] * len(xs)
         if lse is not None:
-            sent.append(all_to_all(self._reorder(lse, self.token_inverse, 2).unsqueeze(1), self.ulysses_group,
-                                   scatter_dim=3, gather_dim=1))
-        return sent
+            tensors.append(self._reorder(lse, self.token_inverse, 2).unsqueeze(1))
+            scatter.append(3)
+            gather.append(1)
+        return all_to_all_many(tensors, self.ulysses_group, scatter_dims=scatter, gather_dims=gather)
 
-    def token_shards(self, sent_per_group: Sequence[list], shapes: Sequence[torch.Size], with_lse: bool = False
+    def token_shards(self, sent_per_group: Sequence, shapes: Sequence[torch.Size], with_lse: bool = False
                      ) -> list[torch.Tensor]:
         """Token shards [B, T, H, D] (and lse [B, H, T] last, with ``with_lse``) from every head
         group's :meth:`send_to_token_shards`, in group order; ``shapes``: the full shapes."""
@@ -138,10 +141,10 @@ class ParallelPlan:
             return list(sent_per_group[0])
         head_dims = [2] * (len(shapes) - with_lse) + [1] * with_lse  # lse: [B, H, T]
         if self.head_groups == 1:  # [B, T, U, H/U, D] / [B, U, H/U, T]: no copy where the layout allows
-            return [h.wait().flatten(dim, dim + 1) for h, dim in zip(sent_per_group[0], head_dims)]
+            return [x.flatten(dim, dim + 1) for x, dim in zip(sent_per_group[0].wait(), head_dims)]
         outs = None
         for g, sent in enumerate(sent_per_group):
-            parts = [h.wait() for h in sent]
+            parts = sent.wait()
             if outs is None:
                 outs = [torch.empty(shape, dtype=p.dtype, device=p.device) for shape, p in zip(shapes, parts)]
             for out, part, dim in zip(outs, parts, head_dims):
@@ -231,17 +234,19 @@ class SoftmaxContextParallel(torch.autograd.Function):
         do = None if do is None else do.to(saved[3].dtype)
         dlse = None if dlse is None else dlse.to(dtype)
 
-        def send(g: int) -> tuple:
-            return (None if do is None else plan.send_to_head_shards([do], g),
-                    None if dlse is None else plan.send_lse_to_head_shards(dlse, g))
+        def send(g: int):  # dO and the lse gradient of head group g, in one exchange
+            if do is None and dlse is None:
+                return None
+            return plan.send_to_head_shards([] if do is None else [do], g, lse=dlse)
 
         dsinks = None
         if ctx.sinks_meta is not None:
             dsinks = torch.zeros(ctx.sinks_meta[0], dtype=dtype, device=device)
         sent, back = send(0), []
         for g, (q_h, k_h, v_h, o_h, lse_h, sinks_h) in enumerate(per_group):
-            do_h = torch.zeros_like(o_h) if sent[0] is None else plan.head_shards(sent[0])[0]
-            dlse_h = None if sent[1] is None else plan.lse_head_shard(sent[1])
+            parts = [] if sent is None else plan.head_shards(sent, with_lse=dlse is not None)
+            do_h = torch.zeros_like(o_h) if do is None else parts[0]
+            dlse_h = None if dlse is None else parts[-1]
             if g + 1 < plan.head_groups:
                 sent = send(g + 1)  # overlaps this group's compute
             if dlse_h is None and sinks_h is None:
