@@ -23,7 +23,10 @@ causal softmax attention; 1 torch thread per process everywhere):
   the slowest rank's median.
 - ``trainer``: ``python -m seqpar.train`` tokens/s (global: batch x seq-len / step time of rank 0),
   sp = 2 on 2 processes (torchrun) / sp = 1 on one process; tiny preset, seq-len 1024, zigzag,
-  OMP_NUM_THREADS=1; median over the steps after the first 2 of every run, runs alternated.
+  OMP_NUM_THREADS=1; median over the steps after the first 2 of every run, runs alternated. Its
+  note also gives the ceiling of that ratio on the machine with free communication: the sp = 1
+  step / (the step of P sp = 1 copies at seq-len T/P run at once + the attention pairs a rank
+  has beyond its causal T/P block, timed with SDPA).
 - ``trainer-long``: the same at seq-len 8192 (6 steps a run). Not a row of the issue: at seq-len
   1024 the tiny model's step is a few thousand small ops whose fixed per-call cost does not shrink
   with the tokens; at 8192 the kernels have work, and the row shows how the same trainer scales then.
@@ -476,8 +479,8 @@ def run_two_ranks(rows: list[Row], s: Sizes, groups: set[str]) -> None:
 # The trainer.
 
 
-def _trainer_once(sp: int, seq_len: int, steps: int, run_dir: Path) -> tuple[list[float], str]:
-    """Run the trainer into ``run_dir``; (tokens_per_s of every step after the first 2, threads line)."""
+def _trainer_command(sp: int, seq_len: int, steps: int, run_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of one trainer run into ``run_dir``."""
     args = ["-m", "seqpar.train", "--preset", "tiny", "--seq-len", str(seq_len), "--layout", "zigzag",
             "--sp", str(sp), "--steps", str(steps), "--run-dir", str(run_dir), "--no-progress",
             "--no-plot", "--keep-checkpoints", "0", "--eval-batches", "1"]
@@ -488,27 +491,74 @@ def _trainer_once(sp: int, seq_len: int, steps: int, run_dir: Path) -> tuple[lis
     env = {key: val for key, val in os.environ.items()
            if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
+    return cmd, env
+
+
+def _trainer_result(cmd: list[str], returncode: int, stdout: str, stderr: str, run_dir: Path
+                    ) -> tuple[list[float], str]:
+    """(tokens_per_s of every step after the first 2, threads line) of a finished run."""
+    if returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {returncode}:\n{stdout[-1500:]}\n{stderr[-1500:]}")
+    records = [json.loads(line) for line in (run_dir / "train.jsonl").read_text().splitlines() if line.strip()]
+    steps = sorted((r["step"], r["tokens_per_s"]) for r in records if r.get("kind") == "train")
+    threads = next((ln for ln in stdout.splitlines() if "CPU thread" in ln), "")
+    return [tps for step, tps in steps if step > 2], threads
+
+
+def _trainer_once(sp: int, seq_len: int, steps: int, run_dir: Path) -> tuple[list[float], str]:
+    """Run the trainer into ``run_dir``; (tokens_per_s of every step after the first 2, threads line)."""
+    cmd, env = _trainer_command(sp, seq_len, steps, run_dir)
     # cwd outside the repository: `python -m` puts the cwd first on sys.path, and the repository
     # root's seqpar/ folder would shadow the installed package
     proc = subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}")
-    records = [json.loads(line) for line in (run_dir / "train.jsonl").read_text().splitlines() if line.strip()]
-    steps = sorted((r["step"], r["tokens_per_s"]) for r in records if r.get("kind") == "train")
-    threads = next((ln for ln in proc.stdout.splitlines() if "CPU thread" in ln), "")
-    return [tps for step, tps in steps if step > 2], threads
+    return _trainer_result(cmd, proc.returncode, proc.stdout, proc.stderr, run_dir)
+
+
+def _trainer_copies(copies: int, seq_len: int, steps: int, tmp: Path) -> list[float]:
+    """Step times (s) of ``copies`` independent sp=1 trainer runs at ``seq_len``, run at the same
+    time (each one process on its own core, nothing exchanged): steps after the first 2."""
+    runs = []
+    for i in range(copies):
+        run_dir = tmp / f"copy{i}"
+        cmd, env = _trainer_command(1, seq_len, steps, run_dir)
+        runs.append((cmd, run_dir, subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE,
+                                                    stderr=subprocess.PIPE, text=True)))
+    times = []
+    for cmd, run_dir, proc in runs:
+        out, err = proc.communicate(timeout=1800)
+        tps, _ = _trainer_result(cmd, proc.returncode, out, err, run_dir)
+        times += [4 * seq_len / x for x in tps]  # tiny preset: batch 4
+    return times
+
+
+def _extra_pairs_ms(seq_len: int, world: int, repeats: int) -> float:
+    """Median ms (fwd+bwd, SDPA, this process, 1 thread) of the attention a rank of a zigzag sp run
+    computes beyond a causal block of its own T/P tokens: a causal T x T mask has T^2/2 pairs, a
+    rank T^2/(2P), the causal T/P block T^2/(2P^2); the rest, T^2 (P-1)/(2P^2), is timed as one
+    unmasked block of T/P queries x T(P-1)/(2P) keys in the tiny preset's shapes."""
+    from seqpar.config import MODEL_PRESETS, TRAIN_PRESETS
+
+    model, train = MODEL_PRESETS["tiny"], TRAIN_PRESETS["tiny"]
+    B, H, D = train["batch_size"], model["n_heads"], model["dim"] // model["n_heads"]
+    gen = torch.Generator().manual_seed(7)
+    tq, tk = seq_len // world, seq_len * (world - 1) // (2 * world)
+    q = torch.randn(B, H, tq, D, generator=gen, requires_grad=True)
+    k, v = (torch.randn(B, H, tk, D, generator=gen, requires_grad=True) for _ in range(2))
+    do = torch.randn(B, H, tq, D, generator=gen)
+    run = fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v), (q, k, v), do)
+    return interleaved({"pairs": run}, repeats, 1, torch.device("cpu"))["pairs"].medians_ms()["wall"]
 
 
 def run_trainer(rows: list[Row], s: Sizes) -> None:
     """The trainer rows ("trainer", "trainer-long") that were asked for."""
     for row in rows:
         if row.group == "trainer":
-            _run_trainer_row(row, s, s.trainer_seq_len, s.trainer_steps)
+            _run_trainer_row(row, s, s.trainer_seq_len, s.trainer_steps, ceiling=True)
         elif row.group == "trainer-long":
             _run_trainer_row(row, s, s.trainer_long_seq_len, s.trainer_long_steps)
 
 
-def _run_trainer_row(row: Row, s: Sizes, seq_len: int, steps: int) -> None:
+def _run_trainer_row(row: Row, s: Sizes, seq_len: int, steps: int, ceiling: bool = False) -> None:
     tps: dict[int, list[float]] = {1: [], s.world: []}
     lines = {}
     try:
@@ -527,6 +577,28 @@ def _run_trainer_row(row: Row, s: Sizes, seq_len: int, steps: int) -> None:
                 f"{len(tps[s.world])} + {len(tps[1])} steps")
     row.details = {"tokens_per_s": {str(k): v for k, v in tps.items()},
                    "threads_line": {str(k): v.split(": ", 1)[-1] for k, v in lines.items()}}
+    if ceiling:
+        _trainer_ceiling(row, s, seq_len, steps)
+
+
+def _trainer_ceiling(row: Row, s: Sizes, seq_len: int, steps: int) -> None:
+    """The most an sp=P step could gain on this machine with free communication: P sp=1 copies
+    at seq-len T/P run at once (every layer's work on T/P tokens, per core) plus the attention
+    pairs a rank has beyond its own causal block (:func:`_extra_pairs_ms`); ceiling = the sp=1
+    step at T / that. Into the row's note and details."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="seqpar_ceiling_") as tmp:
+            copy_s = statistics.median(_trainer_copies(s.world, seq_len // s.world, steps, Path(tmp)))
+        extra_ms = _extra_pairs_ms(seq_len, s.world, s.repeats)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired, ValueError, KeyError) as e:
+        row.note += f"; ceiling run failed: {e}"[-400:]
+        return
+    bound_ms = copy_s * 1e3 + extra_ms
+    ceiling = row.b_ms / bound_ms
+    row.note += (f"; ceiling with free communication {ceiling:.2f}x (sp=1 step {row.b_ms:.1f} ms / "
+                 f"({s.world} sp=1 copies at T/{s.world} at once {copy_s * 1e3:.1f} ms + the rank's other "
+                 f"attention pairs {extra_ms:.1f} ms))")
+    row.details["ceiling"] = {"ratio": ceiling, "copies_step_ms": copy_s * 1e3, "extra_pairs_ms": extra_ms}
 
 
 # ---------------------------------------------------------------------------------------------

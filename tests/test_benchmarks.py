@@ -139,6 +139,16 @@ def test_overhead_benchmark_quick(tmp_path):
         assert cells[3] in ("yes", "NO", "-"), cells
     assert "1 torch thread per process" in proc.stdout and "torch " in proc.stdout
     assert len(_table_rows(out.with_suffix(".md").read_text())) == len(OVERHEAD_ROWS)
+    # the trainer row's ceiling: sp=1 step / (copies at T/P + the rank's other attention pairs)
+    ceiling = rows["trainer"]["details"]["ceiling"]
+    bound_ms = ceiling["copies_step_ms"] + ceiling["extra_pairs_ms"]
+    assert ceiling["copies_step_ms"] > 0 and ceiling["extra_pairs_ms"] > 0, ceiling
+    assert math.isclose(ceiling["ratio"], rows["trainer"]["b_ms"] / bound_ms, rel_tol=1e-9), ceiling
+    assert "ceiling with free communication" in rows["trainer"]["note"]
+    # 2-rank rows divide by the slower rank's baseline; the mean-baseline ratio is kept beside it
+    lasp2 = rows["lasp2-contiguous"]["details"]
+    assert rows["lasp2-contiguous"]["b_ms"] == max(x["wall"] for x in lasp2["per_rank_ms"]["kernel"])
+    assert math.isfinite(lasp2["ratio_vs_mean_baseline"])
 
 
 def test_linear_families_tiny_cpu(tmp_path):
