@@ -191,27 +191,30 @@ def ring_exchange(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | No
     """Send ``tensors`` to rank (r + shift) % P and receive the same shapes from (r - shift) % P
     (or ``recv_shapes``, one per tensor, same dtypes, when what arrives differs in size).
 
-    All sends and receives of one exchange go out in one ``batch_isend_irecv`` (even ranks post
-    their sends first, odd ranks their receives, so blocking backends cannot deadlock). The
-    inputs must not be modified until the handle is waited on; fresh receive buffers are
-    allocated, so the caller can double-buffer by simply keeping both lists.
+    Tensors of one dtype and device travel as ONE message: packed into one buffer (no copy when
+    they already are consecutive views of one, as the tensors a previous exchange returned are,
+    so a ring passing on what it received copies nothing), received into one buffer, returned as
+    views of it. Every send and receive of the exchange goes out in one ``batch_isend_irecv``
+    (even ranks post their sends first, odd ranks their receives, so blocking backends cannot
+    deadlock). The inputs must not be modified until the handle is waited on; fresh receive
+    buffers are allocated, so the caller can double-buffer by simply keeping both lists.
     ``wait()`` returns the received list.
     """
     rank, world_size = group_rank_and_size(group)
     tensors = list(tensors)
     if world_size == 1:
         return CommHandle(finish=lambda: [t.clone() for t in tensors])
+    if recv_shapes is not None and len(recv_shapes) != len(tensors):
+        raise ValueError(f"ring_exchange: {len(recv_shapes)} receive shapes for {len(tensors)} tensors")
     _check_free(group)
     dst = _global_rank(group, (rank + shift) % world_size)
     src = _global_rank(group, (rank - shift) % world_size)
     stage = any(_needs_host_staging(group, t) for t in tensors)
-    send_bufs = [_staged(t, stage) for t in tensors]
-    if recv_shapes is None:
-        recv_bufs = [torch.empty_like(t) for t in send_bufs]
-    else:
-        if len(recv_shapes) != len(send_bufs):
-            raise ValueError(f"ring_exchange: {len(recv_shapes)} receive shapes for {len(send_bufs)} tensors")
-        recv_bufs = [torch.empty(shape, dtype=t.dtype, device=t.device) for shape, t in zip(recv_shapes, send_bufs)]
+    shapes = [t.shape for t in tensors] if recv_shapes is None else [torch.Size(x) for x in recv_shapes]
+    packs = _packs(tensors)
+    send_bufs = [_staged(_packed(tensors, members), stage) for members in packs]
+    recv_bufs = [torch.empty(sum(shapes[i].numel() for i in members), dtype=send.dtype, device=send.device)
+                 for members, send in zip(packs, send_bufs)]
     sends = [dist.P2POp(dist.isend, t, dst, group) for t in send_bufs]
     recvs = [dist.P2POp(dist.irecv, t, src, group) for t in recv_bufs]
     ops = sends + recvs if rank % 2 == 0 else recvs + sends
@@ -219,11 +222,45 @@ def ring_exchange(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | No
 
     def finish():
         send_bufs.clear()  # keep the send buffers alive until completion
-        if stage:
-            return [r.to(t.device, non_blocking=True) for r, t in zip(recv_bufs, tensors)]
-        return recv_bufs
+        out: list = [None] * len(tensors)
+        for members, flat in zip(packs, recv_bufs):
+            if stage:
+                flat = flat.to(tensors[members[0]].device, non_blocking=True)
+            offset = 0
+            for i in members:
+                n = shapes[i].numel()
+                out[i] = flat[offset:offset + n].view(shapes[i])
+                offset += n
+        return out
 
     return CommHandle(works, finish)
+
+
+def _packs(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` grouped by (dtype, device), in order: one message per group."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    return list(groups.values())
+
+
+def _packed(tensors: Sequence[torch.Tensor], members: Sequence[int]) -> torch.Tensor:
+    """The tensors ``members`` as one flat contiguous tensor: a view when they are consecutive
+    contiguous pieces of one contiguous buffer (what :func:`ring_exchange` returns), else a copy."""
+    parts = [tensors[i] for i in members]
+    if len(parts) == 1:
+        return parts[0].contiguous().view(-1)
+    base = parts[0]._base
+    if base is not None and base.dim() == 1 and base.is_contiguous() and \
+            sum(t.numel() for t in parts) == base.numel():
+        offset = base.storage_offset()
+        for t in parts:
+            if t._base is not base or not t.is_contiguous() or t.storage_offset() != offset:
+                break
+            offset += t.numel()
+        else:
+            return base
+    return torch.cat([t.reshape(-1) for t in parts])
 
 
 def send_recv(send: torch.Tensor | None, dst: int | None, recv_like: torch.Tensor | None,

@@ -76,6 +76,37 @@ def case_all_to_all_many(ctx):
     return True
 
 
+def case_ring_exchange_packed(ctx):
+    """ring_exchange sends the tensors of one dtype as one message and returns views of one
+    buffer; passing those on sends that buffer itself (no copy); values, shapes and dtypes are
+    those of the neighbours, two hops on and with smaller receive shapes."""
+    from seqpar.comm.collectives import _packed
+
+    r, P, g = ctx.rank, ctx.world_size, ctx.group
+
+    def mine(rank):
+        gen = torch.Generator().manual_seed(50 + rank)
+        return [torch.randn(2, 3, generator=gen, dtype=torch.float64),
+                torch.randn(4, 1, generator=gen, dtype=torch.float32),
+                torch.randn(3, 2, generator=gen, dtype=torch.float64).t()]  # strided
+    hop1 = ring_exchange(mine(r), g).wait()
+    for got, want in zip(hop1, mine((r - 1) % P)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    if P > 1:  # the fp64 pair arrived as consecutive views of one buffer: forwarded without a copy
+        assert _packed(hop1, [0, 2]).data_ptr() == hop1[0].data_ptr()
+    hop2 = ring_exchange(hop1, g).wait()
+    for got, want in zip(hop2, mine((r - 2) % P)):
+        assert torch.equal(got, want)
+    part = ring_exchange([mine(r)[0][:1], mine(r)[1]], g, recv_shapes=[(1, 3), (4, 1)]).wait()
+    assert torch.equal(part[0], mine((r - 1) % P)[0][:1]) and torch.equal(part[1], mine((r - 1) % P)[1])
+    return True
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_ring_exchange_packed(pool, world_size):
+    assert all(pool.run(case_ring_exchange_packed, world_size))
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_all_to_all_many(pool, world_size):
     assert all(pool.run(case_all_to_all_many, world_size))
