@@ -406,9 +406,9 @@ def all_to_all_many(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | 
                     scatter_dims: Sequence[int], gather_dims: Sequence[int]) -> CommHandle:
     """:func:`all_to_all` of several tensors in one collective per dtype: tensor i is split into P
     chunks along ``scatter_dims[i]``, chunk p goes to rank p, and what arrives is concatenated
-    along ``gather_dims[i]``. ``wait()`` returns the list, the same tensors as one
-    :func:`all_to_all` of each (views of one received buffer). Each chunk is copied once into
-    the packed buffer (a single ``all_to_all`` copies it too, to lay chunk p out first)."""
+    along ``gather_dims[i]``. ``wait()`` returns the list (views of one received buffer per
+    dtype). Each tensor is copied once into the packed buffer, the copy that laying chunk p out
+    first needs anyway; a tensor alone in its dtype is copied only when its layout needs it."""
     if not (len(tensors) == len(scatter_dims) == len(gather_dims)):
         raise ValueError(f"all_to_all_many: {len(tensors)} tensors but {len(scatter_dims)} scatter dims and "
                          f"{len(gather_dims)} gather dims")
@@ -431,11 +431,14 @@ def all_to_all_many(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | 
     pending = []
     for dtype, members in by_dtype.items():
         sizes = [chunks[i][0].numel() for i in members]
-        packed = torch.empty(world_size, sum(sizes), dtype=dtype, device=tensors[members[0]].device)
-        offset = 0
-        for i, n in zip(members, sizes):
-            packed[:, offset:offset + n].view(chunks[i].shape).copy_(chunks[i])
-            offset += n
+        if len(members) == 1:  # a copy only when the layout needs one (not for the token axis of B = 1)
+            packed = chunks[members[0]].contiguous().view(world_size, -1)
+        else:
+            packed = torch.empty(world_size, sum(sizes), dtype=dtype, device=tensors[members[0]].device)
+            offset = 0
+            for i, n in zip(members, sizes):
+                packed[:, offset:offset + n].view(chunks[i].shape).copy_(chunks[i])
+                offset += n
         stage = _needs_host_staging(group, packed)
         send = _staged(packed, stage)
         out = torch.empty_like(send)
@@ -463,20 +466,5 @@ def all_to_all(tensor: torch.Tensor, group: dist.ProcessGroup | None, *, scatter
     if tensor.shape[scatter_dim] % world_size != 0:
         raise ValueError(f"all_to_all: dim {scatter_dim} of shape {tuple(tensor.shape)} is not divisible "
                          f"by the group size {world_size}")
-    if world_size == 1:
-        return CommHandle(finish=lambda: tensor)
-    _check_free(group)
-    stage = _needs_host_staging(group, tensor)
-    # [P, ...] with chunk p first: a copy only when the layout needs one (not for the token axis
-    # of a batch of one)
-    chunks = tensor.unflatten(scatter_dim, (world_size, -1)).movedim(scatter_dim, 0).contiguous()
-    send = _staged(chunks, stage)
-    out = torch.empty_like(send)
-    work = dist.all_to_all_single(out, send, group=group, async_op=True)
-
-    def finish():
-        received = out.to(tensor.device) if stage else out
-        # the P received chunks side by side along gather_dim (a view where the layout allows)
-        return received.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)
-
-    return CommHandle([work], finish)
+    many = all_to_all_many([tensor], group, scatter_dims=[scatter_dim], gather_dims=[gather_dim])
+    return CommHandle(finish=lambda: many.wait()[0])
