@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from seqpar.kernels.linear_transitions import ScalarDecay
-from seqpar.kernels.linear_transitions import decay_state
+from seqpar.kernels.linear_transitions import decay_factor, decay_state
 from seqpar.kernels.linear_transitions import flushed_exp as _flushed_exp
 from seqpar.kernels.softmax_reference import compute_dtype
 
@@ -213,9 +213,7 @@ def _add_decayed(per_chunk: torch.Tensor, log_decay: torch.Tensor, state: torch.
     """per_chunk [B, H, NT, Dk, Dv] + exp(log_decay) * state for every chunk (``log_decay`` [B, H, NT]
     or [B, H, NT, Dk], ``state`` [B, H, Dk, Dv]) in one pass and one new tensor: a broadcast
     product and a sum would write two chunk-sized temporaries (on CPU, fresh pages for each)."""
-    factor = _flushed_exp(log_decay)
-    factor = factor[..., None, None] if log_decay.dim() == per_chunk.dim() - 2 else factor[..., None]
-    return torch.addcmul(per_chunk, factor, state.unsqueeze(2))
+    return torch.addcmul(per_chunk, decay_factor(log_decay, per_chunk), state.unsqueeze(2))
 
 
 def shift_states(states: ChunkStates, log_chunk: torch.Tensor | None, initial_state: torch.Tensor) -> ChunkStates:

@@ -31,11 +31,16 @@ def flushed_exp(log: torch.Tensor) -> torch.Tensor:
     return log.clamp(min=lowest).exp().masked_fill_(log < lowest, 0.0)
 
 
-def decay_state(state: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
-    """exp(log_decay) * state for a state [..., Dk, Dv], with one log decay per head
-    (``log_decay`` [...]) or per key channel ([..., Dk])."""
+def decay_factor(log_decay: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """exp(log_decay) in ``state``'s dtype, shaped to multiply a state [..., Dk, Dv]: one log decay
+    per head (``log_decay`` [...]) or per key channel ([..., Dk])."""
     factor = flushed_exp(log_decay.to(state.dtype))
-    return state * (factor[..., None, None] if log_decay.dim() == state.dim() - 2 else factor[..., None])
+    return factor[..., None, None] if log_decay.dim() == state.dim() - 2 else factor[..., None]
+
+
+def decay_state(state: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
+    """exp(log_decay) * state for a state [..., Dk, Dv] (see :func:`decay_factor`)."""
+    return state * decay_factor(log_decay, state)
 
 
 class Transition:
