@@ -415,8 +415,9 @@ def all_to_all_many(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | 
     _, world_size = group_rank_and_size(group)
     for i, (t, dim) in enumerate(zip(tensors, scatter_dims)):
         if t.shape[dim] % world_size != 0:
-            raise ValueError(f"all_to_all_many: dim {dim} of tensor {i}'s shape {tuple(t.shape)} is not "
-                             f"divisible by the group size {world_size}")
+            which = f" (tensor {i} of {len(tensors)})" if len(tensors) > 1 else ""
+            raise ValueError(f"all_to_all: dim {dim} of shape {tuple(t.shape)} is not divisible by the group "
+                             f"size {world_size}{which}")
     if world_size == 1:
         return CommHandle(finish=lambda: list(tensors))
     if len({t.device for t in tensors}) > 1:
@@ -424,17 +425,15 @@ def all_to_all_many(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | 
     _check_free(group)
     # [P, ...] chunk views (chunk p first), packed side by side per dtype: [P, sum of chunk sizes]
     chunks = [t.unflatten(dim, (world_size, -1)).movedim(dim, 0) for t, dim in zip(tensors, scatter_dims)]
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_dtype.setdefault(t.dtype, []).append(i)
     works, received_views = [], [None] * len(tensors)
     pending = []
-    for dtype, members in by_dtype.items():
+    for members in _packs(tensors):  # one device: one group per dtype
         sizes = [chunks[i][0].numel() for i in members]
         if len(members) == 1:  # a copy only when the layout needs one (not for the token axis of B = 1)
             packed = chunks[members[0]].contiguous().view(world_size, -1)
         else:
-            packed = torch.empty(world_size, sum(sizes), dtype=dtype, device=tensors[members[0]].device)
+            first = tensors[members[0]]
+            packed = torch.empty(world_size, sum(sizes), dtype=first.dtype, device=first.device)
             offset = 0
             for i, n in zip(members, sizes):
                 packed[:, offset:offset + n].view(chunks[i].shape).copy_(chunks[i])
@@ -462,9 +461,5 @@ def all_to_all(tensor: torch.Tensor, group: dist.ProcessGroup | None, *, scatter
                gather_dim: int) -> CommHandle:
     """Split ``tensor`` into P chunks along ``scatter_dim``, send chunk p to rank p, and
     concatenate what arrives along ``gather_dim`` (in rank order). ``wait()`` returns it."""
-    _, world_size = group_rank_and_size(group)
-    if tensor.shape[scatter_dim] % world_size != 0:
-        raise ValueError(f"all_to_all: dim {scatter_dim} of shape {tuple(tensor.shape)} is not divisible "
-                         f"by the group size {world_size}")
     many = all_to_all_many([tensor], group, scatter_dims=[scatter_dim], gather_dims=[gather_dim])
     return CommHandle(finish=lambda: many.wait()[0])
