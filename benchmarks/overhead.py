@@ -479,6 +479,13 @@ def run_two_ranks(rows: list[Row], s: Sizes, groups: set[str]) -> None:
 # The trainer.
 
 
+def _tokens_per_step(seq_len: int) -> int:
+    """Global tokens of one step of the tiny preset at ``seq_len`` (its batch x seq-len)."""
+    from seqpar.config import TRAIN_PRESETS
+
+    return TRAIN_PRESETS["tiny"]["batch_size"] * seq_len
+
+
 def _trainer_command(sp: int, seq_len: int, steps: int, run_dir: Path) -> tuple[list[str], dict[str, str]]:
     """The command line and environment of one trainer run into ``run_dir``."""
     args = ["-m", "seqpar.train", "--preset", "tiny", "--seq-len", str(seq_len), "--layout", "zigzag",
@@ -527,7 +534,7 @@ def _trainer_copies(copies: int, seq_len: int, steps: int, tmp: Path) -> list[fl
     for cmd, run_dir, proc in runs:
         out, err = proc.communicate(timeout=1800)
         tps, _ = _trainer_result(cmd, proc.returncode, out, err, run_dir)
-        times += [4 * seq_len / x for x in tps]  # tiny preset: batch 4
+        times += [_tokens_per_step(seq_len) / x for x in tps]
     return times
 
 
@@ -570,7 +577,7 @@ def _run_trainer_row(row: Row, s: Sizes, seq_len: int, steps: int, ceiling: bool
     except (RuntimeError, OSError, subprocess.TimeoutExpired, ValueError, KeyError) as e:
         row.note = f"trainer run failed: {e}"[-800:]
         return
-    tokens_per_step = 4 * seq_len  # tiny preset: batch 4 (global)
+    tokens_per_step = _tokens_per_step(seq_len)
     a_tps, b_tps = statistics.median(tps[s.world]), statistics.median(tps[1])
     row.a_ms, row.b_ms, row.ratio = tokens_per_step / a_tps * 1e3, tokens_per_step / b_tps * 1e3, a_tps / b_tps
     row.note = (f"global tokens/s: sp={s.world} {a_tps:,.0f}, sp=1 {b_tps:,.0f}; "
