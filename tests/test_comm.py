@@ -54,22 +54,25 @@ def test_collectives(pool, world_size):
 
 def case_all_to_all_many(ctx):
     """Several tensors (two dtypes, different scatter / gather axes, a strided view) in one
-    all_to_all_many give exactly what one all_to_all of each gives."""
+    all_to_all_many: each result is chunk r of every rank's tensor, concatenated in rank order
+    (the other ranks' inputs rebuilt here from their seeds)."""
     r, P, g = ctx.rank, ctx.world_size, ctx.group
-    gen = torch.Generator().manual_seed(7 + r)
-    q = torch.randn(2, 3, 2 * P, 4, generator=gen)                                   # heads scattered
-    lse = torch.randn(2, 2 * P, 3, generator=gen, dtype=torch.float64)               # heads of [B, H, T]
-    o = torch.randn(2, 4, 5 * P, generator=gen).transpose(1, 2)                      # strided, tokens scattered
-    k = torch.randn(2, 3, 2 * P, 4, generator=gen)
-    tensors, scatter, gather = [q, lse, o, k], [2, 1, 1, 2], [1, 2, 2, 1]
-    handle = all_to_all_many(tensors, g, scatter_dims=scatter, gather_dims=gather)
-    expect = [all_to_all(t, g, scatter_dim=s_, gather_dim=d).wait() for t, s_, d in zip(tensors, scatter, gather)]
-    got = handle.wait()
-    assert len(got) == len(expect)
-    for a, b in zip(got, expect):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+    def inputs(rank):
+        gen = torch.Generator().manual_seed(7 + rank)
+        return [torch.randn(2, 3, 2 * P, 4, generator=gen),                          # heads scattered
+                torch.randn(2, 2 * P, 3, generator=gen, dtype=torch.float64),        # heads of [B, H, T]
+                torch.randn(2, 4, 5 * P, generator=gen).transpose(1, 2),             # strided, tokens scattered
+                torch.randn(2, 3, 2 * P, 4, generator=gen)]
+    scatter, gather = [2, 1, 1, 2], [1, 2, 2, 1]
+    got = all_to_all_many(inputs(r), g, scatter_dims=scatter, gather_dims=gather).wait()
+    assert len(got) == 4
+    for i, (s_, d) in enumerate(zip(scatter, gather)):
+        want = torch.cat([inputs(p)[i].chunk(P, dim=s_)[r] for p in range(P)], dim=d)
+        assert got[i].dtype == want.dtype and got[i].shape == want.shape and torch.equal(got[i], want), i
+    q, k = inputs(r)[0], inputs(r)[3]
     if P > 1:
-        with pytest.raises(ValueError, match="not divisible by the group size"):
+        with pytest.raises(ValueError, match=r"not divisible by the group size \d+ \(tensor 1 of 2\)"):
             all_to_all_many([q, torch.zeros(2, P + 1)], g, scatter_dims=[2, 1], gather_dims=[1, 0])
     with pytest.raises(ValueError, match="2 tensors but 1 scatter dims"):
         all_to_all_many([q, k], g, scatter_dims=[2], gather_dims=[1, 1])
